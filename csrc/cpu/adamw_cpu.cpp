@@ -1,0 +1,135 @@
+// noam_ext::fused_adamw_ on the CPU: one multi-threaded pass over the flat
+// buffers, every parameter of every group, with the Noam lr and the bias
+// corrections computed here from the step counters.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../noam_ext/op_checks.h"
+#include "cpu_capability.h"
+
+namespace noam_ext::cpu {
+namespace {
+
+// Elements per parallel task: large enough that a thread streams long
+// contiguous runs, small enough that two threads share 1e5 elements.
+constexpr int64_t kGrainSize = 32768;
+
+struct Segment {
+  int64_t offset;
+  int64_t numel;
+  int64_t group;
+};
+
+// Coefficients of every active parameter, computed once per (group, step)
+// run: in the common case all parameters of a group share their step count,
+// so the pow() calls happen per group, not per parameter.
+void compute_coefficients(
+    const Segment* segments, int64_t n, const double* hyper, const std::vector<double>& lrs,
+    const float* steps, const bool* active, std::vector<SegmentCoefficients>& out) {
+  out.resize(n);
+  int64_t previous = -1;
+  for (int64_t i = 0; i < n; ++i) {
+    if (active != nullptr && !active[i]) {
+      continue;
+    }
+    const int64_t g = segments[i].group;
+    if (previous >= 0 && segments[previous].group == g && steps[previous] == steps[i]) {
+      out[i] = out[previous];
+    } else {
+      const double* row = hyper + g * kNumHyperColumns;
+      // torch: step_t += 1 on a float32 tensor, then bias corrections from its value.
+      const double step = static_cast<double>(steps[i] + 1.0f);
+      const double lr = lrs[g];
+      out[i].f32 = make_coefficients<float>(lr, row[kBeta1], row[kBeta2], row[kEps], row[kWeightDecay], step);
+      out[i].f64 = make_coefficients<double>(lr, row[kBeta1], row[kBeta2], row[kEps], row[kWeightDecay], step);
+    }
+    previous = i;
+  }
+}
+
+void fused_adamw_cpu(
+    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+    const at::Tensor& param_steps, const at::Tensor& schedule_step, const at::Tensor& segments_table,
+    const at::Tensor& hyper_table, const std::optional<at::Tensor>& active_mask, bool amsgrad,
+    bool maximize, const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf) {
+  check_fused_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
+                         segments_table, hyper_table, active_mask, amsgrad, grad_scale, found_inf);
+  // GradScaler found an inf/NaN gradient: the step is skipped whole, as in
+  // PyTorch's fused AdamW (no parameter, state or step count changes).
+  if (found_inf && found_inf->item<float>() != 0.0f) {
+    return;
+  }
+  const double grad_divisor = grad_scale ? static_cast<double>(grad_scale->item<float>()) : 1.0;
+
+  const int64_t n = segments_table.size(0);
+  const int64_t total = param.numel();
+  const int64_t n_groups = hyper_table.size(0);
+  const auto* segments = reinterpret_cast<const Segment*>(segments_table.data_ptr<int64_t>());
+  const double* hyper = hyper_table.data_ptr<double>();
+  float* steps = param_steps.data_ptr<float>();
+  int64_t* schedule = schedule_step.data_ptr<int64_t>();
+  const bool* active = active_mask ? active_mask->data_ptr<bool>() : nullptr;
+
+  for (int64_t i = 0; i < n; ++i) {
+    const Segment& s = segments[i];
+    TORCH_CHECK(s.offset >= 0 && s.numel >= 0 && s.offset + s.numel <= total &&
+                    (i == 0 || s.offset >= segments[i - 1].offset + segments[i - 1].numel),
+                "fused_adamw_: segment ", i, " (offset ", s.offset, ", numel ", s.numel,
+                ") is out of order or outside the ", total, "-element buffers");
+    TORCH_CHECK(s.group >= 0 && s.group < n_groups, "fused_adamw_: segment ", i, " names group ",
+                s.group, " but there are ", n_groups);
+  }
+
+  std::vector<double> lrs(n_groups);
+  for (int64_t g = 0; g < n_groups; ++g) {
+    lrs[g] = group_lr(hyper + g * kNumHyperColumns, *schedule);
+  }
+  thread_local std::vector<SegmentCoefficients> coefficients;
+  compute_coefficients(segments, n, hyper, lrs, steps, active, coefficients);
+
+  const SegmentKernel kernel = select_segment_kernel(param.scalar_type(), amsgrad);
+  TORCH_CHECK(kernel != nullptr, "fused_adamw_: no CPU kernel for ", param.scalar_type());
+  const FlatPointers buffers{
+      param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
+      max_exp_avg_sq ? max_exp_avg_sq->data_ptr() : nullptr};
+  const SegmentCoefficients* coeffs = coefficients.data();
+
+  // Split the flat range, not the parameter list, so that one huge tensor and
+  // many tiny ones spread over the threads alike.
+  at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
+    const Segment* first = std::upper_bound(
+        segments, segments + n, begin, [](int64_t pos, const Segment& s) { return pos < s.offset; });
+    int64_t i = first == segments ? 0 : (first - segments) - 1;
+    for (; i < n && segments[i].offset < end; ++i) {
+      if (active != nullptr && !active[i]) {
+        continue;
+      }
+      const int64_t lo = std::max(begin, segments[i].offset);
+      const int64_t hi = std::min(end, segments[i].offset + segments[i].numel);
+      if (lo < hi) {
+        kernel(buffers, lo, hi, coeffs[i], maximize, grad_divisor);
+      }
+    }
+  });
+
+  for (int64_t i = 0; i < n; ++i) {
+    if (active == nullptr || active[i]) {
+      steps[i] += 1.0f;
+    }
+  }
+  *schedule += 1;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(noam_ext, CPU, m) {
+  m.impl("fused_adamw_", &fused_adamw_cpu);
+}
+
+}  // namespace noam_ext::cpu

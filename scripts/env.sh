@@ -1,0 +1,77 @@
+# Sourced by scripts/demo.sh and scripts/test.sh: makes (or reuses) a virtual
+# environment with torch and the build/test tools, and finds the CUDA toolkit.
+#
+#   NOAM_EXT_VENV      where the environment lives (default: .venv in the repository)
+#   NOAM_EXT_TORCH     pip requirement for torch when it is missing (default: torch;
+#                      e.g. "torch==2.13.0" for the small CPU-only build)
+#   NOAM_EXT_PYTHON    interpreter that creates the environment (default: python3)
+#   NOAM_EXT_USE_ACTIVE_ENV=1   use the active interpreter and its torch instead of a venv
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+say() { printf '\n==> %s\n' "$*" >&2; }
+
+if [[ "${NOAM_EXT_USE_ACTIVE_ENV:-0}" != "1" ]]; then
+  VENV="${NOAM_EXT_VENV:-$REPO_ROOT/.venv}"
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    say "creating a virtual environment in $VENV"
+    "${NOAM_EXT_PYTHON:-python3}" -m venv "$VENV"
+  fi
+  # shellcheck disable=SC1091
+  source "$VENV/bin/activate"
+fi
+
+python - <<'PY'
+import sys
+if sys.version_info < (3, 10):
+    sys.exit(f"noam_ext needs Python >= 3.10, this is {sys.version.split()[0]}")
+PY
+
+if ! python -c "import torch" 2>/dev/null; then
+  say "installing ${NOAM_EXT_TORCH:-torch} (a CUDA build of torch is several GB; this takes a minute or more)"
+  python -m pip install --progress-bar off "${NOAM_EXT_TORCH:-torch}"
+fi
+say "installing build and test tools"
+python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja pytest numpy matplotlib tqdm
+
+# CUDA_HOME: the toolkit that the nvcc on PATH belongs to (nvcc may be a wrapper script).
+if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null 2>&1; then
+  top="$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)"
+  if [[ -n "$top" && -d "$top" ]]; then
+    CUDA_HOME="$(cd "$top" && pwd)"
+    export CUDA_HOME
+  fi
+fi
+
+# 0 or 1: whether this environment can build the CUDA implementation.
+cuda_buildable() {
+  [[ "${NOAM_EXT_NO_CUDA:-0}" != "1" ]] || return 1
+  [[ -n "${CUDA_HOME:-}" ]] || return 1
+  compgen -G "$REPO_ROOT/csrc/cuda/*.cu" >/dev/null || return 1
+  python -c "import sys, torch; sys.exit(torch.version.cuda is None)"
+}
+
+# Builds and installs noam_ext into the environment (not editable, so the tests
+# exercise what a user gets). Extra arguments become environment for setup.py.
+install_noam_ext() {
+  say "building noam_ext ($*) against torch $(python -c 'import torch; print(torch.__version__)')"
+  (cd "$REPO_ROOT" && env "$@" python -m pip install --no-build-isolation --no-deps --force-reinstall -q . )
+  (cd /tmp && python -c "import noam_ext, json; print('noam_ext build:', json.dumps(noam_ext.build_info()))")
+  source_hash > "$(python -c 'import sys; print(sys.prefix)')/.noam_ext_source_hash"
+}
+
+# A hash of everything the build is made from, to tell when the installed build is stale.
+source_hash() {
+  (cd "$REPO_ROOT" && cat setup.py pyproject.toml $(find csrc noam_ext -type f \( -name '*.py' -o -name '*.h' -o -name '*.cuh' -o -name '*.cpp' -o -name '*.cu' \) | sort) | sha256sum | cut -c1-16)
+}
+
+# Builds noam_ext unless the installed build was made from the current sources.
+ensure_noam_ext() {
+  local stamp
+  stamp="$(python -c 'import sys; print(sys.prefix)')/.noam_ext_source_hash"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$(source_hash)" ]] && (cd /tmp && python -c "import noam_ext" 2>/dev/null); then
+    return 0
+  fi
+  if cuda_buildable; then install_noam_ext; else install_noam_ext NOAM_EXT_NO_CUDA=1; fi
+}

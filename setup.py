@@ -1,0 +1,151 @@
+"""Builds noam_ext._C: the fused AdamW ops, registered with the PyTorch dispatcher.
+
+Switches (environment variables):
+  NOAM_EXT_NO_CUDA=1     build the CPU implementation only, even where CUDA could be built.
+  NOAM_EXT_FORCE_CUDA=1  fail instead of silently skipping CUDA when it cannot be built
+                         (CI sets this so the CUDA code can never land uncompiled).
+  TORCH_CUDA_ARCH_LIST   GPU architectures to build for; when unset and no GPU is visible,
+                         "8.0;9.0+PTX" (A100, H100/H200, and PTX for newer cards).
+
+Build with `pip install --no-build-isolation .`: the extension must be compiled
+against the torch you run it with, and an isolated build environment would
+download and build against a different torch.
+"""
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = Path(__file__).parent.resolve()
+CSRC = Path("csrc")
+
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+# -ffp-contract=off: the compiler must not fuse a*b+c into one FMA on its own;
+# that would change roundings between instruction sets and away from PyTorch.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
+# No --use_fast_math (it replaces IEEE division and sqrt); --fmad=false for the
+# same reason as -ffp-contract=off on the host: identical roundings on CPU and GPU.
+NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo"]
+
+# The CPU element loop is compiled once per x86 instruction set and chosen at
+# run time (csrc/cpu/cpu_capability.cpp); no -march=native, so a wheel built
+# here runs on any x86-64 CPU.
+X86_ISA_FLAGS = {
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def log(message: str) -> None:
+    print(f"noam_ext setup: {message}", file=sys.stderr)
+
+
+def cuda_sources() -> list[str]:
+    return sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
+
+
+def should_build_cuda() -> bool:
+    if env_flag("NOAM_EXT_NO_CUDA"):
+        log("CUDA disabled by NOAM_EXT_NO_CUDA; building the CPU implementation only")
+        return False
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append(f"the installed torch {torch.__version__} is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None:
+        reasons.append("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
+    if not cuda_sources():
+        reasons.append("there is no CUDA source yet (csrc/cuda/*.cu)")
+    if reasons:
+        message = "not building CUDA: " + "; ".join(reasons)
+        if env_flag("NOAM_EXT_FORCE_CUDA"):
+            raise RuntimeError(message + " (NOAM_EXT_FORCE_CUDA is set)")
+        log(message)
+        return False
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    log(f"building CUDA with nvcc from {cpp_extension.CUDA_HOME} for "
+        f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(the visible GPU)')}")
+    return True
+
+
+def is_x86_64() -> bool:
+    return platform.machine().lower() in {"x86_64", "amd64"}
+
+
+class BuildExtensionPerIsa(cpp_extension.BuildExtension):
+    """BuildExtension that compiles some sources with flags of their own.
+
+    setuptools gives every source of an extension the same flags; the CPU
+    element loop needs one object per instruction set. Those sources are
+    compiled first, with their extra flags, and linked in as extra objects.
+    """
+
+    def build_extension(self, ext):
+        per_source_flags = getattr(ext, "per_source_flags", {})
+        if per_source_flags:
+            base = ext.extra_compile_args
+            base_cxx = list(base.get("cxx", [])) if isinstance(base, dict) else list(base)
+            for source, flags in per_source_flags.items():
+                objects = self.compiler.compile(
+                    [source],
+                    output_dir=self.build_temp,
+                    macros=list(ext.define_macros),
+                    include_dirs=ext.include_dirs,
+                    debug=self.debug,
+                    extra_postargs={"cxx": base_cxx + flags, "nvcc": []},
+                    depends=ext.depends,
+                )
+                ext.extra_objects = list(ext.extra_objects or []) + objects
+            ext.per_source_flags = {}
+        super().build_extension(ext)
+
+
+def make_extension():
+    with_cuda = should_build_cuda()
+    sources = [str(CSRC / "ops.cpp"), str(CSRC / "cpu" / "adamw_cpu.cpp"),
+               str(CSRC / "cpu" / "cpu_capability.cpp")]
+    per_source_flags = {str(CSRC / "cpu" / "segment_kernel_default.cpp"): ["-DCPU_CAPABILITY=DEFAULT"]}
+    define_macros = []
+    if is_x86_64():
+        for isa, flags in X86_ISA_FLAGS.items():
+            source = str(CSRC / "cpu" / f"segment_kernel_{isa.lower()}.cpp")
+            per_source_flags[source] = [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *flags]
+            define_macros.append((f"NOAM_EXT_HAVE_{isa}", None))
+    depends = sorted(str(p) for p in CSRC.rglob("*.h")) + sorted(str(p) for p in CSRC.rglob("*.cuh"))
+    extra_compile_args = {"cxx": list(CXX_FLAGS)}
+    if with_cuda:
+        sources += cuda_sources()
+        define_macros.append(("NOAM_EXT_WITH_CUDA", None))
+        extra_compile_args["nvcc"] = list(NVCC_FLAGS)
+        extension_class = cpp_extension.CUDAExtension
+    else:
+        extension_class = cpp_extension.CppExtension
+    ext = extension_class(
+        name="noam_ext._C",
+        sources=sources,
+        include_dirs=[str(ROOT / CSRC)],
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+        depends=depends,
+    )
+    ext.per_source_flags = per_source_flags
+    return ext
+
+
+setup(
+    packages=find_packages(include=["noam_ext", "noam_ext.*"]),
+    ext_modules=[make_extension()],
+    cmdclass={"build_ext": BuildExtensionPerIsa.with_options(
+        use_ninja=True, no_python_abi_suffix=False)},
+)

@@ -1,0 +1,39 @@
+"""The compiled extension is built, loads from the installed package, and has
+the implementations this build promises."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import noam_ext
+
+
+def test_compiled_module_loads_from_the_package():
+    from noam_ext import _C
+
+    assert Path(_C.__file__).parent == Path(noam_ext.__file__).parent
+    assert hasattr(torch.ops.noam_ext, "fused_adamw_")
+
+
+def test_cpu_kernel_is_registered():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("noam_ext::fused_adamw_", "CPU")
+
+
+def test_build_matches_what_the_build_was_asked_for():
+    # .ci/run exports NOAM_EXT_EXPECT_CUDA_BUILD (1 or 0) for each build it makes, so a
+    # CUDA build that silently fell back to CPU-only (or a switch that did nothing) fails here.
+    expected = os.environ.get("NOAM_EXT_EXPECT_CUDA_BUILD")
+    info = noam_ext.build_info()
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("noam_ext::fused_adamw_", "CUDA")
+    assert info["cuda_compiled"] == has_cuda_kernel
+    if expected is None:
+        pytest.skip("NOAM_EXT_EXPECT_CUDA_BUILD not set: no expectation about the CUDA build to check")
+    assert info["cuda_compiled"] == (expected == "1")
+
+
+def test_cpu_capability_is_one_that_was_compiled():
+    info = noam_ext.build_info()
+    assert info["cpu_capability"] in info["cpu_capabilities_compiled"]
+    assert "default" in info["cpu_capabilities_compiled"]
