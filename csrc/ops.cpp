@@ -11,7 +11,9 @@
 TORCH_LIBRARY(noam_ext, m) {
   // One AdamW step over flat buffers holding many parameters (segments).
   //   segments:       int64 [n, 3] rows (offset, numel, group) on the buffers' device
-  //   hyper:          float64 [groups, 7] on the CPU, columns in csrc/noam_ext/adamw_math.h
+  //   hyper:          float64 [groups, 9] on the CPU: lr, betas, eps, weight decay, Noam
+  //                   settings, amsgrad and maximize per group (csrc/noam_ext/adamw_math.h)
+  //   max_exp_avg_sq: needed when any group has amsgrad
   //   param_steps:    float32 [n], each parameter's step count (torch's state['step'])
   //   schedule_step:  int64 [1], completed steps of the in-op Noam schedule
   //   active:         bool [n] or None (all active); inactive parameters are left untouched
@@ -20,7 +22,7 @@ TORCH_LIBRARY(noam_ext, m) {
   m.def(
       "fused_adamw_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) param_steps, Tensor(f!) schedule_step, "
-      "Tensor segments, Tensor hyper, Tensor? active, *, bool amsgrad, bool maximize, "
+      "Tensor segments, Tensor hyper, Tensor? active, *, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 }
 

@@ -9,7 +9,7 @@ import torch
 
 @torch.library.register_fake("noam_ext::fused_adamw_")
 def _fused_adamw_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
-                      segments, hyper, active, *, amsgrad, maximize, grad_scale=None,
+                      segments, hyper, active, *, grad_scale=None,
                       found_inf=None) -> None:
     # In-place on its mutable arguments, returns nothing: nothing to allocate.
     torch._check(param.dim() == 1, lambda: "fused_adamw_: param must be a 1-D flat buffer")

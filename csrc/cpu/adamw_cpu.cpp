@@ -55,11 +55,10 @@ void fused_adamw_cpu(
     const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
     const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
     const at::Tensor& param_steps, const at::Tensor& schedule_step, const at::Tensor& segments_table,
-    const at::Tensor& hyper_table, const std::optional<at::Tensor>& active_mask, bool amsgrad,
-    bool maximize, const std::optional<at::Tensor>& grad_scale,
+    const at::Tensor& hyper_table, const std::optional<at::Tensor>& active_mask, const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& found_inf) {
   check_fused_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
-                         segments_table, hyper_table, active_mask, amsgrad, grad_scale, found_inf);
+                         segments_table, hyper_table, active_mask, grad_scale, found_inf);
   // GradScaler found an inf/NaN gradient: the step is skipped whole, as in
   // PyTorch's fused AdamW (no parameter, state or step count changes).
   if (found_inf && found_inf->item<float>() != 0.0f) {
@@ -93,8 +92,11 @@ void fused_adamw_cpu(
   thread_local std::vector<SegmentCoefficients> coefficients;
   compute_coefficients(segments, n, hyper, lrs, steps, active, coefficients);
 
-  const SegmentKernel kernel = select_segment_kernel(param.scalar_type(), amsgrad);
-  TORCH_CHECK(kernel != nullptr, "fused_adamw_: no CPU kernel for ", param.scalar_type());
+  // amsgrad and maximize are per group, as in torch.optim.AdamW.
+  const SegmentKernel kernels[2] = {select_segment_kernel(param.scalar_type(), false),
+                                    select_segment_kernel(param.scalar_type(), true)};
+  TORCH_CHECK(kernels[0] != nullptr && kernels[1] != nullptr, "fused_adamw_: no CPU kernel for ",
+              param.scalar_type());
   const FlatPointers buffers{
       param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
       max_exp_avg_sq ? max_exp_avg_sq->data_ptr() : nullptr};
@@ -113,7 +115,8 @@ void fused_adamw_cpu(
       const int64_t lo = std::max(begin, segments[i].offset);
       const int64_t hi = std::min(end, segments[i].offset + segments[i].numel);
       if (lo < hi) {
-        kernel(buffers, lo, hi, coeffs[i], maximize, grad_divisor);
+        const double* row = hyper + segments[i].group * kNumHyperColumns;
+        kernels[row[kAmsgrad] != 0.0](buffers, lo, hi, coeffs[i], row[kMaximize] != 0.0, grad_divisor);
       }
     }
   });

@@ -26,6 +26,22 @@ template <typename T>
 struct MathOps<at::vec::Vectorized<T>> {
   using V = at::vec::Vectorized<T>;
   static V sqrt(const V& x) { return x.sqrt(); }
+  // One rounding on every instruction set: at::vec::fmadd is a true FMA with
+  // AVX2/AVX-512, but a*b+c (two roundings) in the portable DEFAULT build.
+  static V fmadd(const V& a, const V& b, const V& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    return at::vec::fmadd(a, b, c);
+#else
+    __at_align__ T av[V::size()], bv[V::size()], cv[V::size()];
+    a.store(av);
+    b.store(bv);
+    c.store(cv);
+    for (int k = 0; k < V::size(); ++k) {
+      av[k] = std::fma(av[k], bv[k], cv[k]);
+    }
+    return V::loadu(av);
+#endif
+  }
   static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }  // NaN-propagating
 };
 

@@ -26,7 +26,9 @@ enum HyperColumn : int {
   kWeightDecay = 4,
   kDModel = 5,      // Noam d_model; only read when kWarmup > 0
   kWarmup = 6,      // Noam warmup steps; 0 means "no in-op schedule: use kLr as is"
-  kNumHyperColumns = 7,
+  kAmsgrad = 7,     // 1.0 or 0.0
+  kMaximize = 8,    // 1.0 or 0.0
+  kNumHyperColumns = 9,
 };
 
 // The Noam factor of "Attention Is All You Need":
@@ -85,7 +87,8 @@ C10_HOST_DEVICE inline AdamWCoefficients<opmath_t> make_coefficients(
   return c;
 }
 
-// sqrt and a NaN-propagating max for the value type the update runs on.
+// sqrt, fused multiply-add (one rounding) and a NaN-propagating max for the
+// value type the update runs on.
 // Scalars are specialised here; vector types (at::vec::Vectorized on the CPU)
 // are specialised next to the code that uses them.
 template <typename T>
@@ -94,6 +97,7 @@ struct MathOps;
 template <>
 struct MathOps<float> {
   C10_HOST_DEVICE static float sqrt(float x) { return ::sqrtf(x); }
+  C10_HOST_DEVICE static float fmadd(float a, float b, float c) { return ::fmaf(a, b, c); }
   // torch.maximum propagates NaN from either side.
   C10_HOST_DEVICE static float maximum(float a, float b) { return (a != a || a > b) ? a : b; }
 };
@@ -101,6 +105,7 @@ struct MathOps<float> {
 template <>
 struct MathOps<double> {
   C10_HOST_DEVICE static double sqrt(double x) { return ::sqrt(x); }
+  C10_HOST_DEVICE static double fmadd(double a, double b, double c) { return ::fma(a, b, c); }
   C10_HOST_DEVICE static double maximum(double a, double b) { return (a != a || a > b) ? a : b; }
 };
 
@@ -112,9 +117,11 @@ struct MathOps<double> {
 //   v  = v * beta2 + (1 - beta2) * g * g           second moment
 //   vm = max(vm, v)                                amsgrad only; vm replaces v below
 //   p  = p + (-lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
-// The lerp is evaluated as torch.lerp evaluates it for a weight below 0.5,
-// m + w*(g - m), which measured closer to torch.optim.AdamW than the
-// beta1*m + (1-beta1)*g form (docs/adamw.md, "Rounding").
+// Rounding follows what torch.optim.AdamW's kernels do on both devices (measured
+// in tests/test_parity.py, explained in docs/adamw.md): the lerp is one fused
+// multiply-add, fma(w, g - m, m), as torch.lerp's vectorised CPU kernel and its
+// CUDA kernel compute it; the second moment is fma((1-beta2)*g, g, beta2*v), as
+// PyTorch's compiled addcmul_ evaluates it. Every other operation rounds on its own.
 template <bool amsgrad, typename T, typename opmath_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_update(
     T& param, T grad, T& exp_avg, T& exp_avg_sq, T* max_exp_avg_sq,
@@ -124,13 +131,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_update(
     grad = -grad;
   }
   param = param * T(c.decay);
+  // torch.lerp(start, end, w): fma(w, end - start, start) for |w| < 0.5,
+  // fma(w - 1, end - start, end) otherwise (better accuracy near w = 1).
   if (c.lerp_weight < opmath_t(0.5)) {
-    exp_avg = exp_avg + T(c.lerp_weight) * (grad - exp_avg);
+    exp_avg = Ops::fmadd(T(c.lerp_weight), grad - exp_avg, exp_avg);
   } else {
-    exp_avg = grad - (grad - exp_avg) * T(opmath_t(1) - c.lerp_weight);
+    exp_avg = Ops::fmadd(T(c.lerp_weight - opmath_t(1)), grad - exp_avg, grad);
   }
-  exp_avg_sq = exp_avg_sq * T(c.beta2);
-  exp_avg_sq = exp_avg_sq + T(c.one_minus_beta2) * grad * grad;
+  exp_avg_sq = Ops::fmadd(T(c.one_minus_beta2) * grad, grad, exp_avg_sq * T(c.beta2));
   T second_moment = exp_avg_sq;
   if constexpr (amsgrad) {
     *max_exp_avg_sq = Ops::maximum(*max_exp_avg_sq, exp_avg_sq);

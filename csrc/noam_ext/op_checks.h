@@ -16,7 +16,7 @@ inline void check_fused_adamw_args(
     const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
     const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
     const at::Tensor& param_steps, const at::Tensor& schedule_step, const at::Tensor& segments,
-    const at::Tensor& hyper, const std::optional<at::Tensor>& active, bool amsgrad,
+    const at::Tensor& hyper, const std::optional<at::Tensor>& active,
     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const auto device = param.device();
   const auto dtype = param.scalar_type();
@@ -36,8 +36,6 @@ inline void check_fused_adamw_args(
   check_flat(grad, "grad");
   check_flat(exp_avg, "exp_avg");
   check_flat(exp_avg_sq, "exp_avg_sq");
-  TORCH_CHECK(amsgrad == max_exp_avg_sq.has_value(),
-              "fused_adamw_: max_exp_avg_sq must be given exactly when amsgrad is set");
   if (max_exp_avg_sq) {
     check_flat(*max_exp_avg_sq, "max_exp_avg_sq");
   }
@@ -56,6 +54,11 @@ inline void check_fused_adamw_args(
                   hyper.size(1) == kNumHyperColumns && hyper.is_contiguous() && hyper.is_cpu(),
               "fused_adamw_: hyper must be a contiguous float64 [groups, ", int(kNumHyperColumns),
               "] CPU tensor");
+  const double* rows = hyper.data_ptr<double>();
+  for (int64_t g = 0; g < hyper.size(0); ++g) {
+    TORCH_CHECK(rows[g * kNumHyperColumns + kAmsgrad] == 0.0 || max_exp_avg_sq.has_value(),
+                "fused_adamw_: group ", g, " uses amsgrad but max_exp_avg_sq was not given");
+  }
   if (active) {
     TORCH_CHECK(active->scalar_type() == at::kBool && active->numel() == n &&
                     active->is_contiguous() && active->device() == device,

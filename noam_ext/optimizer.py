@@ -1,0 +1,283 @@
+"""FusedAdamW: a drop-in replacement for torch.optim.AdamW whose step() is one
+fused op call per (device, dtype), with an optional Noam schedule computed
+inside the op."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from . import _extension  # noqa: F401  (loads torch.ops.noam_ext)
+from ._flat import (AMSGRAD, BETA1, BETA2, D_MODEL, EPS, LR, MAXIMIZE, NUM_HYPER_COLUMNS,
+                    SUPPORTED_DTYPES, WARMUP, WEIGHT_DECAY, FlatBuffer)
+from .scheduler import noam_lr, validate_noam_args
+
+__all__ = ["FusedAdamW", "Noam"]
+
+# Key under which state_dict() records the schedule's position (torch ignores unknown keys).
+SCHEDULE_STEP_KEY = "noam_schedule_step"
+
+
+@dataclass(frozen=True)
+class Noam:
+    """The Noam schedule, applied inside the fused op: each group's lr is its
+    base lr times noam_lr(k - 1, d_model, warmup_steps) at the k-th step()."""
+
+    d_model: int
+    warmup_steps: int = 4000
+
+    def __post_init__(self):
+        d_model, warmup = validate_noam_args(self.d_model, self.warmup_steps)
+        object.__setattr__(self, "d_model", d_model)
+        object.__setattr__(self, "warmup_steps", warmup)
+
+    def factor(self, completed_steps: int) -> float:
+        return noam_lr(completed_steps, self.d_model, self.warmup_steps)
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element")
+        value = value.item()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid {name}: {value!r} is not a number") from None
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> None:
+    """torch.optim.AdamW's checks and messages, plus NaN and type checks."""
+    lr = _as_float("lr", lr)
+    eps = _as_float("eps", eps)
+    weight_decay = _as_float("weight_decay", weight_decay)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas{where}: {betas!r} must be a pair (beta1, beta2)")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate{where}: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value{where}: {eps}")
+    for index, beta in enumerate(betas):
+        beta = _as_float(f"beta{index + 1}", beta)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {index}{where}: {beta}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value{where}: {weight_decay}")
+
+
+class FusedAdamW(Optimizer):
+    """AdamW (decoupled weight decay, as torch.optim.AdamW) in one fused pass.
+
+    Arguments, defaults, param groups, state_dict format and numerics follow
+    torch.optim.AdamW. Additionally:
+
+      schedule: a Noam(d_model, warmup_steps) makes the op compute each step's lr
+        itself from a step counter on the parameters' device (no host sync). Each
+        group's ``initial_lr`` is then its base lr and ``group["lr"]`` shows the lr
+        the next step will use, exactly as with torch.optim.AdamW + TransformerLRScheduler.
+        Without a schedule the op uses ``group["lr"]``, so any torch LR scheduler drives it.
+
+    The parameters are moved into one flat buffer per (device, dtype) and become
+    views into it (as do their gradients and state): construct the optimizer after
+    moving the model to its device and dtype. See docs/adamw.md for the gradient rules.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, schedule: Noam | None = None, foreach: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        if differentiable:
+            raise ValueError("FusedAdamW does not support differentiable=True")
+        if schedule is not None and not isinstance(schedule, Noam):
+            raise ValueError(f"schedule must be a noam_ext.Noam or None, got {schedule!r}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
+        self.schedule = schedule
+        self._buffers: list[FlatBuffer] = []
+        self._layout_dirty = True
+        self._schedule_steps_done = 0   # host mirror of the op's counter, for logging
+        self._hyper_cache: tuple | None = None
+        self._hyper_table: torch.Tensor | None = None
+        super().__init__(params, defaults)
+        if schedule is not None:
+            for group in self.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+            self._refresh_scheduled_lrs()
+
+    # ---- torch.optim.Optimizer interface -------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        where = f" in param group {len(self.param_groups) - 1}"
+        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+        for index, p in enumerate(group["params"]):
+            name = f"parameter {index} of param group {len(self.param_groups) - 1} (shape {tuple(p.shape)})"
+            if p.dtype not in SUPPORTED_DTYPES:
+                self.param_groups.pop()
+                raise ValueError(f"FusedAdamW: {name} has dtype {p.dtype}; supported: float32, "
+                                 "float64, bfloat16, float16")
+            if p.is_sparse or p.layout != torch.strided:
+                self.param_groups.pop()
+                raise ValueError(f"FusedAdamW: {name} is not a dense strided tensor")
+        if self.schedule is not None:
+            group.setdefault("initial_lr", group["lr"])
+        self._layout_dirty = True
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("amsgrad", False)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
+            group.setdefault("differentiable", False)
+            group.setdefault("fused", None)
+            group.setdefault("decoupled_weight_decay", True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the gradients with one fill per flat buffer; they stay views into it,
+        so the next backward accumulates straight into the buffer (no copy in step()).
+
+        set_to_none=True (the default, as in torch) keeps torch's meaning: a parameter
+        that receives no gradient before the next step() is skipped by it, exactly as
+        torch.optim.AdamW skips a parameter whose .grad is None. The one visible
+        difference: such a parameter's .grad reads as zeros rather than None."""
+        self._ensure_layout()
+        for buffer in self._buffers:
+            buffer.zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._ensure_layout()
+        hyper = self._hyper()  # validates every group before anything is touched
+        for buffer in self._buffers:
+            active = buffer.gather_grads()
+            amsgrad = any(self.param_groups[g]["amsgrad"] for g in set(buffer.group_index))
+            buffer.ensure_state_buffers(amsgrad)
+            grad_scale = getattr(self, "grad_scale", None)
+            found_inf = getattr(self, "found_inf", None)
+            torch.ops.noam_ext.fused_adamw_(
+                buffer.param_flat, buffer.grad_flat, buffer.state_flat["exp_avg"],
+                buffer.state_flat["exp_avg_sq"], buffer.state_flat.get("max_exp_avg_sq"),
+                buffer.param_steps, buffer.schedule_step, buffer.segments, hyper, active,
+                grad_scale=_on(grad_scale, buffer.device), found_inf=_on(found_inf, buffer.device))
+            self._publish_state(buffer, active)
+        self._schedule_steps_done += 1
+        if self.schedule is not None:
+            self._refresh_scheduled_lrs()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.schedule is not None:
+            state[SCHEDULE_STEP_KEY] = self._schedule_steps_done
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._layout_dirty = True
+        self._ensure_layout()
+        if self.schedule is not None:
+            steps = [float(s["step"]) for s in self.state.values() if "step" in s]
+            done = state_dict.get(SCHEDULE_STEP_KEY, int(max(steps)) if steps else 0)
+            self._set_schedule_position(int(done))
+            for group in self.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+            self._refresh_scheduled_lrs()
+
+    # ---- schedule ----------------------------------------------------------------------------
+
+    def get_last_lr(self) -> list[float]:
+        """The lr each group's next step() will use (computed on the host: no sync)."""
+        return [group["lr"] for group in self.param_groups]
+
+    def _refresh_scheduled_lrs(self) -> None:
+        factor = self.schedule.factor(self._schedule_steps_done)
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+
+    def _set_schedule_position(self, done: int) -> None:
+        self._schedule_steps_done = done
+        for buffer in self._buffers:
+            buffer.schedule_step.fill_(done)
+
+    # ---- layout and state ----------------------------------------------------------------------
+
+    def _ensure_layout(self) -> None:
+        if not self._layout_dirty:
+            return
+        for buffer in self._buffers:
+            buffer.release()
+        members: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
+        for group_index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                params, groups = members[(p.device, p.dtype)]
+                params.append(p)
+                groups.append(group_index)
+        self._buffers = [FlatBuffer.build(params, groups) for params, groups in members.values()]
+        for buffer in self._buffers:
+            buffer.schedule_step.fill_(self._schedule_steps_done)
+            for i, p in enumerate(buffer.params):
+                if self.state.get(p):
+                    amsgrad = self.param_groups[buffer.group_index[i]]["amsgrad"]
+                    self.state[p] = buffer.adopt_state(i, self.state[p], amsgrad)
+        self._layout_dirty = False
+
+    def _publish_state(self, buffer: FlatBuffer, active: torch.Tensor | None) -> None:
+        """Gives parameters that just took their first step torch's state entries
+        (views into the buffers). A no-op once every parameter has state."""
+        if getattr(buffer, "all_have_state", False):
+            return
+        mask = None if active is None else active.cpu().tolist()
+        for i, p in enumerate(buffer.params):
+            if not self.state.get(p):
+                if mask is None or mask[i]:
+                    amsgrad = self.param_groups[buffer.group_index[i]]["amsgrad"]
+                    self.state[p] = buffer.state_views(i, amsgrad)
+        buffer.all_have_state = all(self.state.get(p) for p in buffer.params)
+
+    def _hyper(self) -> torch.Tensor:
+        """The per-group hyperparameter table for the op, rebuilt only when a group changed."""
+        rows = []
+        for index, group in enumerate(self.param_groups):
+            base_lr = group["initial_lr"] if self.schedule is not None else group["lr"]
+            rows.append((base_lr, group["betas"][0], group["betas"][1], group["eps"],
+                         group["weight_decay"], bool(group["amsgrad"]), bool(group["maximize"])))
+        key = tuple(rows)
+        if key != self._hyper_cache:
+            table = torch.zeros(len(rows), NUM_HYPER_COLUMNS, dtype=torch.float64)
+            for index, (lr, beta1, beta2, eps, wd, amsgrad, maximize) in enumerate(rows):
+                where = f" in param group {index}"
+                _check_hyperparameters(lr, (beta1, beta2), eps, wd, where)
+                values = [_as_float("lr", lr), _as_float("beta1", beta1), _as_float("beta2", beta2),
+                          _as_float("eps", eps), _as_float("weight_decay", wd)]
+                if not all(math.isfinite(v) for v in values):
+                    raise ValueError(f"Invalid hyperparameters{where}: {values} must be finite")
+                table[index, LR], table[index, BETA1], table[index, BETA2] = values[:3]
+                table[index, EPS], table[index, WEIGHT_DECAY] = values[3:]
+                if self.schedule is not None:
+                    table[index, D_MODEL] = self.schedule.d_model
+                    table[index, WARMUP] = self.schedule.warmup_steps
+                table[index, AMSGRAD] = float(amsgrad)
+                table[index, MAXIMIZE] = float(maximize)
+            self._hyper_cache, self._hyper_table = key, table
+        return self._hyper_table
+
+
+def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    if tensor is None:
+        return None
+    return tensor.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
