@@ -59,9 +59,13 @@ void fused_adamw_cpu(
     const std::optional<at::Tensor>& found_inf) {
   check_fused_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
                          segments_table, hyper_table, active_mask, grad_scale, found_inf);
-  // GradScaler found an inf/NaN gradient: the step is skipped whole, as in
-  // PyTorch's fused AdamW (no parameter, state or step count changes).
+  int64_t* schedule = schedule_step.data_ptr<int64_t>();
+  // GradScaler found an inf/NaN gradient: the step is skipped as in PyTorch's
+  // fused AdamW (no parameter, state or per-parameter step changes). The
+  // schedule still advances, as a TransformerLRScheduler stepped after every
+  // optimizer.step() does, so the host's view of the lr stays right without a sync.
   if (found_inf && found_inf->item<float>() != 0.0f) {
+    *schedule += 1;
     return;
   }
   const double grad_divisor = grad_scale ? static_cast<double>(grad_scale->item<float>()) : 1.0;
@@ -72,7 +76,6 @@ void fused_adamw_cpu(
   const auto* segments = reinterpret_cast<const Segment*>(segments_table.data_ptr<int64_t>());
   const double* hyper = hyper_table.data_ptr<double>();
   float* steps = param_steps.data_ptr<float>();
-  int64_t* schedule = schedule_step.data_ptr<int64_t>();
   const bool* active = active_mask ? active_mask->data_ptr<bool>() : nullptr;
 
   for (int64_t i = 0; i < n; ++i) {

@@ -1,0 +1,378 @@
+"""Trains a small Transformer to reverse sequences with noam_ext and with torch, side by side
+(python -m noam_ext.train_demo).
+
+The task: the source is a random sequence of tokens, the target is the same sequence reversed.
+The decoder is trained with teacher forcing (its input is BOS followed by the target shifted right,
+under a causal mask) and evaluated with greedy decoding on a fresh held-out batch.
+
+Two copies of the same model, starting from the same weights and fed the same batches, are trained:
+
+  fused:  noam_ext.param_groups + noam_ext.FusedAdamW(schedule=noam_ext.Noam(...))
+  torch:  noam_ext.param_groups + torch.optim.AdamW(foreach=False) + noam_ext.TransformerLRScheduler
+
+with the paper's hyperparameters (lr=1.0 so the lr is the Noam factor itself, betas (0.9, 0.98),
+eps 1e-9) and weight decay 0.01. Since FusedAdamW is exact AdamW, the two runs should stay on the
+same trajectory: their losses and learning rates agree and their parameters differ by rounding only.
+
+At the end the demo prints both final losses, the largest parameter difference between the two
+models, both models' accuracy on the held-out batch and the total time, and writes a plot of the
+losses and the lr to $NOAM_EXT_DEMO_OUT/train_demo.png (default demo_out/) when matplotlib is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._extension import build_info
+from .optimizer import FusedAdamW, Noam
+from .param_groups import param_groups
+from .scheduler import TransformerLRScheduler, noam_lr, noam_peak_lr
+
+# The paper's Adam settings; lr=1.0 makes each step's lr exactly the Noam factor.
+BASE_LR = 1.0
+BETAS = (0.9, 0.98)
+EPS = 1e-9
+WEIGHT_DECAY = 0.01
+
+BOS = 0            # decoder start token; never appears in a source sequence
+EVAL_BATCH = 1000  # held-out sequences for the accuracy check
+REFRESH_EVERY = 10 # progress-bar refreshes: reading a loss is a device sync on CUDA
+
+
+@dataclass
+class RunHistory:
+    """Per-step records of one training run."""
+
+    losses: list[float]
+    lrs: list[float]
+
+
+# ---- the task -----------------------------------------------------------------------------------
+
+def make_batch(batch_size: int, seq_len: int, vocab: int, generator: torch.Generator,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of the reversal task: (source, decoder input, decoder labels).
+
+    Drawn on the CPU from `generator`, so a seed gives the same data on every device."""
+    src = torch.randint(1, vocab, (batch_size, seq_len), generator=generator)
+    target = src.flip(1)
+    # Teacher forcing: the decoder sees BOS + target[:-1] and predicts target.
+    bos = torch.full((batch_size, 1), BOS, dtype=src.dtype)
+    tgt_in = torch.cat([bos, target[:, :-1]], dim=1)
+    return src.to(device), tgt_in.to(device), target.to(device)
+
+
+# ---- the model ----------------------------------------------------------------------------------
+
+def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
+    """The paper's fixed sinusoidal position encodings, shape (max_len, d_model)."""
+    position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(max_len, d_model)
+    table[:, 0::2] = torch.sin(position * freq)
+    table[:, 1::2] = torch.cos(position * freq[: d_model // 2])
+    return table
+
+
+class Seq2SeqTransformer(nn.Module):
+    """torch.nn.Transformer with token embeddings, sinusoidal positions and an output projection."""
+
+    def __init__(self, vocab: int, d_model: int, nhead: int, layers: int, max_len: int):
+        super().__init__()
+        self.d_model = d_model
+        self.src_embed = nn.Embedding(vocab, d_model)
+        self.tgt_embed = nn.Embedding(vocab, d_model)
+        # A buffer, not a parameter: the optimizers should see only trainable weights.
+        self.register_buffer("positions", sinusoidal_positions(max_len, d_model), persistent=False)
+        self.transformer = nn.Transformer(d_model=d_model, nhead=nhead, num_encoder_layers=layers,
+                                          num_decoder_layers=layers, dim_feedforward=4 * d_model,
+                                          dropout=0.0, batch_first=True)
+        self.out = nn.Linear(d_model, vocab)
+
+    def _embed(self, embedding: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
+        # Scaling by sqrt(d_model) (as in the paper) keeps tokens from being drowned by positions.
+        return embedding(tokens) * math.sqrt(self.d_model) + self.positions[: tokens.size(1)]
+
+    def encode(self, src: torch.Tensor) -> torch.Tensor:
+        return self.transformer.encoder(self._embed(self.src_embed, src))
+
+    def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Logits for every decoder position; the causal mask hides later positions."""
+        mask = nn.Transformer.generate_square_subsequent_mask(tgt_in.size(1), device=tgt_in.device)
+        hidden = self.transformer.decoder(self._embed(self.tgt_embed, tgt_in), memory,
+                                          tgt_mask=mask, tgt_is_causal=True)
+        return self.out(hidden)
+
+    def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        return self.decode(tgt_in, self.encode(src))
+
+
+def make_model_pair(args, vocab: int, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """Two models with identical initial weights, already on `device`.
+
+    They must be on the device before the optimizers are built: FusedAdamW moves the
+    parameters into flat buffers and a later .to() would detach them from those buffers."""
+    torch.manual_seed(args.seed)
+    first = Seq2SeqTransformer(vocab, args.d_model, args.heads, args.layers, args.seq_len).to(device)
+    second = Seq2SeqTransformer(vocab, args.d_model, args.heads, args.layers, args.seq_len).to(device)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    return first, second
+
+
+# ---- the optimizers -----------------------------------------------------------------------------
+
+def make_fused_optimizer(model: nn.Module, args) -> FusedAdamW:
+    """noam_ext's way: the Noam schedule is computed inside the fused AdamW op."""
+    return FusedAdamW(param_groups(model, weight_decay=WEIGHT_DECAY), lr=BASE_LR, betas=BETAS, eps=EPS,
+                      schedule=Noam(d_model=args.d_model, warmup_steps=args.warmup))
+
+
+def make_torch_optimizer(model: nn.Module, args) -> tuple[torch.optim.AdamW, TransformerLRScheduler]:
+    """The reference: torch's AdamW (single-tensor path) driven by a LambdaLR scheduler."""
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=WEIGHT_DECAY), lr=BASE_LR,
+                                  betas=BETAS, eps=EPS, foreach=False)
+    return optimizer, TransformerLRScheduler(optimizer, args.d_model, args.warmup)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+def loss_on_batch(model: nn.Module, src: torch.Tensor, tgt_in: torch.Tensor,
+                  labels: torch.Tensor) -> torch.Tensor:
+    logits = model(src, tgt_in)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1))
+
+
+def fused_step(model: nn.Module, optimizer: FusedAdamW, batch) -> tuple[torch.Tensor, float]:
+    """One step of the fused run; returns (loss, lr used by this step)."""
+    lr = optimizer.get_last_lr()[0]  # the lr the coming step() uses, known on the host (no sync)
+    optimizer.zero_grad()
+    loss = loss_on_batch(model, *batch)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), lr
+
+
+def torch_step(model: nn.Module, optimizer: torch.optim.AdamW, scheduler: TransformerLRScheduler,
+               batch) -> tuple[torch.Tensor, float]:
+    """One step of the reference run; returns (loss, lr used by this step)."""
+    lr = scheduler.get_last_lr()[0]
+    optimizer.zero_grad()
+    loss = loss_on_batch(model, *batch)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss.detach(), lr
+
+
+class TextProgress:
+    """A minimal stand-in for tqdm: one line rewritten in place with a carriage return."""
+
+    def __init__(self, total: int, width: int = 30):
+        self.total, self.width, self.n, self.postfix = total, width, 0, ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+        filled = self.width * self.n // max(self.total, 1)
+        bar = "#" * filled + "-" * (self.width - filled)
+        sys.stdout.write(f"\r[{bar}] {self.n}/{self.total} {self.postfix}")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        self.set_postfix_str(self.postfix)
+        sys.stdout.write("\n")
+
+
+def progress_bar(total: int):
+    """tqdm when installed, else TextProgress."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return TextProgress(total)
+    return tqdm(total=total, desc="training", unit="step", dynamic_ncols=True)
+
+
+def train(args, vocab: int, device: torch.device, fused_model: nn.Module, torch_model: nn.Module):
+    """Trains both models on the same batches; returns their RunHistory records."""
+    fused_opt = make_fused_optimizer(fused_model, args)
+    torch_opt, torch_sched = make_torch_optimizer(torch_model, args)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    fused_losses, torch_losses, fused_lrs, torch_lrs = [], [], [], []
+    bar = progress_bar(args.steps)
+    for step in range(1, args.steps + 1):
+        batch = make_batch(args.batch_size, args.seq_len, vocab, generator, device)
+        loss_a, lr_a = fused_step(fused_model, fused_opt, batch)
+        loss_b, lr_b = torch_step(torch_model, torch_opt, torch_sched, batch)
+        # Keep the losses as tensors; converting each one would sync a GPU every step.
+        fused_losses.append(loss_a)
+        torch_losses.append(loss_b)
+        fused_lrs.append(lr_a)
+        torch_lrs.append(lr_b)
+        bar.update(1)
+        if step % REFRESH_EVERY == 0 or step == args.steps:
+            bar.set_postfix_str(f"step {step}  loss fused {loss_a.item():.4f}  "
+                                f"torch {loss_b.item():.4f}  lr {lr_a:.3e}")
+    bar.close()
+    return (RunHistory(torch.stack(fused_losses).tolist(), fused_lrs),
+            RunHistory(torch.stack(torch_losses).tolist(), torch_lrs))
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, src: torch.Tensor) -> torch.Tensor:
+    """Generates the target one token at a time, feeding back the model's own predictions."""
+    memory = model.encode(src)
+    tokens = torch.full((src.size(0), 1), BOS, dtype=src.dtype, device=src.device)
+    for _ in range(src.size(1)):
+        next_token = model.decode(tokens, memory)[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, next_token], dim=1)
+    return tokens[:, 1:]
+
+
+def accuracy(model: nn.Module, src: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """(exact sequence accuracy, token accuracy) of greedy decoding."""
+    model.eval()
+    correct = greedy_decode(model, src) == target
+    model.train()
+    return correct.all(dim=1).float().mean().item(), correct.float().mean().item()
+
+
+def max_param_difference(first: nn.Module, second: nn.Module) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(first.parameters(), second.parameters()))
+
+
+# ---- reporting ----------------------------------------------------------------------------------
+
+def print_schedule(d_model: int, warmup: int, steps: int) -> None:
+    """The Noam lr at a few steps of this run and its peak."""
+    print(f"Noam schedule, d_model={d_model}, warmup={warmup}: "
+          "lr = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)")
+    marks = sorted({1, warmup // 2, warmup, 2 * warmup, steps} - {0})
+    print("  " + "   ".join(f"step {s}: {noam_lr(s, d_model, warmup):.3e}" for s in marks))
+    print(f"  peak at step {warmup}: {noam_peak_lr(d_model, warmup):.3e}")
+
+
+def plot_training(fused: RunHistory, reference: RunHistory, args, path: Path) -> bool:
+    """Writes loss (both runs) and lr against step as two panels; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = range(1, len(fused.losses) + 1)
+    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
+                                         gridspec_kw={"height_ratios": [2, 1]})
+    loss_ax.plot(steps, fused.losses, label="noam_ext.FusedAdamW + Noam", linewidth=1.5)
+    # Dashed on top: where the runs agree, both lines stay visible.
+    loss_ax.plot(steps, reference.losses, "--", label="torch.optim.AdamW + TransformerLRScheduler",
+                 linewidth=1.2)
+    loss_ax.set(yscale="log", ylabel="training loss (cross-entropy)",
+                title=f"Sequence reversal, d_model={args.d_model}, {args.layers}+{args.layers} layers, "
+                      f"batch {args.batch_size}")
+    loss_ax.legend()
+    loss_ax.grid(True, alpha=0.3)
+    lr_ax.plot(steps, fused.lrs, color="tab:green")
+    lr_ax.axvline(args.warmup, color="grey", linestyle=":", label=f"warmup = {args.warmup}")
+    lr_ax.set(xlabel="optimizer step", ylabel="learning rate")
+    lr_ax.legend()
+    lr_ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def report(fused: RunHistory, reference: RunHistory, fused_model: nn.Module, torch_model: nn.Module,
+           args, vocab: int, device: torch.device) -> None:
+    """Prints final losses, parameter agreement and held-out accuracy of both runs."""
+    print(f"final loss   fused: {fused.losses[-1]:.6f}   torch: {reference.losses[-1]:.6f}")
+    lr_gap = max(abs(a - b) for a, b in zip(fused.lrs, reference.lrs))
+    print(f"largest |lr difference| over all steps: {lr_gap:.3e}")
+    print(f"largest |parameter difference| between the models: "
+          f"{max_param_difference(fused_model, torch_model):.3e}")
+    # A generator of its own, so the held-out batch is not one of the training batches.
+    src, _, target = make_batch(EVAL_BATCH, args.seq_len, vocab,
+                                torch.Generator().manual_seed(args.seed + 2), device)
+    chance = 1.0 / (vocab - 1)
+    print(f"held-out accuracy, greedy decoding on {EVAL_BATCH} fresh sequences "
+          f"(token chance level {chance:.1%}):")
+    for name, model in (("fused", fused_model), ("torch", torch_model)):
+        sequence_acc, token_acc = accuracy(model, src, target)
+        print(f"  {name}: exact sequences {sequence_acc:.1%}   tokens {token_acc:.1%}")
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+def default_device() -> str:
+    # The fused op has a CUDA implementation only in CUDA builds of noam_ext.
+    if torch.cuda.is_available() and build_info()["cuda_compiled"]:
+        return "cuda"
+    return "cpu"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=800, help="optimizer steps")
+    parser.add_argument("--warmup", type=int, default=100, help="Noam warm-up steps")
+    parser.add_argument("--d-model", type=int, default=64, help="model width")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers (each)")
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per batch")
+    parser.add_argument("--seq-len", type=int, default=8, help="tokens per sequence")
+    parser.add_argument("--vocab", type=int, default=11, help="vocabulary size, BOS included")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
+    parser.add_argument("--plot", type=Path,
+                        default=Path(os.environ.get("NOAM_EXT_DEMO_OUT", "demo_out")) / "train_demo.png",
+                        help="where the plot goes")
+    args = parser.parse_args(argv)
+    if min(args.steps, args.warmup, args.d_model, args.batch_size, args.seq_len) <= 0:
+        parser.error("--steps, --warmup, --d-model, --batch-size and --seq-len must be positive")
+    if args.d_model % args.heads:
+        parser.error(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+    if args.vocab < 3:
+        parser.error("--vocab must be at least 3 (BOS and two data tokens)")
+    if args.device == "cuda" and not (torch.cuda.is_available() and build_info()["cuda_compiled"]):
+        parser.error("--device cuda needs a CUDA GPU and a noam_ext build with CUDA")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    print_schedule(args.d_model, args.warmup, args.steps)
+    print(f"task: reverse {args.seq_len} tokens from a vocabulary of {args.vocab - 1} (+ BOS); "
+          f"{args.steps} steps of batch {args.batch_size} on {device}")
+    fused_model, torch_model = make_model_pair(args, args.vocab, device)
+    fused, reference = train(args, args.vocab, device, fused_model, torch_model)
+    report(fused, reference, fused_model, torch_model, args, args.vocab, device)
+    if args.no_plot:
+        print("plot skipped (--no-plot)")
+    elif plot_training(fused, reference, args, args.plot):
+        print(f"plot written to {args.plot}")
+    else:
+        print("matplotlib not installed: no plot")
+    print(f"total time: {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
