@@ -1,0 +1,282 @@
+"""FusedAdamW as a drop-in torch.optim.AdamW: arguments, param groups, closures,
+zero_grad and gradient rules, hyperparameter changes, odd sizes, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from noam_ext import FusedAdamW, Noam, TransformerLRScheduler
+
+
+def twin_params(shapes, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    base = [torch.randn(s, dtype=dtype) for s in shapes]
+    return ([torch.nn.Parameter(t.clone()) for t in base], [torch.nn.Parameter(t.clone()) for t in base])
+
+
+def assign(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+
+
+def assert_params_close(ours, theirs, tol=2e-6):
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=tol, atol=tol)
+
+
+# ---- sizes that break vectorisation -------------------------------------------------------
+
+@pytest.mark.parametrize("shapes", [
+    pytest.param([(0,)], id="empty"),
+    pytest.param([(1,)], id="1"),
+    pytest.param([(3,)], id="3"),
+    pytest.param([(4097,)], id="4097"),
+    pytest.param([(0,), (1,), (3,), (4097,), (17, 5), (2, 3, 4), (1,), (65,)], id="mix"),
+    pytest.param([(70001,)], id="70001-spans-threads"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_odd_sizes_match_torch(shapes, dtype):
+    ours, theirs = twin_params(shapes, dtype)
+    opt = FusedAdamW(ours, lr=1e-2, amsgrad=True)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, foreach=False)
+    for step in range(10):
+        grads = [torch.randn(p.shape, dtype=dtype) for p in ours]
+        assign(ours, grads)
+        assign(theirs, grads)
+        opt.step()
+        ref.step()
+    assert_params_close(ours, theirs, 2e-6 if dtype == torch.float32 else 1e-13)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(opt.state[a]["exp_avg_sq"], ref.state[b]["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_low_precision_odd_sizes_follow_float32_math(dtype):
+    # One rounding per step: equal to running the float32 update and rounding the result.
+    shapes = [(1,), (3,), (4097,), (31,)]
+    low, _ = twin_params(shapes, dtype)
+    high = [torch.nn.Parameter(p.detach().float()) for p in low]
+    opt_low, opt_high = FusedAdamW(low, lr=1e-2), FusedAdamW(high, lr=1e-2)
+    grads = [torch.randn(p.shape).to(dtype) for p in low]
+    assign(low, grads)
+    assign(high, [g.float() for g in grads])
+    opt_low.step()
+    opt_high.step()
+    for a, b in zip(low, high):
+        assert torch.equal(a.detach(), b.detach().to(dtype))
+
+
+# ---- the optimizer interface --------------------------------------------------------------
+
+def test_defaults_and_param_group_keys_match_torch_adamw():
+    p = torch.nn.Parameter(torch.zeros(2))
+    ours = FusedAdamW([p]).param_groups[0]
+    theirs = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]).param_groups[0]
+    assert ours.keys() == theirs.keys()
+    assert {k: v for k, v in ours.items() if k != "params"} == {k: v for k, v in theirs.items() if k != "params"}
+
+
+def test_closure_is_called_with_grad_enabled_and_its_loss_returned():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = FusedAdamW([w], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == pytest.approx(5.0)
+    assert torch.all(w.detach().abs() < torch.tensor([1.0, 2.0]))
+
+
+def test_add_param_group_and_hyperparameter_changes_take_effect():
+    ours, theirs = twin_params([(5,), (7,)])
+    opt = FusedAdamW([ours[0]], lr=1e-2)
+    ref = torch.optim.AdamW([theirs[0]], lr=1e-2, foreach=False)
+    for step in range(12):
+        if step == 4:
+            opt.add_param_group({"params": [ours[1]], "lr": 3e-2, "weight_decay": 0.1})
+            ref.add_param_group({"params": [theirs[1]], "lr": 3e-2, "weight_decay": 0.1})
+        if step == 8:
+            for o in (opt, ref):
+                o.param_groups[0]["lr"] = 5e-3
+                o.param_groups[0]["betas"] = (0.8, 0.95)
+                o.param_groups[1]["maximize"] = True
+        grads = [torch.randn(p.shape) for p in ours]
+        assign(ours, grads)
+        assign(theirs, grads)
+        opt.step()
+        ref.step()
+        assert_params_close(ours, theirs)
+
+
+def test_torch_lambda_lr_drives_it_without_a_schedule():
+    ours, theirs = twin_params([(33,)])
+    opt = FusedAdamW(ours, lr=1.0, betas=(0.9, 0.98), eps=1e-9)
+    ref = torch.optim.AdamW(theirs, lr=1.0, betas=(0.9, 0.98), eps=1e-9, foreach=False)
+    sched_ours = TransformerLRScheduler(opt, d_model=16, warmup_steps=10)
+    sched_ref = TransformerLRScheduler(ref, d_model=16, warmup_steps=10)
+    for _ in range(30):
+        grads = [torch.randn(33)]
+        assign(ours, grads)
+        assign(theirs, grads)
+        opt.step()
+        ref.step()
+        sched_ours.step()
+        sched_ref.step()
+    assert_params_close(ours, theirs)
+    assert sched_ours.get_last_lr() == sched_ref.get_last_lr()
+
+
+def test_in_op_schedule_lr_is_readable_without_stepping_the_device():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = FusedAdamW([p], lr=2.0, schedule=Noam(d_model=64, warmup_steps=10))
+    from noam_ext import noam_lr
+    assert opt.get_last_lr() == [2.0 * noam_lr(0, 64, 10)]
+    assert opt.param_groups[0]["initial_lr"] == 2.0
+    for k in range(1, 25):
+        p.grad = torch.ones(4)
+        opt.step()
+        assert opt.get_last_lr() == [2.0 * noam_lr(k, 64, 10)]
+        assert opt.param_groups[0]["lr"] == 2.0 * noam_lr(k, 64, 10)
+
+
+# ---- gradients: zero-copy views, None grads, replaced grads -------------------------------
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def test_common_loop_is_zero_copy_and_matches_torch():
+    ours_model, ref_model = mlp(), mlp()
+    opt = FusedAdamW(ours_model.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    x = torch.randn(16, 6)
+    for _ in range(20):
+        for model, o in ((ours_model, opt), (ref_model, ref)):
+            o.zero_grad()
+            model(x).pow(2).mean().backward()
+            o.step()
+    buffer = opt._buffers[0]
+    for p, view in zip(buffer.params, buffer.grad_views):
+        assert p.grad is view  # backward accumulated into the flat buffer
+        assert p.data_ptr() >= buffer.param_flat.data_ptr()
+    assert_params_close(list(ours_model.parameters()), list(ref_model.parameters()))
+
+
+def test_parameter_unused_by_backward_is_skipped_after_zero_grad():
+    ours_model, ref_model = mlp(), mlp()
+    extra_ours = torch.nn.Parameter(torch.ones(5))
+    extra_ref = torch.nn.Parameter(torch.ones(5))
+    opt = FusedAdamW(list(ours_model.parameters()) + [extra_ours], lr=1e-2, weight_decay=0.5)
+    ref = torch.optim.AdamW(list(ref_model.parameters()) + [extra_ref], lr=1e-2, weight_decay=0.5, foreach=False)
+    x = torch.randn(4, 6)
+    for step in range(6):
+        for model, extra, o in ((ours_model, extra_ours, opt), (ref_model, extra_ref, ref)):
+            o.zero_grad()
+            loss = model(x).sum()
+            if step == 2:
+                loss = loss + extra.sum()   # the extra parameter takes part once
+            loss.backward()
+            o.step()
+    torch.testing.assert_close(extra_ours.detach(), extra_ref.detach())
+    assert float(opt.state[extra_ours]["step"]) == float(ref.state[extra_ref]["step"]) == 1.0
+    assert_params_close(list(ours_model.parameters()), list(ref_model.parameters()))
+
+
+def test_model_zero_grad_and_assigned_grads_are_copied_in():
+    ours_model, ref_model = mlp(), mlp()
+    opt = FusedAdamW(ours_model.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    x = torch.randn(8, 6)
+    for step in range(8):
+        for model, o in ((ours_model, opt), (ref_model, ref)):
+            model.zero_grad()  # sets .grad to None: autograd allocates fresh gradients
+            model(x).pow(2).sum().backward()
+            o.step()
+    assert_params_close(list(ours_model.parameters()), list(ref_model.parameters()))
+    # After a copy the views are back in place.
+    assert all(p.grad is v for p, v in zip(opt._buffers[0].params, opt._buffers[0].grad_views))
+
+
+def test_zero_grad_set_to_none_false_keeps_zero_gradients_active_like_torch():
+    ours, theirs = twin_params([(4,)])
+    opt = FusedAdamW(ours, lr=1e-2, weight_decay=0.3)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.3, foreach=False)
+    assign(ours, [torch.ones(4)])
+    assign(theirs, [torch.ones(4)])
+    opt.step(), ref.step()
+    opt.zero_grad(set_to_none=False)
+    ref.zero_grad(set_to_none=False)
+    opt.step(), ref.step()   # zero gradients: decay and moment decay still apply
+    assert_params_close(ours, theirs)
+    assert float(opt.state[ours[0]]["step"]) == 2.0
+
+
+def test_mixed_dtypes_get_one_buffer_each():
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    c = torch.nn.Parameter(torch.randn(7, dtype=torch.bfloat16))
+    opt = FusedAdamW([a, b, c], lr=1e-2, schedule=Noam(d_model=8, warmup_steps=4))
+    for _ in range(3):
+        for p in (a, b, c):
+            p.grad = torch.ones_like(p)
+        opt.step()
+    assert len(opt._buffers) == 3
+    assert all(float(opt.state[p]["step"]) == 3.0 for p in (a, b, c))
+    assert all(int(buf.schedule_step) == 3 for buf in opt._buffers)
+
+
+# ---- bad input: clear errors, nothing touched ---------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr": -1.0}, "Invalid learning rate"),
+    ({"eps": -1e-8}, "Invalid epsilon value"),
+    ({"betas": (1.0, 0.999)}, "Invalid beta parameter at index 0"),
+    ({"betas": (0.9, -0.1)}, "Invalid beta parameter at index 1"),
+    ({"betas": 0.9}, "Invalid betas"),
+    ({"weight_decay": -0.1}, "Invalid weight_decay value"),
+    ({"lr": "fast"}, "Invalid lr"),
+    ({"schedule": 512}, "schedule"),
+    ({"differentiable": True}, "differentiable"),
+], ids=lambda x: str(x))
+def test_bad_arguments_raise_like_torch(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FusedAdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+def test_bad_noam_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="d_model"):
+        Noam(d_model=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        Noam(d_model=512, warmup_steps=2.5)
+
+
+def test_unsupported_parameter_dtype_is_named():
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"parameter 0 of param group 0 .*complex64"):
+        FusedAdamW([p])
+
+
+def test_bad_group_hyperparameter_set_between_steps_leaves_everything_untouched():
+    ours, _ = twin_params([(6,), (3,)])
+    opt = FusedAdamW([{"params": [ours[0]]}, {"params": [ours[1]]}], lr=1e-2)
+    assign(ours, [torch.ones(6), torch.ones(3)])
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    values = [p.detach().clone() for p in ours]
+    opt.param_groups[1]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="beta parameter at index 1 in param group 1"):
+        opt.step()
+    for p, v in zip(ours, values):
+        assert torch.equal(p.detach(), v)
+    after = opt.state_dict()
+    for key in before["state"]:
+        for name, value in before["state"][key].items():
+            assert torch.equal(after["state"][key][name], value)
