@@ -227,6 +227,11 @@ class FusedAdamW(Optimizer):
                 params, groups = members[(p.device, p.dtype)]
                 params.append(p)
                 groups.append(group_index)
+        for device, _ in members:
+            if not torch._C._dispatch_has_kernel_for_dispatch_key("noam_ext::fused_adamw_", device.type.upper()):
+                raise RuntimeError(
+                    f"FusedAdamW: this build of noam_ext has no {device.type} implementation "
+                    f"(build info: {_extension.build_info()}); parameters on {device} cannot be optimised")
         self._buffers = [FlatBuffer.build(params, groups) for params, groups in members.values()]
         for buffer in self._buffers:
             buffer.schedule_step.fill_(self._schedule_steps_done)

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../noam_ext/op_checks.h"
+#include "../noam_ext/work_split.h"
 #include "cpu_capability.h"
 
 namespace noam_ext::cpu {
@@ -18,17 +19,11 @@ namespace {
 // contiguous runs, small enough that two threads share 1e5 elements.
 constexpr int64_t kGrainSize = 32768;
 
-struct Segment {
-  int64_t offset;
-  int64_t numel;
-  int64_t group;
-};
-
 // Coefficients of every active parameter, computed once per (group, step)
 // run: in the common case all parameters of a group share their step count,
 // so the pow() calls happen per group, not per parameter.
 void compute_coefficients(
-    const Segment* segments, int64_t n, const double* hyper, const std::vector<double>& lrs,
+    const Segment* segments, int64_t n, const double* hyper, int64_t schedule_step,
     const float* steps, const bool* active, std::vector<SegmentCoefficients>& out) {
   out.resize(n);
   int64_t previous = -1;
@@ -41,11 +36,8 @@ void compute_coefficients(
       out[i] = out[previous];
     } else {
       const double* row = hyper + g * kNumHyperColumns;
-      // torch: step_t += 1 on a float32 tensor, then bias corrections from its value.
-      const double step = static_cast<double>(steps[i] + 1.0f);
-      const double lr = lrs[g];
-      out[i].f32 = make_coefficients<float>(lr, row[kBeta1], row[kBeta2], row[kEps], row[kWeightDecay], step);
-      out[i].f64 = make_coefficients<double>(lr, row[kBeta1], row[kBeta2], row[kEps], row[kWeightDecay], step);
+      out[i].f32 = coefficients_for<float>(row, schedule_step, steps[i]);
+      out[i].f64 = coefficients_for<double>(row, schedule_step, steps[i]);
     }
     previous = i;
   }
@@ -88,12 +80,8 @@ void fused_adamw_cpu(
                 s.group, " but there are ", n_groups);
   }
 
-  std::vector<double> lrs(n_groups);
-  for (int64_t g = 0; g < n_groups; ++g) {
-    lrs[g] = group_lr(hyper + g * kNumHyperColumns, *schedule);
-  }
   thread_local std::vector<SegmentCoefficients> coefficients;
-  compute_coefficients(segments, n, hyper, lrs, steps, active, coefficients);
+  compute_coefficients(segments, n, hyper, *schedule, steps, active, coefficients);
 
   // amsgrad and maximize are per group, as in torch.optim.AdamW.
   const SegmentKernel kernels[2] = {select_segment_kernel(param.scalar_type(), false),
@@ -108,20 +96,13 @@ void fused_adamw_cpu(
   // Split the flat range, not the parameter list, so that one huge tensor and
   // many tiny ones spread over the threads alike.
   at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
-    const Segment* first = std::upper_bound(
-        segments, segments + n, begin, [](int64_t pos, const Segment& s) { return pos < s.offset; });
-    int64_t i = first == segments ? 0 : (first - segments) - 1;
-    for (; i < n && segments[i].offset < end; ++i) {
+    for_each_segment_in_range(segments, n, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
       if (active != nullptr && !active[i]) {
-        continue;
+        return;
       }
-      const int64_t lo = std::max(begin, segments[i].offset);
-      const int64_t hi = std::min(end, segments[i].offset + segments[i].numel);
-      if (lo < hi) {
-        const double* row = hyper + segments[i].group * kNumHyperColumns;
-        kernels[row[kAmsgrad] != 0.0](buffers, lo, hi, coeffs[i], row[kMaximize] != 0.0, grad_divisor);
-      }
-    }
+      const double* row = hyper + segments[i].group * kNumHyperColumns;
+      kernels[row[kAmsgrad] != 0.0](buffers, lo, hi, coeffs[i], row[kMaximize] != 0.0, grad_divisor);
+    });
   });
 
   for (int64_t i = 0; i < n; ++i) {

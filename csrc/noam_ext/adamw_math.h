@@ -87,6 +87,18 @@ C10_HOST_DEVICE inline AdamWCoefficients<opmath_t> make_coefficients(
   return c;
 }
 
+// The coefficients of one parameter for this step, from its group's row of the
+// hyperparameter table, the schedule's completed steps and the parameter's own
+// step count before this step (torch increments a float32 step, then reads it).
+template <typename opmath_t>
+C10_HOST_DEVICE inline AdamWCoefficients<opmath_t> coefficients_for(
+    const double* hyper_row, int64_t schedule_step, float param_step_before) {
+  const double lr = group_lr(hyper_row, schedule_step);
+  const double step = static_cast<double>(param_step_before + 1.0f);
+  return make_coefficients<opmath_t>(lr, hyper_row[kBeta1], hyper_row[kBeta2], hyper_row[kEps],
+                                     hyper_row[kWeightDecay], step);
+}
+
 // sqrt, fused multiply-add (one rounding) and a NaN-propagating max for the
 // value type the update runs on.
 // Scalars are specialised here; vector types (at::vec::Vectorized on the CPU)
