@@ -19,8 +19,33 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
+
+
+def _cuda_home_from_nvcc():
+    """The toolkit that the nvcc on PATH belongs to (nvcc may be a wrapper script, from
+    which torch would guess a wrong CUDA_HOME such as /usr/local)."""
+    import shutil
+    import subprocess
+
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or not shutil.which("nvcc"):
+        return
+    try:
+        out = subprocess.run(["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60).stderr
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in out.splitlines():
+        if line.startswith("#$ TOP="):
+            top = Path(line.split("=", 1)[1].strip()).resolve()
+            if (top / "include" / "cuda_runtime.h").exists():
+                os.environ["CUDA_HOME"] = str(top)
+            return
+
+
+_cuda_home_from_nvcc()
+
+import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it on import)
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = Path("csrc")
@@ -32,7 +57,7 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
 # No --use_fast_math (it replaces IEEE division and sqrt); --fmad=false for the
 # same reason as -ffp-contract=off on the host: identical roundings on CPU and GPU.
-NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo"]
+NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
 
 # The CPU element loop is compiled once per x86 instruction set and chosen at
 # run time (csrc/cpu/cpu_capability.cpp); no -march=native, so a wheel built
@@ -114,7 +139,7 @@ class BuildExtensionPerIsa(cpp_extension.BuildExtension):
 def make_extension():
     with_cuda = should_build_cuda()
     sources = [str(CSRC / "ops.cpp"), str(CSRC / "cpu" / "adamw_cpu.cpp"),
-               str(CSRC / "cpu" / "cpu_capability.cpp")]
+               str(CSRC / "cpu" / "cpu_capability.cpp"), str(CSRC / "cpu" / "cuda_emulation.cpp")]
     per_source_flags = {str(CSRC / "cpu" / "segment_kernel_default.cpp"): ["-DCPU_CAPABILITY=DEFAULT"]}
     define_macros = []
     if is_x86_64():

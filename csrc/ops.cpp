@@ -24,6 +24,14 @@ TORCH_LIBRARY(noam_ext, m) {
       "Tensor(d!)? max_exp_avg_sq, Tensor(e!) param_steps, Tensor(f!) schedule_step, "
       "Tensor segments, Tensor hyper, Tensor? active, *, "
       "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // The CUDA kernel's work split and math, run on the host over an emulated
+  // grid of num_blocks x threads_per_block (same arguments, CPU tensors), so
+  // that CI tests the kernel's indexing without a GPU (csrc/cpu/cuda_emulation.cpp).
+  m.def(
+      "emulate_cuda_fused_adamw_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, "
+      "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, Tensor(e!) param_steps, "
+      "Tensor(f!) schedule_step, Tensor segments, Tensor hyper, Tensor? active, *, "
+      "int num_blocks, int threads_per_block, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 }
 
 namespace {

@@ -14,3 +14,10 @@ def _fused_adamw_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_st
     # In-place on its mutable arguments, returns nothing: nothing to allocate.
     torch._check(param.dim() == 1, lambda: "fused_adamw_: param must be a 1-D flat buffer")
     return None
+
+
+@torch.library.register_fake("noam_ext::emulate_cuda_fused_adamw_")
+def _emulate_cuda_fused_adamw_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps,
+                                   schedule_step, segments, hyper, active, *, num_blocks,
+                                   threads_per_block, grad_scale=None, found_inf=None) -> None:
+    return None

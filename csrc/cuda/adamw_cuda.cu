@@ -1,0 +1,133 @@
+// noam_ext::fused_adamw_ on CUDA: the whole AdamW + Noam step for one flat
+// buffer, on the current stream, without any host synchronisation. The work
+// split and the per-element math live in fused_adamw_plan.h / adamw_math.h,
+// shared with the host emulation and the CPU op.
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "../noam_ext/op_checks.h"
+#include "fused_adamw_plan.h"
+
+namespace noam_ext::cuda {
+namespace {
+
+using namespace noam_ext::cuda_plan;
+
+struct DeviceExec {
+  __device__ int64_t block() const { return blockIdx.x; }
+  __device__ int64_t num_blocks() const { return gridDim.x; }
+  __device__ bool leader() const { return threadIdx.x == 0; }
+  __device__ void sync() const { __syncthreads(); }
+  template <typename F>
+  __device__ void for_my_threads(F&& f) const { f(static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)); }
+};
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreadsPerBlock) fused_adamw_kernel(const KernelArgs<scalar_t> args) {
+  __shared__ SegmentShared<typename MathType<scalar_t>::type> shared;
+  DeviceExec exec;
+  run_block(args, exec, shared);
+}
+
+// Advances the per-parameter steps and the schedule. A separate tiny launch on
+// the same stream, because every block of the update must read the old counters.
+__global__ void advance_steps_kernel(float* param_steps, int64_t* schedule_step, const bool* active,
+                                     const float* found_inf, int64_t n) {
+  advance_steps(param_steps, schedule_step, active, found_inf, n, threadIdx.x, blockDim.x);
+}
+
+int multiprocessor_count(int device) {
+  static int counts[64] = {0};
+  if (device < 64 && counts[device] > 0) {
+    return counts[device];
+  }
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  if (device < 64) {
+    counts[device] = count;
+  }
+  return count;
+}
+
+template <typename scalar_t>
+void launch(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+            const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+            const at::Tensor& param_steps, const at::Tensor& schedule_step, const at::Tensor& segments,
+            const at::Tensor& hyper, const std::optional<at::Tensor>& active,
+            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+            cudaStream_t stream) {
+  KernelArgs<scalar_t> a{};
+  a.param = param.data_ptr<scalar_t>();
+  a.grad = grad.data_ptr<scalar_t>();
+  a.exp_avg = exp_avg.data_ptr<scalar_t>();
+  a.exp_avg_sq = exp_avg_sq.data_ptr<scalar_t>();
+  a.max_exp_avg_sq = max_exp_avg_sq ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
+  a.param_steps = param_steps.data_ptr<float>();
+  a.schedule_step = schedule_step.data_ptr<int64_t>();
+  a.segments = reinterpret_cast<const Segment*>(segments.data_ptr<int64_t>());
+  a.active = active ? active->data_ptr<bool>() : nullptr;
+  a.grad_scale = grad_scale ? grad_scale->data_ptr<float>() : nullptr;
+  a.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
+  a.num_segments = segments.size(0);
+  a.total = param.numel();
+  const double* rows = hyper.data_ptr<double>();
+  std::copy(rows, rows + hyper.numel(), &a.hyper.rows[0][0]);
+
+  const int64_t chunks = (a.total + kChunkElements - 1) / kChunkElements;
+  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count(param.get_device())) * 8;
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min(chunks, max_blocks)));
+  fused_adamw_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  advance_steps_kernel<<<1, 256, 0, stream>>>(param_steps.data_ptr<float>(), schedule_step.data_ptr<int64_t>(),
+                                             a.active, a.found_inf, a.num_segments);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void fused_adamw_cuda(
+    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
+    const at::Tensor& param_steps, const at::Tensor& schedule_step, const at::Tensor& segments,
+    const at::Tensor& hyper, const std::optional<at::Tensor>& active,
+    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  check_fused_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
+                         segments, hyper, active, grad_scale, found_inf);
+  TORCH_CHECK(hyper.size(0) <= kMaxGroups, "fused_adamw_: the CUDA kernel takes at most ", kMaxGroups,
+              " param groups per flat buffer, got ", hyper.size(0));
+  const c10::cuda::CUDAGuard guard(param.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(param.get_device()).stream();
+  switch (param.scalar_type()) {
+    case at::kFloat:
+      launch<float>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step, segments,
+                    hyper, active, grad_scale, found_inf, stream);
+      break;
+    case at::kDouble:
+      launch<double>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step, segments,
+                     hyper, active, grad_scale, found_inf, stream);
+      break;
+    case at::kBFloat16:
+      launch<c10::BFloat16>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
+                            segments, hyper, active, grad_scale, found_inf, stream);
+      break;
+    case at::kHalf:
+      launch<c10::Half>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
+                        segments, hyper, active, grad_scale, found_inf, stream);
+      break;
+    default:
+      TORCH_CHECK(false, "fused_adamw_: unsupported dtype ", param.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(noam_ext, CUDA, m) {
+  m.impl("fused_adamw_", &fused_adamw_cuda);
+}
+
+}  // namespace noam_ext::cuda
