@@ -149,10 +149,10 @@ class FlatBuffer:
         self.arrived[:] = bytes(len(self.params))
         self.grads_logically_none = set_to_none
 
-    def gather_grads(self) -> torch.Tensor | None:
-        """Makes grad_flat hold this step's gradients; returns the active mask
-        (None when every parameter takes part, the common case, found without
-        a per-parameter Python branch)."""
+    def gather_grads(self) -> list[bool] | None:
+        """Makes grad_flat hold this step's gradients; returns which parameters
+        take part (None when all do, the common case, found without a
+        per-parameter Python branch)."""
         grads = [p.grad for p in self.params]
         all_views = all(map(operator.is_, grads, self.grad_views))
         if all_views and (not self.grads_logically_none or 0 not in self.arrived):
@@ -179,6 +179,9 @@ class FlatBuffer:
                 if g is not None and g is not self.grad_views[i]:
                     self.params[i].grad = self.grad_views[i]
                     self.arrived[i] = 1
-        if all(active):
+        return None if all(active) else active
+
+    def mask_tensor(self, active: list[bool] | None) -> torch.Tensor | None:
+        if active is None:
             return None
         return torch.tensor(active, dtype=torch.bool).to(self.device, non_blocking=True)

@@ -88,6 +88,11 @@ class FusedAdamW(Optimizer):
     moving the model to its device and dtype. See docs/adamw.md for the gradient rules.
     """
 
+    # torch.amp.GradScaler.step() then hands us its scale and found-inf tensors
+    # (self.grad_scale, self.found_inf) instead of unscaling the gradients itself;
+    # the op reads both on the device: no sync, and an inf/NaN step changes nothing.
+    _step_supports_amp_scaling = True
+
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, schedule: Noam | None = None, foreach: bool | None = None,
@@ -172,7 +177,7 @@ class FusedAdamW(Optimizer):
             torch.ops.noam_ext.fused_adamw_(
                 buffer.param_flat, buffer.grad_flat, buffer.state_flat["exp_avg"],
                 buffer.state_flat["exp_avg_sq"], buffer.state_flat.get("max_exp_avg_sq"),
-                buffer.param_steps, buffer.schedule_step, buffer.segments, hyper, active,
+                buffer.param_steps, buffer.schedule_step, buffer.segments, hyper, buffer.mask_tensor(active),
                 grad_scale=_on(grad_scale, buffer.device), found_inf=_on(found_inf, buffer.device))
             self._publish_state(buffer, active)
         self._schedule_steps_done += 1
@@ -241,15 +246,14 @@ class FusedAdamW(Optimizer):
                     self.state[p] = buffer.adopt_state(i, self.state[p], amsgrad)
         self._layout_dirty = False
 
-    def _publish_state(self, buffer: FlatBuffer, active: torch.Tensor | None) -> None:
+    def _publish_state(self, buffer: FlatBuffer, active: list[bool] | None) -> None:
         """Gives parameters that just took their first step torch's state entries
         (views into the buffers). A no-op once every parameter has state."""
         if getattr(buffer, "all_have_state", False):
             return
-        mask = None if active is None else active.cpu().tolist()
         for i, p in enumerate(buffer.params):
             if not self.state.get(p):
-                if mask is None or mask[i]:
+                if active is None or active[i]:
                     amsgrad = self.param_groups[buffer.group_index[i]]["amsgrad"]
                     self.state[p] = buffer.state_views(i, amsgrad)
         buffer.all_have_state = all(self.state.get(p) for p in buffer.params)
