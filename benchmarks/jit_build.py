@@ -12,7 +12,7 @@ from torch.utils.cpp_extension import load
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-sources = [CSRC / "ops.cpp", CSRC / "cpu" / "adamw_cpu.cpp", CSRC / "cpu" / "cpu_capability.cpp",
+sources = [CSRC / "ops.cpp", CSRC / "python_module.cpp", CSRC / "cpu" / "adamw_cpu.cpp", CSRC / "cpu" / "cpu_capability.cpp",
            CSRC / "cpu" / "cuda_emulation.cpp", CSRC / "cpu" / "segment_kernel_default.cpp",
            *sorted((CSRC / "cuda").glob("*.cu"))]
 build_dir = ROOT / "build" / "jit"

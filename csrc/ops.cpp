@@ -1,12 +1,8 @@
-// The op schemas, in one place, and the Python module that loads them.
-//
-// Implementations are registered per device in their own files
-// (cpu/adamw_cpu.cpp, cuda/adamw_cuda.cu); the fake (meta) implementation used
-// by torch.compile and fake tensors lives in noam_ext/_ops.py.
-#include <Python.h>
+// The op schemas, in one place. Implementations are registered per device in
+// their own files (cpu/adamw_cpu.cpp, cuda/adamw_cuda.cu, cpu/cuda_emulation.cpp);
+// the fake (meta) implementations used by torch.compile and fake tensors live in
+// noam_ext/_ops.py, and the Python module itself in python_module.cpp.
 #include <torch/library.h>
-
-#include "cpu/cpu_capability.h"
 
 TORCH_LIBRARY(noam_ext, m) {
   // One AdamW step over flat buffers holding many parameters (segments).
@@ -32,38 +28,4 @@ TORCH_LIBRARY(noam_ext, m) {
       "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, Tensor(e!) param_steps, "
       "Tensor(f!) schedule_step, Tensor segments, Tensor hyper, Tensor? active, *, "
       "int num_blocks, int threads_per_block, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
-}
-
-namespace {
-
-PyObject* cpu_capability(PyObject*, PyObject*) {
-  return PyUnicode_FromString(noam_ext::cpu::active_cpu_capability().c_str());
-}
-
-PyMethodDef module_methods[] = {
-    {"cpu_capability", cpu_capability, METH_NOARGS,
-     "Instruction set the CPU op runs with: default, avx2 or avx512."},
-    {nullptr, nullptr, 0, nullptr},
-};
-
-PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_C",
-    "noam_ext's compiled ops; importing it registers torch.ops.noam_ext.*", -1, module_methods,
-};
-
-}  // namespace
-
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* module = PyModule_Create(&module_def);
-  if (module == nullptr) {
-    return nullptr;
-  }
-  PyModule_AddStringConstant(module, "compiled_cpu_capabilities",
-                             noam_ext::cpu::compiled_cpu_capabilities());
-#if defined(NOAM_EXT_WITH_CUDA)
-  PyModule_AddIntConstant(module, "cuda_compiled", 1);
-#else
-  PyModule_AddIntConstant(module, "cuda_compiled", 0);
-#endif
-  return module;
 }

@@ -9,10 +9,11 @@ parameter starts aligned; the few padding elements between slots are never read.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
+
+from . import _C
 
 # Columns of the hyperparameter table; keep in sync with csrc/noam_ext/adamw_math.h.
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, D_MODEL, WARMUP, AMSGRAD, MAXIMIZE = range(9)
@@ -47,6 +48,7 @@ class FlatBuffer:
     param_flat: torch.Tensor
     grad_flat: torch.Tensor
     grad_views: list[torch.Tensor]
+    grad_addresses: torch.Tensor    # int64 [n]: where each grad view starts (fast "all in place" check)
     segments: torch.Tensor          # int64 [n, 3]: offset, numel, group, on the device
     param_steps: torch.Tensor       # float32 [n], torch's state["step"] of each param
     schedule_step: torch.Tensor     # int64 [1], steps of the in-op schedule
@@ -71,6 +73,7 @@ class FlatBuffer:
         buffer = cls(
             device=device, dtype=dtype, params=params, group_index=group_index, offsets=offsets,
             length=length, param_flat=param_flat, grad_flat=grad_flat, grad_views=[],
+            grad_addresses=torch.zeros(len(params), dtype=torch.int64),
             segments=torch.tensor([[o, p.numel(), g] for o, p, g in zip(offsets, params, group_index)],
                                   dtype=torch.int64).reshape(-1, 3).to(device),
             param_steps=torch.zeros(len(params), dtype=torch.float32, device=device),
@@ -84,6 +87,7 @@ class FlatBuffer:
                 p.data = slot
                 grad_view = buffer.view(grad_flat, i)
                 buffer.grad_views.append(grad_view)
+                buffer.grad_addresses[i] = grad_view.data_ptr()
                 if p.grad is not None:
                     grad_view.copy_(p.grad)
                     p.grad = grad_view
@@ -143,9 +147,10 @@ class FlatBuffer:
         autograd gives no gradient before the next step() is skipped by it, as
         torch.optim.AdamW skips a parameter whose .grad is None."""
         self.grad_flat.zero_()
-        for p, view in zip(self.params, self.grad_views):
-            if p.grad is not view:
-                p.grad = view
+        if _C.first_foreign_grad(self.params, self.grad_addresses) != -1:
+            for p, view in zip(self.params, self.grad_views):
+                if p.grad is not view:
+                    p.grad = view
         self.arrived[:] = bytes(len(self.params))
         self.grads_logically_none = set_to_none
 
@@ -153,16 +158,17 @@ class FlatBuffer:
         """Makes grad_flat hold this step's gradients; returns which parameters
         take part (None when all do, the common case, found without a
         per-parameter Python branch)."""
-        grads = [p.grad for p in self.params]
-        all_views = all(map(operator.is_, grads, self.grad_views))
-        if all_views and (not self.grads_logically_none or 0 not in self.arrived):
+        # One C++ pass over the params (p.grad costs ~300 ns per access in Python).
+        in_place = _C.first_foreign_grad(self.params, self.grad_addresses) == -1
+        if in_place and (not self.grads_logically_none or 0 not in self.arrived):
             return None
+        grads = [p.grad for p in self.params]
         active = []
         foreign_src, foreign_dst = [], []
         for i, (g, view) in enumerate(zip(grads, self.grad_views)):
             if g is None:
                 active.append(False)
-            elif g is view:
+            elif g.data_ptr() == view.data_ptr():
                 active.append(bool(self.arrived[i]) or not self.grads_logically_none)
             else:
                 # Autograd or the user replaced the gradient (model.zero_grad(), p.grad = t,
@@ -176,7 +182,7 @@ class FlatBuffer:
             with torch.no_grad():
                 torch._foreach_copy_(foreign_dst, foreign_src)
             for i, g in enumerate(grads):
-                if g is not None and g is not self.grad_views[i]:
+                if g is not None and g.data_ptr() != self.grad_views[i].data_ptr():
                     self.params[i].grad = self.grad_views[i]
                     self.arrived[i] = 1
         return None if all(active) else active

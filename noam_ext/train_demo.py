@@ -11,8 +11,10 @@ Two copies of the same model, starting from the same weights and fed the same ba
   torch:  noam_ext.param_groups + torch.optim.AdamW(foreach=False) + noam_ext.TransformerLRScheduler
 
 with the paper's hyperparameters (lr=1.0 so the lr is the Noam factor itself, betas (0.9, 0.98),
-eps 1e-9) and weight decay 0.01. Since FusedAdamW is exact AdamW, the two runs should stay on the
-same trajectory: their losses and learning rates agree and their parameters differ by rounding only.
+eps 1e-9) and weight decay 0.01. FusedAdamW follows torch's AdamW term for term, so the learning
+rates agree exactly and after the first step the parameters differ by rounding (at most 1 ulp).
+Training then amplifies that difference, as it would any 1-ulp change: the two loss curves track each
+other closely but not exactly, and both models learn the task.
 
 At the end the demo prints both final losses, the largest parameter difference between the two
 models, both models' accuracy on the held-out batch and the total time, and writes a plot of the
@@ -29,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import mean
 
 import torch
 from torch import nn
@@ -46,7 +49,8 @@ WEIGHT_DECAY = 0.01
 
 BOS = 0            # decoder start token; never appears in a source sequence
 EVAL_BATCH = 1000  # held-out sequences for the accuracy check
-REFRESH_EVERY = 10 # progress-bar refreshes: reading a loss is a device sync on CUDA
+REFRESH_EVERY = 10  # progress-bar refreshes: reading a loss is a device sync on CUDA
+FINAL_MEAN_STEPS = 50
 
 
 @dataclass
@@ -205,7 +209,10 @@ def progress_bar(total: int):
 
 
 def train(args, vocab: int, device: torch.device, fused_model: nn.Module, torch_model: nn.Module):
-    """Trains both models on the same batches; returns their RunHistory records."""
+    """Trains both models on the same batches.
+
+    Returns both RunHistory records and the largest parameter difference after the first step,
+    the one-step parity check (later differences also contain training's own amplification)."""
     fused_opt = make_fused_optimizer(fused_model, args)
     torch_opt, torch_sched = make_torch_optimizer(torch_model, args)
     generator = torch.Generator().manual_seed(args.seed + 1)
@@ -220,13 +227,15 @@ def train(args, vocab: int, device: torch.device, fused_model: nn.Module, torch_
         torch_losses.append(loss_b)
         fused_lrs.append(lr_a)
         torch_lrs.append(lr_b)
+        if step == 1:
+            first_step_gap = max_param_difference(fused_model, torch_model)
         bar.update(1)
         if step % REFRESH_EVERY == 0 or step == args.steps:
             bar.set_postfix_str(f"step {step}  loss fused {loss_a.item():.4f}  "
                                 f"torch {loss_b.item():.4f}  lr {lr_a:.3e}")
     bar.close()
     return (RunHistory(torch.stack(fused_losses).tolist(), fused_lrs),
-            RunHistory(torch.stack(torch_losses).tolist(), torch_lrs))
+            RunHistory(torch.stack(torch_losses).tolist(), torch_lrs), first_step_gap)
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -251,6 +260,7 @@ def accuracy(model: nn.Module, src: torch.Tensor, target: torch.Tensor) -> tuple
 
 
 def max_param_difference(first: nn.Module, second: nn.Module) -> float:
+    """The largest absolute elementwise difference between corresponding parameters."""
     return max((a - b).abs().max().item() for a, b in zip(first.parameters(), second.parameters()))
 
 
@@ -298,14 +308,28 @@ def plot_training(fused: RunHistory, reference: RunHistory, args, path: Path) ->
     return True
 
 
-def report(fused: RunHistory, reference: RunHistory, fused_model: nn.Module, torch_model: nn.Module,
-           args, vocab: int, device: torch.device) -> None:
-    """Prints final losses, parameter agreement and held-out accuracy of both runs."""
-    print(f"final loss   fused: {fused.losses[-1]:.6f}   torch: {reference.losses[-1]:.6f}")
+def print_agreement(fused: RunHistory, reference: RunHistory, fused_model: nn.Module,
+                    torch_model: nn.Module, first_step_gap: float) -> None:
+    """Prints final losses, lr agreement and parameter differences of the two runs."""
+    # One batch's loss is noisy; the mean over the last steps is the fairer comparison.
+    tail = min(FINAL_MEAN_STEPS, len(fused.losses))
+    print(f"final loss   fused: {fused.losses[-1]:.6f}   torch: {reference.losses[-1]:.6f}   "
+          f"(mean of the last {tail} steps: {mean(fused.losses[-tail:]):.6f} and "
+          f"{mean(reference.losses[-tail:]):.6f})")
     lr_gap = max(abs(a - b) for a, b in zip(fused.lrs, reference.lrs))
     print(f"largest |lr difference| over all steps: {lr_gap:.3e}")
-    print(f"largest |parameter difference| between the models: "
-          f"{max_param_difference(fused_model, torch_model):.3e}")
+    print(f"largest |parameter difference| between the models: after step 1 {first_step_gap:.3e}, "
+          f"at the end {max_param_difference(fused_model, torch_model):.3e}")
+    # FusedAdamW's parameters may differ from torch's by 1 ulp per step (torch's sqrt is not
+    # correctly rounded, docs/adamw.md). Training is chaotic: Adam with eps 1e-9 turns the pure
+    # rounding-noise gradients of e.g. attention key biases into full-size steps, and the
+    # difference grows from there, as it does between two torch runs 1 ulp apart.
+    print("  (the first-step gap is rounding; training amplifies it, as it would any 1-ulp change)")
+
+
+def print_accuracy(fused_model: nn.Module, torch_model: nn.Module, args, vocab: int,
+                   device: torch.device) -> None:
+    """Prints both models' greedy-decoding accuracy on a fresh held-out batch."""
     # A generator of its own, so the held-out batch is not one of the training batches.
     src, _, target = make_batch(EVAL_BATCH, args.seq_len, vocab,
                                 torch.Generator().manual_seed(args.seed + 2), device)
@@ -363,8 +387,9 @@ def main(argv=None) -> None:
     print(f"task: reverse {args.seq_len} tokens from a vocabulary of {args.vocab - 1} (+ BOS); "
           f"{args.steps} steps of batch {args.batch_size} on {device}")
     fused_model, torch_model = make_model_pair(args, args.vocab, device)
-    fused, reference = train(args, args.vocab, device, fused_model, torch_model)
-    report(fused, reference, fused_model, torch_model, args, args.vocab, device)
+    fused, reference, first_step_gap = train(args, args.vocab, device, fused_model, torch_model)
+    print_agreement(fused, reference, fused_model, torch_model, first_step_gap)
+    print_accuracy(fused_model, torch_model, args, args.vocab, device)
     if args.no_plot:
         print("plot skipped (--no-plot)")
     elif plot_training(fused, reference, args, args.plot):
