@@ -13,7 +13,7 @@
 #include <algorithm>
 
 #include "../noam_ext/op_checks.h"
-#include "fused_adamw_plan.h"
+#include "kernel_args.h"
 
 namespace noam_ext::cuda {
 namespace {
@@ -56,40 +56,6 @@ int multiprocessor_count(int device) {
   return count;
 }
 
-template <typename scalar_t>
-void launch(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-            const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-            const at::Tensor& param_steps, const at::Tensor& schedule_step, const at::Tensor& segments,
-            const at::Tensor& hyper, const std::optional<at::Tensor>& active,
-            const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-            cudaStream_t stream) {
-  KernelArgs<scalar_t> a{};
-  a.param = param.data_ptr<scalar_t>();
-  a.grad = grad.data_ptr<scalar_t>();
-  a.exp_avg = exp_avg.data_ptr<scalar_t>();
-  a.exp_avg_sq = exp_avg_sq.data_ptr<scalar_t>();
-  a.max_exp_avg_sq = max_exp_avg_sq ? max_exp_avg_sq->data_ptr<scalar_t>() : nullptr;
-  a.param_steps = param_steps.data_ptr<float>();
-  a.schedule_step = schedule_step.data_ptr<int64_t>();
-  a.segments = reinterpret_cast<const Segment*>(segments.data_ptr<int64_t>());
-  a.active = active ? active->data_ptr<bool>() : nullptr;
-  a.grad_scale = grad_scale ? grad_scale->data_ptr<float>() : nullptr;
-  a.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
-  a.num_segments = segments.size(0);
-  a.total = param.numel();
-  const double* rows = hyper.data_ptr<double>();
-  std::copy(rows, rows + hyper.numel(), &a.hyper.rows[0][0]);
-
-  const int64_t chunks = (a.total + kChunkElements - 1) / kChunkElements;
-  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count(param.get_device())) * 8;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min(chunks, max_blocks)));
-  fused_adamw_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, stream>>>(a);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  advance_steps_kernel<<<1, 256, 0, stream>>>(param_steps.data_ptr<float>(), schedule_step.data_ptr<int64_t>(),
-                                             a.active, a.found_inf, a.num_segments);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 void fused_adamw_cuda(
     const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
     const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
@@ -98,30 +64,22 @@ void fused_adamw_cuda(
     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   check_fused_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
                          segments, hyper, active, grad_scale, found_inf);
-  TORCH_CHECK(hyper.size(0) <= kMaxGroups, "fused_adamw_: the CUDA kernel takes at most ", kMaxGroups,
-              " param groups per flat buffer, got ", hyper.size(0));
   const c10::cuda::CUDAGuard guard(param.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(param.get_device()).stream();
-  switch (param.scalar_type()) {
-    case at::kFloat:
-      launch<float>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step, segments,
-                    hyper, active, grad_scale, found_inf, stream);
-      break;
-    case at::kDouble:
-      launch<double>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step, segments,
-                     hyper, active, grad_scale, found_inf, stream);
-      break;
-    case at::kBFloat16:
-      launch<c10::BFloat16>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
-                            segments, hyper, active, grad_scale, found_inf, stream);
-      break;
-    case at::kHalf:
-      launch<c10::Half>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
-                        segments, hyper, active, grad_scale, found_inf, stream);
-      break;
-    default:
-      TORCH_CHECK(false, "fused_adamw_: unsupported dtype ", param.scalar_type());
-  }
+  const int64_t chunks = (param.numel() + kChunkElements - 1) / kChunkElements;
+  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count(param.get_device())) * 8;
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min(chunks, max_blocks)));
+  dispatch_storage_type(param.scalar_type(), [&](auto type_tag) {
+    using scalar_t = decltype(type_tag);
+    const auto args = make_kernel_args<scalar_t>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps,
+                                                 schedule_step, segments, hyper, active, grad_scale, found_inf);
+    fused_adamw_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    advance_steps_kernel<<<1, kThreadsPerBlock, 0, stream>>>(
+        param_steps.data_ptr<float>(), schedule_step.data_ptr<int64_t>(), args.active, args.found_inf,
+        args.num_segments);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 }  // namespace
