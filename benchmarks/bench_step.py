@@ -81,7 +81,9 @@ def give_grads(params, optimizer=None):
     """Gradients as the training loop leaves them: for FusedAdamW in its flat
     buffer (zero_grad + accumulation), for torch as ordinary tensors."""
     if isinstance(optimizer, noam_ext.FusedAdamW):
-        optimizer.zero_grad(set_to_none=False)
+        for p in params:
+            p.grad = torch.empty_like(p)
+        optimizer.zero_grad(set_to_none=False)   # the gradients become views into the flat buffer
         with torch.no_grad():
             for p in params:
                 p.grad.normal_()

@@ -6,8 +6,8 @@
 # ${OUT:-gpu_check_out}/ (the device tool's $OUT when set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-gpu_check_out}"
-mkdir -p "$OUT_DIR"
+mkdir -p "${OUT:-gpu_check_out}"
+OUT_DIR="$(cd "${OUT:-gpu_check_out}" && pwd)"
 export PYTHONUNBUFFERED=1
 declare -A RESULT
 stage() { printf '\n==> [%s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -28,7 +28,7 @@ else
   RESULT[build]="FAILED (see build.log)"
   tail -40 "$OUT_DIR/build.log"
 fi
-python -c "import noam_ext, sys; sys.path.pop(0); print(noam_ext.build_info())" 2>&1 | tee -a "$OUT_DIR/build.log"
+(cd /tmp && python -c "import noam_ext; print(noam_ext.build_info())") 2>&1 | tee -a "$OUT_DIR/build.log"
 
 stage "CUDA tests"
 (cd tests && timeout 240 python -m pytest -q --import-mode=importlib -p no:cacheprovider \
@@ -37,27 +37,35 @@ rc=$?
 RESULT[tests]="$(tail -n 1 "$OUT_DIR/tests.log") (exit $rc)"
 tail -n 25 "$OUT_DIR/tests.log"
 
-stage "compute-sanitizer memcheck over a small step loop"
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  (cd /tmp && timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python - ) <<'PY' >"$OUT_DIR/memcheck.log" 2>&1
+stage "compute-sanitizer (memcheck, racecheck, synccheck) over a small step loop"
+cat > "$OUT_DIR/sanitize_loop.py" <<'PY'
 import torch, noam_ext
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
-    params = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype)) for n in (1, 3, 4097, 16385, 5)]
+    # tiny, odd and multi-chunk tensors, two groups (one amsgrad): several blocks, tails, segment walks
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype))
+              for n in (1, 3, 4097, 16385, 5, *[7] * 40, 40000)]
     opt = noam_ext.FusedAdamW([{"params": params[:3]}, {"params": params[3:], "amsgrad": True}],
                               lr=1.0, schedule=noam_ext.Noam(64, 10))
-    for step in range(3):
+    for step in range(2):
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
 torch.cuda.synchronize()
-print("memcheck loop done")
+print("sanitizer loop done")
 PY
-  rc=$?
-  RESULT[memcheck]="$(grep -E 'ERROR SUMMARY' "$OUT_DIR/memcheck.log" | tail -n 1) (exit $rc)"
-  tail -n 5 "$OUT_DIR/memcheck.log"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  summary=""
+  for tool in memcheck racecheck synccheck; do
+    (cd /tmp && timeout 100 compute-sanitizer --tool "$tool" --error-exitcode 9 python "$OUT_DIR/sanitize_loop.py") \
+      >"$OUT_DIR/$tool.log" 2>&1
+    rc=$?
+    summary+="$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT_DIR/$tool.log" | tail -n 1) (exit $rc); "
+    tail -n 3 "$OUT_DIR/$tool.log"
+  done
+  RESULT[sanitizer]="$summary"
 else
-  RESULT[memcheck]="compute-sanitizer not found"
+  RESULT[sanitizer]="compute-sanitizer not found"
 fi
 
 stage "benchmark"
@@ -71,6 +79,6 @@ fi
 
 stage "summary"
 printf '| stage | result |\n|---|---|\n'
-for key in build tests memcheck bench; do
+for key in build tests sanitizer bench; do
   printf '| %s | %s |\n' "$key" "${RESULT[$key]:-not run}"
 done | tee "$OUT_DIR/summary.md"

@@ -13,47 +13,65 @@ PyObject* cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(noam_ext::cpu::active_cpu_capability().c_str());
 }
 
-// first_foreign_grad(params: list[Tensor], expected: Tensor[int64]) -> int
-// Index of the first parameter whose .grad is missing or does not start at
-// expected[i] (its slot in the flat gradient buffer); -1 when every gradient
-// is in place. About 5 ns per parameter instead of ~300 ns for `p.grad` in Python.
-PyObject* first_foreign_grad(PyObject*, PyObject* args) {
+// grad_status(params: list[Tensor], param_addresses: Tensor, grad_addresses: Tensor) -> bytes
+// One byte per parameter, for FusedAdamW.step()'s hot path (Python's p.grad
+// costs ~300 ns per access; this is a few ns per parameter):
+//   0  .grad is the parameter's view of the flat gradient buffer
+//   1  .grad is None
+//   2  .grad is some other tensor (replaced by autograd or assigned)
+//   3  the parameter itself no longer lives in the flat buffer (p.data was replaced)
+PyObject* grad_status(PyObject*, PyObject* args) {
   PyObject* params = nullptr;
-  PyObject* expected_obj = nullptr;
-  if (!PyArg_ParseTuple(args, "O!O", &PyList_Type, &params, &expected_obj)) {
+  PyObject* param_obj = nullptr;
+  PyObject* grad_obj = nullptr;
+  if (!PyArg_ParseTuple(args, "O!OO", &PyList_Type, &params, &param_obj, &grad_obj)) {
     return nullptr;
   }
-  if (!THPVariable_Check(expected_obj)) {
-    PyErr_SetString(PyExc_TypeError, "first_foreign_grad: expected must be a tensor");
-    return nullptr;
-  }
-  const at::Tensor& expected = THPVariable_Unpack(expected_obj);
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  if (expected.scalar_type() != at::kLong || !expected.is_cpu() || !expected.is_contiguous() ||
-      expected.numel() != n) {
-    PyErr_SetString(PyExc_ValueError, "first_foreign_grad: expected must be a contiguous int64 CPU tensor, one per param");
+  const int64_t* addresses[2] = {nullptr, nullptr};
+  PyObject* objects[2] = {param_obj, grad_obj};
+  for (int k = 0; k < 2; ++k) {
+    if (!THPVariable_Check(objects[k])) {
+      PyErr_SetString(PyExc_TypeError, "grad_status: addresses must be tensors");
+      return nullptr;
+    }
+    const at::Tensor& t = THPVariable_Unpack(objects[k]);
+    if (t.scalar_type() != at::kLong || !t.is_cpu() || !t.is_contiguous() || t.numel() != n) {
+      PyErr_SetString(PyExc_ValueError, "grad_status: addresses must be contiguous int64 CPU tensors, one per param");
+      return nullptr;
+    }
+    addresses[k] = t.const_data_ptr<int64_t>();
+  }
+  PyObject* out = PyBytes_FromStringAndSize(nullptr, n);
+  if (out == nullptr) {
     return nullptr;
   }
-  const int64_t* want = expected.const_data_ptr<int64_t>();
+  char* status = PyBytes_AS_STRING(out);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* item = PyList_GET_ITEM(params, i);
     if (!THPVariable_Check(item)) {
-      PyErr_SetString(PyExc_TypeError, "first_foreign_grad: params must be tensors");
+      Py_DECREF(out);
+      PyErr_SetString(PyExc_TypeError, "grad_status: params must be tensors");
       return nullptr;
     }
-    const at::Tensor& grad = THPVariable_Unpack(item).grad();
-    if (!grad.defined() || reinterpret_cast<int64_t>(grad.data_ptr()) != want[i]) {
-      return PyLong_FromSsize_t(i);
+    const at::Tensor& param = THPVariable_Unpack(item);
+    const at::Tensor& grad = param.grad();
+    if (reinterpret_cast<int64_t>(param.data_ptr()) != addresses[0][i]) {
+      status[i] = 3;
+    } else if (!grad.defined()) {
+      status[i] = 1;
+    } else {
+      status[i] = reinterpret_cast<int64_t>(grad.data_ptr()) == addresses[1][i] ? 0 : 2;
     }
   }
-  return PyLong_FromLong(-1);
+  return out;
 }
 
 PyMethodDef module_methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "Instruction set the CPU op runs with: default, avx2 or avx512."},
-    {"first_foreign_grad", first_foreign_grad, METH_VARARGS,
-     "Index of the first param whose .grad is not at its expected address, or -1."},
+    {"grad_status", grad_status, METH_VARARGS,
+     "One byte per param: 0 grad is its flat view, 1 None, 2 another tensor, 3 param moved."},
     {nullptr, nullptr, 0, nullptr},
 };
 

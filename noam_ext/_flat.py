@@ -23,6 +23,16 @@ ALIGN_BYTES = 64
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
+# Codes of _C.grad_status, one byte per parameter.
+GRAD_IS_VIEW, GRAD_IS_NONE, GRAD_IS_OTHER, PARAM_MOVED = 0, 1, 2, 3
+# bytes.translate table: status -> 1 where the flat buffer holds this step's gradient.
+_HOLDS_GRADIENT = bytes([1, 0, 1, 0]) + bytes(252)
+
+
+class LayoutChanged(Exception):
+    """A parameter no longer lives in its flat buffer (p.data was replaced,
+    e.g. by module.to() or .half()): the layout must be rebuilt."""
+
 
 def aligned_offsets(numels: list[int], element_size: int) -> tuple[list[int], int]:
     """Start offset of each slot (aligned to ALIGN_BYTES) and the total length."""
@@ -48,7 +58,8 @@ class FlatBuffer:
     param_flat: torch.Tensor
     grad_flat: torch.Tensor
     grad_views: list[torch.Tensor]
-    grad_addresses: torch.Tensor    # int64 [n]: where each grad view starts (fast "all in place" check)
+    param_addresses: torch.Tensor   # int64 [n]: where each param view starts
+    grad_addresses: torch.Tensor    # int64 [n]: where each grad view starts
     segments: torch.Tensor          # int64 [n, 3]: offset, numel, group, on the device
     param_steps: torch.Tensor       # float32 [n], torch's state["step"] of each param
     schedule_step: torch.Tensor     # int64 [1], steps of the in-op schedule
@@ -56,57 +67,72 @@ class FlatBuffer:
     # Which gradients autograd delivered since the last zero_grad(set_to_none=True).
     arrived: bytearray = field(default_factory=bytearray)
     grads_logically_none: bool = False
-    hook_handles: list = field(default_factory=list)
+    hooks: dict[int, object] = field(default_factory=dict)   # param index -> hook handle
+    # Params with no optimizer state yet (they have not taken a step).
+    stateless: set[int] = field(default_factory=set)
+    _mask_cache: tuple = (None, None)
+    _idle_pattern: bytes | None = None   # an activity pattern that gave no param its first step
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
         p = self.params[i]
         return flat[self.offsets[i]:self.offsets[i] + p.numel()].view(p.shape)
 
     @classmethod
-    def build(cls, params: list[torch.Tensor], group_index: list[int]) -> "FlatBuffer":
+    def build(cls, params: list[torch.Tensor], group_index: list[int],
+              arrival: dict[int, int] | None = None, logically_none: bool = False) -> "FlatBuffer":
         """Moves params (and any existing grads) into fresh flat buffers; the
-        parameters become views into them. State is adopted separately."""
+        parameters become views into them. `arrival` carries, by id(param), which
+        gradients had arrived in a previous layout. State is adopted separately."""
         device, dtype = params[0].device, params[0].dtype
         offsets, length = aligned_offsets([p.numel() for p in params], params[0].element_size())
-        param_flat = torch.zeros(length, device=device, dtype=dtype)
-        grad_flat = torch.zeros(length, device=device, dtype=dtype)
+        n = len(params)
         buffer = cls(
-            device=device, dtype=dtype, params=params, group_index=group_index, offsets=offsets,
-            length=length, param_flat=param_flat, grad_flat=grad_flat, grad_views=[],
-            grad_addresses=torch.zeros(len(params), dtype=torch.int64),
-            segments=torch.tensor([[o, p.numel(), g] for o, p, g in zip(offsets, params, group_index)],
-                                  dtype=torch.int64).reshape(-1, 3).to(device),
-            param_steps=torch.zeros(len(params), dtype=torch.float32, device=device),
+            device=device, dtype=dtype, params=list(params), group_index=list(group_index), offsets=offsets,
+            length=length, param_flat=torch.zeros(length, device=device, dtype=dtype),
+            grad_flat=torch.zeros(length, device=device, dtype=dtype), grad_views=[],
+            param_addresses=torch.zeros(n, dtype=torch.int64), grad_addresses=torch.zeros(n, dtype=torch.int64),
+            segments=segment_table(offsets, [p.numel() for p in params], group_index, length).to(device),
+            param_steps=torch.zeros(n, dtype=torch.float32, device=device),
             schedule_step=torch.zeros(1, dtype=torch.int64, device=device),
-            arrived=bytearray(len(params)),
+            arrived=bytearray(n), grads_logically_none=logically_none, stateless=set(range(n)),
         )
+        arrival = arrival or {}
         with torch.no_grad():
             for i, p in enumerate(params):
-                slot = buffer.view(param_flat, i)
+                slot = buffer.view(buffer.param_flat, i)
                 slot.copy_(p)
                 p.data = slot
-                grad_view = buffer.view(grad_flat, i)
+                buffer.param_addresses[i] = slot.data_ptr()
+                grad_view = buffer.view(buffer.grad_flat, i)
                 buffer.grad_views.append(grad_view)
                 buffer.grad_addresses[i] = grad_view.data_ptr()
                 if p.grad is not None:
                     grad_view.copy_(p.grad)
                     p.grad = grad_view
-                    buffer.arrived[i] = 1
-        buffer._register_arrival_hooks()
+                    buffer.arrived[i] = arrival.get(id(p), 1)
+                    buffer.ensure_hook(i)
         return buffer
 
-    def _register_arrival_hooks(self) -> None:
-        arrived = self.arrived  # the hooks hold the bytearray, not the optimizer
-        for i, p in enumerate(self.params):
-            if p.requires_grad:
-                def mark(_param, _i=i):
-                    arrived[_i] = 1
-                self.hook_handles.append(p.register_post_accumulate_grad_hook(mark))
+    def ensure_hook(self, i: int) -> None:
+        """Registers the hook that records gradient arrival for param i, once,
+        as soon as it can (a tensor must require grad to take the hook)."""
+        p = self.params[i]
+        if i in self.hooks or not p.requires_grad:
+            return
+        arrived = self.arrived  # the hook holds the bytearray, not the optimizer
+
+        def mark(_param, _i=i):
+            arrived[_i] = 1
+        self.hooks[i] = p.register_post_accumulate_grad_hook(mark)
 
     def release(self) -> None:
-        for handle in self.hook_handles:
+        for handle in self.hooks.values():
             handle.remove()
-        self.hook_handles.clear()
+        self.hooks.clear()
+
+    def arrival(self) -> dict[int, int]:
+        """id(param) -> whether its gradient counts as delivered (for a rebuild)."""
+        return {id(p): (self.arrived[i] if self.grads_logically_none else 1) for i, p in enumerate(self.params)}
 
     # ---- state -------------------------------------------------------------------------
 
@@ -119,6 +145,7 @@ class FlatBuffer:
 
     def state_views(self, i: int, amsgrad: bool) -> dict[str, torch.Tensor]:
         """The torch.optim.AdamW-format state of param i, as views into the buffers."""
+        self.stateless.discard(i)
         state = {"step": self.param_steps[i]}
         for key in STATE_KEYS:
             if key == "max_exp_avg_sq" and not amsgrad:
@@ -138,56 +165,83 @@ class FlatBuffer:
                     self.view(self.state_flat[key], i).copy_(state[key])
         return self.state_views(i, amsgrad)
 
+    def newly_stepped(self, active: bytes | None) -> list[int]:
+        """Params without state that took part in the step just made. Costs
+        nothing once every param has state, or while the same ones sit out."""
+        if not self.stateless or (active is not None and active == self._idle_pattern):
+            return []
+        fresh = sorted(i for i in self.stateless if active is None or active[i])
+        if not fresh:
+            self._idle_pattern = active
+        return fresh
+
     # ---- gradients ---------------------------------------------------------------------
+
+    def grad_status(self) -> bytes:
+        status = _C.grad_status(self.params, self.param_addresses, self.grad_addresses)
+        if PARAM_MOVED in status:
+            raise LayoutChanged
+        return status
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Zeroes all gradients with one fill and keeps them as views (zero-copy).
+        A None gradient stays None, as in torch.
 
         With set_to_none the gradients are "logically None": a parameter that
         autograd gives no gradient before the next step() is skipped by it, as
         torch.optim.AdamW skips a parameter whose .grad is None."""
+        status = self.grad_status()
         self.grad_flat.zero_()
-        if _C.first_foreign_grad(self.params, self.grad_addresses) != -1:
-            for p, view in zip(self.params, self.grad_views):
-                if p.grad is not view:
-                    p.grad = view
+        if GRAD_IS_OTHER in status:
+            for i, code in enumerate(status):
+                if code == GRAD_IS_OTHER:
+                    self.params[i].grad = self.grad_views[i]
+                    self.ensure_hook(i)
         self.arrived[:] = bytes(len(self.params))
         self.grads_logically_none = set_to_none
 
-    def gather_grads(self) -> list[bool] | None:
+    def gather_grads(self) -> bytes | None:
         """Makes grad_flat hold this step's gradients; returns which parameters
-        take part (None when all do, the common case, found without a
-        per-parameter Python branch)."""
-        # One C++ pass over the params (p.grad costs ~300 ns per access in Python).
-        in_place = _C.first_foreign_grad(self.params, self.grad_addresses) == -1
-        if in_place and (not self.grads_logically_none or 0 not in self.arrived):
-            return None
-        grads = [p.grad for p in self.params]
-        active = []
-        foreign_src, foreign_dst = [], []
-        for i, (g, view) in enumerate(zip(grads, self.grad_views)):
-            if g is None:
-                active.append(False)
-            elif g.data_ptr() == view.data_ptr():
-                active.append(bool(self.arrived[i]) or not self.grads_logically_none)
-            else:
-                # Autograd or the user replaced the gradient (model.zero_grad(), p.grad = t,
-                # create_graph=True): one copy into the buffer, and the view goes back in.
-                if g.is_sparse:
+        take part, one byte each (None when all do: the common case, decided by
+        one C++ pass and no per-parameter Python)."""
+        status = self.grad_status()
+        n = len(self.params)
+        if GRAD_IS_OTHER in status:
+            # Autograd or the user replaced gradients (model.zero_grad(), p.grad = t,
+            # create_graph=True): one copy into the buffer, and the views go back in.
+            others = [i for i, code in enumerate(status) if code == GRAD_IS_OTHER]
+            for i in others:
+                if self.params[i].grad.is_sparse:
                     raise RuntimeError(f"FusedAdamW does not support sparse gradients (parameter {i})")
-                foreign_src.append(g)
-                foreign_dst.append(view)
-                active.append(True)
-        if foreign_src:
             with torch.no_grad():
-                torch._foreach_copy_(foreign_dst, foreign_src)
-            for i, g in enumerate(grads):
-                if g is not None and g.data_ptr() != self.grad_views[i].data_ptr():
-                    self.params[i].grad = self.grad_views[i]
-                    self.arrived[i] = 1
-        return None if all(active) else active
+                torch._foreach_copy_([self.grad_views[i] for i in others], [self.params[i].grad for i in others])
+            for i in others:
+                self.params[i].grad = self.grad_views[i]
+                self.arrived[i] = 1
+                self.ensure_hook(i)
+        active = status.translate(_HOLDS_GRADIENT)
+        if self.grads_logically_none:
+            both = int.from_bytes(active, "little") & int.from_bytes(self.arrived, "little")
+            active = both.to_bytes(n, "little")
+        return None if 0 not in active else active
 
-    def mask_tensor(self, active: list[bool] | None) -> torch.Tensor | None:
+    def mask_tensor(self, active: bytes | None) -> torch.Tensor | None:
+        """The op's bool mask for an activity pattern, cached while the pattern holds."""
         if active is None:
             return None
-        return torch.tensor(active, dtype=torch.bool).to(self.device, non_blocking=True)
+        key, mask = self._mask_cache
+        if key != active:
+            mask = torch.frombuffer(bytearray(active), dtype=torch.uint8).to(torch.bool).to(self.device)
+            self._mask_cache = (active, mask)
+        return mask
+
+
+def segment_table(offsets: list[int], numels: list[int], groups: list[int], length: int) -> torch.Tensor:
+    """The op's segments table, checked here once (the CUDA op cannot afford to
+    read it back from the device): in order and inside the buffers."""
+    end = 0
+    for i, (offset, numel) in enumerate(zip(offsets, numels)):
+        if offset < end or offset + numel > length:
+            raise AssertionError(f"flat layout: segment {i} (offset {offset}, numel {numel}) is invalid")
+        end = offset + numel
+    return torch.tensor([[o, k, g] for o, k, g in zip(offsets, numels, groups)], dtype=torch.int64).reshape(-1, 3)

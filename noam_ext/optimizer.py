@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from . import _extension  # noqa: F401  (loads torch.ops.noam_ext)
 from ._flat import (AMSGRAD, BETA1, BETA2, D_MODEL, EPS, LR, MAXIMIZE, NUM_HYPER_COLUMNS,
-                    SUPPORTED_DTYPES, WARMUP, WEIGHT_DECAY, FlatBuffer)
+                    SUPPORTED_DTYPES, WARMUP, WEIGHT_DECAY, FlatBuffer, LayoutChanged)
 from .scheduler import noam_lr, validate_noam_args
 
 __all__ = ["FusedAdamW", "Noam"]
@@ -123,7 +123,11 @@ class FusedAdamW(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         where = f" in param group {len(self.param_groups) - 1}"
-        _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+        try:
+            _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+        except ValueError:
+            self.param_groups.pop()   # leave the optimizer as it was
+            raise
         for index, p in enumerate(group["params"]):
             name = f"parameter {index} of param group {len(self.param_groups) - 1} (shape {tuple(p.shape)})"
             if p.dtype not in SUPPORTED_DTYPES:
@@ -137,8 +141,25 @@ class FusedAdamW(Optimizer):
             group.setdefault("initial_lr", group["lr"])
         self._layout_dirty = True
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["schedule"] = self.schedule
+        state["_schedule_steps_done"] = self._current_schedule_position()
+        return state
+
     def __setstate__(self, state: dict) -> None:
+        # Also the path of copy.deepcopy and pickle: the flat buffers are not part of
+        # the state; they are rebuilt (and the state adopted) on first use.
+        state = dict(state)
+        schedule = state.pop("schedule", None)
+        done = state.pop("_schedule_steps_done", 0)
         super().__setstate__(state)
+        self.schedule = getattr(self, "schedule", schedule)
+        self._schedule_steps_done = getattr(self, "_schedule_steps_done", done)
+        for name, value in (("_buffers", []), ("_layout_dirty", True), ("_hyper_cache", None),
+                            ("_hyper_table", None)):
+            if not hasattr(self, name):
+                setattr(self, name, value)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -157,8 +178,14 @@ class FusedAdamW(Optimizer):
         torch.optim.AdamW skips a parameter whose .grad is None. The one visible
         difference: such a parameter's .grad reads as zeros rather than None."""
         self._ensure_layout()
-        for buffer in self._buffers:
-            buffer.zero_grad(set_to_none)
+        try:
+            for buffer in self._buffers:
+                buffer.zero_grad(set_to_none)
+        except LayoutChanged:
+            self._layout_dirty = True
+            self._ensure_layout()
+            for buffer in self._buffers:
+                buffer.zero_grad(set_to_none)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -168,18 +195,27 @@ class FusedAdamW(Optimizer):
                 loss = closure()
         self._ensure_layout()
         hyper = self._hyper()  # validates every group before anything is touched
-        for buffer in self._buffers:
-            active = buffer.gather_grads()
+        try:
+            actives = [buffer.gather_grads() for buffer in self._buffers]
+        except LayoutChanged:
+            # A parameter's .data was replaced (module.to(), .half(), p.data = ...):
+            # lay the buffers out again around the parameters as they are now.
+            self._layout_dirty = True
+            self._ensure_layout()
+            actives = [buffer.gather_grads() for buffer in self._buffers]
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for buffer, active in zip(self._buffers, actives):
             amsgrad = any(self.param_groups[g]["amsgrad"] for g in set(buffer.group_index))
             buffer.ensure_state_buffers(amsgrad)
-            grad_scale = getattr(self, "grad_scale", None)
-            found_inf = getattr(self, "found_inf", None)
             torch.ops.noam_ext.fused_adamw_(
                 buffer.param_flat, buffer.grad_flat, buffer.state_flat["exp_avg"],
                 buffer.state_flat["exp_avg_sq"], buffer.state_flat.get("max_exp_avg_sq"),
                 buffer.param_steps, buffer.schedule_step, buffer.segments, hyper, buffer.mask_tensor(active),
                 grad_scale=_on(grad_scale, buffer.device), found_inf=_on(found_inf, buffer.device))
-            self._publish_state(buffer, active)
+            for i in buffer.newly_stepped(active):
+                amsgrad_i = self.param_groups[buffer.group_index[i]]["amsgrad"]
+                self.state[buffer.params[i]] = buffer.state_views(i, amsgrad_i)
         self._schedule_steps_done += 1
         if self.schedule is not None:
             self._refresh_scheduled_lrs()
@@ -188,8 +224,15 @@ class FusedAdamW(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.schedule is not None:
-            state[SCHEDULE_STEP_KEY] = self._schedule_steps_done
+            state[SCHEDULE_STEP_KEY] = self._current_schedule_position()
         return state
+
+    def _current_schedule_position(self) -> int:
+        """Completed steps of the schedule, read from the device counter (a sync,
+        fine at checkpoint time): the host mirror misses CUDA-graph replays."""
+        if self._buffers and not self._layout_dirty:
+            self._schedule_steps_done = int(self._buffers[0].schedule_step.item())
+        return self._schedule_steps_done
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -224,7 +267,10 @@ class FusedAdamW(Optimizer):
     def _ensure_layout(self) -> None:
         if not self._layout_dirty:
             return
+        arrival, logically_none = {}, False
         for buffer in self._buffers:
+            arrival.update(buffer.arrival())
+            logically_none |= buffer.grads_logically_none
             buffer.release()
         members: dict[tuple, tuple[list, list]] = defaultdict(lambda: ([], []))
         for group_index, group in enumerate(self.param_groups):
@@ -237,7 +283,8 @@ class FusedAdamW(Optimizer):
                 raise RuntimeError(
                     f"FusedAdamW: this build of noam_ext has no {device.type} implementation "
                     f"(build info: {_extension.build_info()}); parameters on {device} cannot be optimised")
-        self._buffers = [FlatBuffer.build(params, groups) for params, groups in members.values()]
+        self._buffers = [FlatBuffer.build(params, groups, arrival, logically_none)
+                         for params, groups in members.values()]
         for buffer in self._buffers:
             buffer.schedule_step.fill_(self._schedule_steps_done)
             for i, p in enumerate(buffer.params):
@@ -246,25 +293,14 @@ class FusedAdamW(Optimizer):
                     self.state[p] = buffer.adopt_state(i, self.state[p], amsgrad)
         self._layout_dirty = False
 
-    def _publish_state(self, buffer: FlatBuffer, active: list[bool] | None) -> None:
-        """Gives parameters that just took their first step torch's state entries
-        (views into the buffers). A no-op once every parameter has state."""
-        if getattr(buffer, "all_have_state", False):
-            return
-        for i, p in enumerate(buffer.params):
-            if not self.state.get(p):
-                if active is None or active[i]:
-                    amsgrad = self.param_groups[buffer.group_index[i]]["amsgrad"]
-                    self.state[p] = buffer.state_views(i, amsgrad)
-        buffer.all_have_state = all(self.state.get(p) for p in buffer.params)
-
     def _hyper(self) -> torch.Tensor:
         """The per-group hyperparameter table for the op, rebuilt only when a group changed."""
         rows = []
         for index, group in enumerate(self.param_groups):
             base_lr = group["initial_lr"] if self.schedule is not None else group["lr"]
-            rows.append((base_lr, group["betas"][0], group["betas"][1], group["eps"],
-                         group["weight_decay"], bool(group["amsgrad"]), bool(group["maximize"])))
+            # float(): a tensor lr changed in place (as torch's schedulers do) must change the key.
+            rows.append(tuple(_plain(v) for v in (base_lr, *group["betas"], group["eps"], group["weight_decay"]))
+                        + (bool(group["amsgrad"]), bool(group["maximize"])))
         key = tuple(rows)
         if key != self._hyper_cache:
             table = torch.zeros(len(rows), NUM_HYPER_COLUMNS, dtype=torch.float64)
@@ -284,6 +320,11 @@ class FusedAdamW(Optimizer):
                 table[index, MAXIMIZE] = float(maximize)
             self._hyper_cache, self._hyper_table = key, table
         return self._hyper_table
+
+
+def _plain(value: Any) -> Any:
+    """A tensor hyperparameter as a Python float (a sync for a GPU tensor: prefer floats)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 def _on(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -353,8 +353,8 @@ def default_device() -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=800, help="optimizer steps")
-    parser.add_argument("--warmup", type=int, default=100, help="Noam warm-up steps")
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps")
+    parser.add_argument("--warmup", type=int, default=200, help="Noam warm-up steps")
     parser.add_argument("--d-model", type=int, default=64, help="model width")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers (each)")
@@ -363,6 +363,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=11, help="vocabulary size, BOS included")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     parser.add_argument("--seed", type=int, default=0)
+    # One thread: this model's matrices are too small to gain from more, and OpenMP threads
+    # slow down many times over when other work shares the cores.
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
     parser.add_argument("--plot", type=Path,
                         default=Path(os.environ.get("NOAM_EXT_DEMO_OUT", "demo_out")) / "train_demo.png",
@@ -372,6 +375,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--steps, --warmup, --d-model, --batch-size and --seq-len must be positive")
     if args.d_model % args.heads:
         parser.error(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
     if args.vocab < 3:
         parser.error("--vocab must be at least 3 (BOS and two data tokens)")
     if args.device == "cuda" and not (torch.cuda.is_available() and build_info()["cuda_compiled"]):
@@ -383,6 +388,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     started = time.perf_counter()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print_schedule(args.d_model, args.warmup, args.steps)
     print(f"task: reverse {args.seq_len} tokens from a vocabulary of {args.vocab - 1} (+ BOS); "
           f"{args.steps} steps of batch {args.batch_size} on {device}")

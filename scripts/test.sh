@@ -29,6 +29,10 @@ else
     say "there is no CUDA source yet (csrc/cuda/*.cu): only the CPU build is made and tested"
   else
     say "CUDA cannot be built here (torch without CUDA, no nvcc, or NOAM_EXT_NO_CUDA=1)"
+    if [[ "${NOAM_EXT_REQUIRE_CUDA:-0}" == "1" ]]; then
+      echo "ERROR: NOAM_EXT_REQUIRE_CUDA=1 but the CUDA sources cannot be compiled here" >&2
+      exit 1
+    fi
   fi
 fi
 install_noam_ext NOAM_EXT_NO_CUDA=1

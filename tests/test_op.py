@@ -127,7 +127,8 @@ def test_every_compiled_instruction_set_gives_identical_bits():
                              cwd=os.path.dirname(__file__), check=True)
         results[capability] = json.loads(run.stdout)
     ran = {r.pop("capability") for r in results.values()}
-    assert "default" in ran
+    # A capability the CPU lacks is lowered to one it has; the best one must have run.
+    assert {"default", noam_ext.cpu_capability()} <= ran
     baseline = results["default"]
     for capability, result in results.items():
         assert result == baseline, f"{capability} differs from the portable build"

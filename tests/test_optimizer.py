@@ -280,3 +280,124 @@ def test_bad_group_hyperparameter_set_between_steps_leaves_everything_untouched(
     for key in before["state"]:
         for name, value in before["state"][key].items():
             assert torch.equal(after["state"][key][name], value)
+
+
+# ---- situations found in review ------------------------------------------------------------
+
+def run_pair(make_opt_kwargs, steps, loop):
+    ours_model, ref_model = mlp(), mlp()
+    extra = [torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))]
+    opt = FusedAdamW(list(ours_model.parameters()) + [extra[0]], **make_opt_kwargs)
+    ref = torch.optim.AdamW(list(ref_model.parameters()) + [extra[1]], foreach=False, **make_opt_kwargs)
+    for step in range(steps):
+        loop(step, (ours_model, extra[0], opt), (ref_model, extra[1], ref))
+    torch.testing.assert_close(extra[0].detach(), extra[1].detach())
+    assert_params_close(list(ours_model.parameters()), list(ref_model.parameters()))
+    return opt, ref, extra
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_frozen_parameter_is_untouched_and_trains_once_unfrozen(set_to_none):
+    x = torch.randn(4, 6)
+
+    def loop(step, *sides):
+        for model, extra, o in sides:
+            if step == 0:
+                extra.requires_grad_(False)
+            if step == 3:
+                extra.requires_grad_(True)
+            o.zero_grad(set_to_none=set_to_none)
+            loss = model(x).sum() + (extra.square().sum() if extra.requires_grad else 0)
+            loss.backward()
+            o.step()
+    opt, ref, extra = run_pair(dict(lr=1e-2, weight_decay=0.5), 8, loop)
+    assert float(opt.state[extra[0]]["step"]) == float(ref.state[extra[1]]["step"]) == 5.0
+
+
+def test_tensor_lr_changed_in_place_by_a_torch_scheduler():
+    ours, theirs = twin_params([(6,)])
+    opt = FusedAdamW(ours, lr=torch.tensor(0.1))
+    ref = torch.optim.AdamW(theirs, lr=torch.tensor(0.1), foreach=False)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, ref)]
+    for _ in range(5):
+        grads = [torch.randn(6)]
+        assign(ours, grads)
+        assign(theirs, grads)
+        opt.step(), ref.step()
+        for s in scheds:
+            s.step()
+    assert_params_close(ours, theirs)
+
+
+def test_replacing_param_data_rebuilds_the_layout():
+    ours, theirs = twin_params([(5,), (3,)])
+    opt = FusedAdamW(ours, lr=1e-2)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, foreach=False)
+    for step in range(6):
+        if step == 3:
+            for p in ours + theirs:
+                p.data = p.data.clone()   # what module.to() / .half() do
+        grads = [torch.randn(5), torch.randn(3)]
+        assign(ours, grads)
+        assign(theirs, grads)
+        opt.step(), ref.step()
+    assert_params_close(ours, theirs)
+
+
+def test_deepcopy_and_pickle_give_a_working_optimizer():
+    import pickle
+    ours, theirs = twin_params([(7,)])
+    opt = FusedAdamW(ours, lr=1.0, schedule=Noam(d_model=16, warmup_steps=4))
+    ref = torch.optim.AdamW(theirs, lr=1.0, foreach=False)
+    sched = TransformerLRScheduler(ref, d_model=16, warmup_steps=4)
+    for _ in range(3):
+        assign(ours, [torch.ones(7)])
+        assign(theirs, [torch.ones(7)])
+        opt.step(), ref.step(), sched.step()
+    clone = copy.deepcopy(opt)
+    assert pickle.loads(pickle.dumps(opt)).schedule == opt.schedule
+    clone_param = clone.param_groups[0]["params"][0]
+    clone_param.grad = torch.ones(7)
+    assign(theirs, [torch.ones(7)])
+    clone.step(), ref.step()
+    torch.testing.assert_close(clone_param.detach(), theirs[0].detach())
+    sched.step()
+    assert clone.get_last_lr() == pytest.approx(sched.get_last_lr(), rel=1e-15)
+
+
+def test_bad_added_group_leaves_the_optimizer_usable():
+    ours, _ = twin_params([(3,), (2,)])
+    opt = FusedAdamW([ours[0]], lr=1e-2)
+    with pytest.raises(ValueError, match="Invalid learning rate in param group 1"):
+        opt.add_param_group({"params": [ours[1]], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+    ours[0].grad = torch.ones(3)
+    opt.step()
+
+
+def test_group_added_between_backward_and_step_keeps_missing_gradients_missing():
+    x = torch.randn(4, 6)
+    late = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))]
+
+    def loop(step, *sides):
+        for side, (model, extra, o) in enumerate(sides):
+            o.zero_grad()
+            loss = model(x).sum() + (extra.sum() if step == 0 else 0)
+            loss.backward()
+            if step == 2:
+                o.add_param_group({"params": [late[side]], "weight_decay": 0.2})
+            o.step()
+    run_pair(dict(lr=1e-2, weight_decay=0.5), 5, loop)
+    torch.testing.assert_close(late[0].detach(), late[1].detach())
+
+
+def test_many_param_groups():
+    ours, theirs = twin_params([(3,)] * 40)
+    opt = FusedAdamW([{"params": [p], "lr": 1e-3 * (i + 1)} for i, p in enumerate(ours)])
+    ref = torch.optim.AdamW([{"params": [p], "lr": 1e-3 * (i + 1)} for i, p in enumerate(theirs)], foreach=False)
+    for _ in range(3):
+        grads = [torch.randn(3) for _ in ours]
+        assign(ours, grads)
+        assign(theirs, grads)
+        opt.step(), ref.step()
+    assert_params_close(ours, theirs)

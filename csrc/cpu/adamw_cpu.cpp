@@ -70,15 +70,7 @@ void fused_adamw_cpu(
   float* steps = param_steps.data_ptr<float>();
   const bool* active = active_mask ? active_mask->data_ptr<bool>() : nullptr;
 
-  for (int64_t i = 0; i < n; ++i) {
-    const Segment& s = segments[i];
-    TORCH_CHECK(s.offset >= 0 && s.numel >= 0 && s.offset + s.numel <= total &&
-                    (i == 0 || s.offset >= segments[i - 1].offset + segments[i - 1].numel),
-                "fused_adamw_: segment ", i, " (offset ", s.offset, ", numel ", s.numel,
-                ") is out of order or outside the ", total, "-element buffers");
-    TORCH_CHECK(s.group >= 0 && s.group < n_groups, "fused_adamw_: segment ", i, " names group ",
-                s.group, " but there are ", n_groups);
-  }
+  check_segments(segments, n, total, n_groups);
 
   thread_local std::vector<SegmentCoefficients> coefficients;
   compute_coefficients(segments, n, hyper, *schedule, steps, active, coefficients);

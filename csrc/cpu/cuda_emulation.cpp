@@ -41,6 +41,8 @@ void emulate_cuda_fused_adamw(
   check_fused_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
                          segments, hyper, active, grad_scale, found_inf);
   TORCH_CHECK(num_blocks >= 1 && threads_per_block >= 1, "emulate_cuda_fused_adamw_: empty grid");
+  check_segments(reinterpret_cast<const Segment*>(segments.data_ptr<int64_t>()), segments.size(0), param.numel(),
+                 hyper.size(0));
   dispatch_storage_type(param.scalar_type(), [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     const auto args = make_kernel_args<scalar_t>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps,

@@ -14,6 +14,7 @@
 
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -79,6 +80,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE Vec<scalar_t> load_vec(const scalar_t* p) {
 #if defined(__CUDA_ARCH__)
   return *reinterpret_cast<const Vec<scalar_t>*>(p);   // one 16-byte load
 #else
+  // The emulation checks what the GPU would fault on: a misaligned vector.
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(p) % kVecBytes == 0, "misaligned vector load");
   Vec<scalar_t> out;
   std::memcpy(&out, p, sizeof(out));
   return out;
@@ -90,6 +93,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(scalar_t* p, const Vec<scalar_t
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<Vec<scalar_t>*>(p) = value;
 #else
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(p) % kVecBytes == 0, "misaligned vector store");
   std::memcpy(p, &value, sizeof(value));
 #endif
 }

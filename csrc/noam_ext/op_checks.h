@@ -9,6 +9,7 @@
 #include <optional>
 
 #include "adamw_math.h"
+#include "work_split.h"
 
 namespace noam_ext {
 
@@ -31,6 +32,9 @@ inline void check_fused_adamw_args(
                 " must be a contiguous 1-D flat buffer");
     TORCH_CHECK(t.numel() == param.numel(), "fused_adamw_: ", name, " has ", t.numel(),
                 " elements but param has ", param.numel());
+    // The CUDA kernel's 16-byte vector accesses need aligned buffers (the optimizer's are).
+    TORCH_CHECK(!t.is_cuda() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "fused_adamw_: ", name,
+                " must start on a 16-byte boundary");
   };
   check_flat(param, "param");
   check_flat(grad, "grad");
@@ -70,6 +74,21 @@ inline void check_fused_adamw_args(
                   "fused_adamw_: grad_scale and found_inf must be one-element float32 tensors on ",
                   device);
     }
+  }
+}
+
+// Segments in order, inside the buffers, naming existing groups. Needs the
+// table on the host: the CPU op and the host emulation call it on every call;
+// the CUDA op relies on the optimizer, which checks its table once when built.
+inline void check_segments(const Segment* segments, int64_t n, int64_t total, int64_t n_groups) {
+  for (int64_t i = 0; i < n; ++i) {
+    const Segment& s = segments[i];
+    TORCH_CHECK(s.offset >= 0 && s.numel >= 0 && s.offset + s.numel <= total &&
+                    (i == 0 || s.offset >= segments[i - 1].offset + segments[i - 1].numel),
+                "fused_adamw_: segment ", i, " (offset ", s.offset, ", numel ", s.numel,
+                ") is out of order or outside the ", total, "-element buffers");
+    TORCH_CHECK(s.group >= 0 && s.group < n_groups, "fused_adamw_: segment ", i, " names group ",
+                s.group, " but there are ", n_groups);
   }
 }
 
