@@ -6,4 +6,4 @@ cd "$REPO_ROOT"
 ensure_noam_ext
 export NOAM_EXT_DEMO_OUT="${NOAM_EXT_DEMO_OUT:-$REPO_ROOT/demo_out}"
 cd "$REPO_ROOT/scripts"  # import the installed package, not the source folder
-python -m noam_ext.schedule_demo "$@"
+python -m noam_ext.train_demo "$@"
