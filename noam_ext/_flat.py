@@ -53,6 +53,7 @@ class FlatBuffer:
     dtype: torch.dtype
     params: list[torch.Tensor]
     group_index: list[int]          # param -> index of its param group
+    groups: tuple[int, ...]         # the groups present, each once
     offsets: list[int]
     length: int
     param_flat: torch.Tensor
@@ -87,7 +88,8 @@ class FlatBuffer:
         offsets, length = aligned_offsets([p.numel() for p in params], params[0].element_size())
         n = len(params)
         buffer = cls(
-            device=device, dtype=dtype, params=list(params), group_index=list(group_index), offsets=offsets,
+            device=device, dtype=dtype, params=list(params), group_index=list(group_index),
+            groups=tuple(sorted(set(group_index))), offsets=offsets,
             length=length, param_flat=torch.zeros(length, device=device, dtype=dtype),
             grad_flat=torch.zeros(length, device=device, dtype=dtype), grad_views=[],
             param_addresses=torch.zeros(n, dtype=torch.int64), grad_addresses=torch.zeros(n, dtype=torch.int64),

@@ -206,7 +206,7 @@ class FusedAdamW(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for buffer, active in zip(self._buffers, actives):
-            amsgrad = any(self.param_groups[g]["amsgrad"] for g in set(buffer.group_index))
+            amsgrad = any(self.param_groups[g]["amsgrad"] for g in buffer.groups)
             buffer.ensure_state_buffers(amsgrad)
             torch.ops.noam_ext.fused_adamw_(
                 buffer.param_flat, buffer.grad_flat, buffer.state_flat["exp_avg"],
