@@ -11,7 +11,8 @@ TORCH_LIBRARY(noam_ext, m) {
   //                   settings, amsgrad and maximize per group (csrc/noam_ext/adamw_math.h)
   //   max_exp_avg_sq: needed when any group has amsgrad
   //   param_steps:    float32 [n], each parameter's step count (torch's state['step'])
-  //   schedule_step:  int64 [1], completed steps of the in-op Noam schedule
+  //   schedule_step:  int64 [2]: completed steps of the in-op Noam schedule, and a
+  //                   counter the CUDA kernel uses within a launch (zero between calls)
   //   active:         bool [n] or None (all active); inactive parameters are left untouched
   //   grad_scale, found_inf: torch.amp.GradScaler's tensors; when found_inf is
   //                   non-zero the step changes nothing at all.

@@ -63,7 +63,7 @@ class FlatBuffer:
     grad_addresses: torch.Tensor    # int64 [n]: where each grad view starts
     segments: torch.Tensor          # int64 [n, 3]: offset, numel, group, on the device
     param_steps: torch.Tensor       # float32 [n], torch's state["step"] of each param
-    schedule_step: torch.Tensor     # int64 [1], steps of the in-op schedule
+    schedule_step: torch.Tensor     # int64 [2]: steps of the in-op schedule; scratch for the CUDA kernel
     state_flat: dict[str, torch.Tensor] = field(default_factory=dict)
     # Which gradients autograd delivered since the last zero_grad(set_to_none=True).
     arrived: bytearray = field(default_factory=bytearray)
@@ -95,7 +95,7 @@ class FlatBuffer:
             param_addresses=torch.zeros(n, dtype=torch.int64), grad_addresses=torch.zeros(n, dtype=torch.int64),
             segments=segment_table(offsets, [p.numel() for p in params], group_index, length).to(device),
             param_steps=torch.zeros(n, dtype=torch.float32, device=device),
-            schedule_step=torch.zeros(1, dtype=torch.int64, device=device),
+            schedule_step=torch.zeros(2, dtype=torch.int64, device=device),
             arrived=bytearray(n), grads_logically_none=logically_none, stateless=set(range(n)),
         )
         arrival = arrival or {}

@@ -231,7 +231,7 @@ class FusedAdamW(Optimizer):
         """Completed steps of the schedule, read from the device counter (a sync,
         fine at checkpoint time): the host mirror misses CUDA-graph replays."""
         if self._buffers and not self._layout_dirty:
-            self._schedule_steps_done = int(self._buffers[0].schedule_step.item())
+            self._schedule_steps_done = int(self._buffers[0].schedule_step[0].item())
         return self._schedule_steps_done
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -260,7 +260,7 @@ class FusedAdamW(Optimizer):
     def _set_schedule_position(self, done: int) -> None:
         self._schedule_steps_done = done
         for buffer in self._buffers:
-            buffer.schedule_step.fill_(done)
+            buffer.schedule_step[0] = done
 
     # ---- layout and state ----------------------------------------------------------------------
 
@@ -286,7 +286,7 @@ class FusedAdamW(Optimizer):
         self._buffers = [FlatBuffer.build(params, groups, arrival, logically_none)
                          for params, groups in members.values()]
         for buffer in self._buffers:
-            buffer.schedule_step.fill_(self._schedule_steps_done)
+            buffer.schedule_step[0] = self._schedule_steps_done
             for i, p in enumerate(buffer.params):
                 if self.state.get(p):
                     amsgrad = self.param_groups[buffer.group_index[i]]["amsgrad"]

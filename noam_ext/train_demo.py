@@ -13,9 +13,9 @@ Two copies of the same model, starting from the same weights and fed the same ba
 
 with the paper's hyperparameters (lr=1.0 so the lr is the Noam factor itself, betas (0.9, 0.98),
 eps 1e-9) and weight decay 0.01. FusedAdamW follows torch's AdamW term for term, so the learning
-rates agree exactly and after the first step the parameters differ by rounding (at most 1 ulp).
-Training then amplifies that difference, as it would any 1-ulp change: the two loss curves track each
-other closely but not exactly, and both models learn the task.
+rates agree exactly and after the first step the parameters differ by rounding only (a few ulp at
+most; docs/adamw.md). Training then amplifies that difference, as it would any 1-ulp change: the two
+loss curves track each other closely but not exactly, and both models learn the task.
 
 At the end the demo prints both final losses, the largest parameter difference between the two
 models, both models' accuracy on the held-out batch and the total time, and writes a plot of the
@@ -51,7 +51,7 @@ WEIGHT_DECAY = 0.01
 # shrink with the gradients, and the rare larger gradient then causes a loss spike.
 LABEL_SMOOTHING = 0.1
 
-BOS = 0            # decoder start token; never appears in a source sequence
+BOS = 0  # decoder start token; never appears in a source sequence
 EVAL_BATCH = 1000  # held-out sequences for the accuracy check
 REFRESH_EVERY = 10  # progress-bar refreshes: reading a loss is a device sync on CUDA
 FINAL_MEAN_STEPS = 50
@@ -108,7 +108,7 @@ class Seq2SeqTransformer(nn.Module):
         self.out = nn.Linear(d_model, vocab)
         for embedding in (self.src_embed, self.tgt_embed):
             # With torch's default N(0, 1) the sqrt(d_model) scaling below would make each input
-            # component about 8 (for d_model 64), saturating attention and making training spiky.
+            # component about 8 (for d_model 64); training was then much spikier and less reliable.
             # N(0, 1/d_model) (as in fairseq's Transformer) gives scaled components of about 1.
             nn.init.normal_(embedding.weight, std=d_model ** -0.5)
 
@@ -339,8 +339,8 @@ def print_agreement(fused: RunHistory, reference: RunHistory, fused_model: nn.Mo
     print(f"largest |lr difference| over all steps: {lr_gap:.3e}")
     print(f"largest |parameter difference| between the models: after step 1 {first_step_gap:.3e}, "
           f"at the end {max_param_difference(fused_model, torch_model):.3e}")
-    # FusedAdamW's parameters may differ from torch's by 1 ulp per step (torch's sqrt is not
-    # correctly rounded, docs/adamw.md). Training is chaotic: Adam with eps 1e-9 turns the pure
+    # FusedAdamW's parameters may differ from torch's by an ulp or so per step (torch's sqrt is
+    # not correctly rounded, docs/adamw.md). Training is chaotic: Adam with eps 1e-9 turns the pure
     # rounding-noise gradients of e.g. attention key biases into full-size steps, and the
     # difference grows from there, as it does between two torch runs 1 ulp apart.
     print("  (the first-step gap is rounding; training amplifies it, as it would any 1-ulp change)")

@@ -52,9 +52,9 @@ void emulate_cuda_fused_adamw(
       SegmentShared<typename MathType<scalar_t>::type> shared;
       run_block(args, exec, shared);
     }
-    for (int t = 0; t < kThreadsPerBlock; ++t) {  // the advance_steps_kernel<<<1, kThreadsPerBlock>>> launch
+    for (int t = 0; t < threads_per_block; ++t) {  // what the last block to finish does
       advance_steps(param_steps.data_ptr<float>(), schedule_step.data_ptr<int64_t>(), args.active,
-                    args.found_inf, args.num_segments, t, kThreadsPerBlock);
+                    args.found_inf, args.num_segments, t, static_cast<int>(threads_per_block));
     }
   });
 }

@@ -29,18 +29,32 @@ struct DeviceExec {
   __device__ void for_my_threads(F&& f) const { f(static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)); }
 };
 
+// The whole step in one launch. Every block first updates its chunks (reading
+// the old step counters); the last block to finish then advances the counters,
+// found by a blocks-done counter in schedule_step[1] that it resets to zero.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreadsPerBlock) fused_adamw_kernel(const KernelArgs<scalar_t> args) {
+__global__ void __launch_bounds__(kThreadsPerBlock) fused_adamw_kernel(const KernelArgs<scalar_t> args,
+                                                                        float* param_steps,
+                                                                        int64_t* schedule_step) {
   __shared__ SegmentShared<typename MathType<scalar_t>::type> shared;
+  __shared__ bool last_block;
   DeviceExec exec;
   run_block(args, exec, shared);
-}
-
-// Advances the per-parameter steps and the schedule. A separate tiny launch on
-// the same stream, because every block of the update must read the old counters.
-__global__ void advance_steps_kernel(float* param_steps, int64_t* schedule_step, const bool* active,
-                                     const float* found_inf, int64_t n) {
-  advance_steps(param_steps, schedule_step, active, found_inf, n, threadIdx.x, blockDim.x);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's reads of the counters happen before it is counted
+    auto* done = reinterpret_cast<unsigned long long*>(schedule_step + 1);
+    last_block = atomicAdd(done, 1ULL) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last_block) {
+    __threadfence();
+    advance_steps(param_steps, schedule_step, args.active, args.found_inf, args.num_segments, threadIdx.x,
+                  blockDim.x);
+    if (threadIdx.x == 0) {
+      schedule_step[1] = 0;
+    }
+  }
 }
 
 int multiprocessor_count(int device) {
@@ -73,11 +87,8 @@ void fused_adamw_cuda(
     using scalar_t = decltype(type_tag);
     const auto args = make_kernel_args<scalar_t>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps,
                                                  schedule_step, segments, hyper, active, grad_scale, found_inf);
-    fused_adamw_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    advance_steps_kernel<<<1, kThreadsPerBlock, 0, stream>>>(
-        param_steps.data_ptr<float>(), schedule_step.data_ptr<int64_t>(), args.active, args.found_inf,
-        args.num_segments);
+    fused_adamw_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, stream>>>(
+        args, param_steps.data_ptr<float>(), schedule_step.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

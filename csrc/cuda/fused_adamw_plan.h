@@ -50,7 +50,7 @@ struct KernelArgs {
   scalar_t* exp_avg_sq;
   scalar_t* max_exp_avg_sq;   // null without amsgrad in any group
   const float* param_steps;   // read here, advanced after the update
-  const int64_t* schedule_step;
+  const int64_t* schedule_step;  // [0] completed steps (read here; advanced at the end)
   const Segment* segments;
   const bool* active;         // null: all active
   const float* grad_scale;    // null: no AMP scaling
@@ -230,8 +230,9 @@ C10_HOST_DEVICE void run_block(const KernelArgs<scalar_t>& a, Exec& exec,
   }
 }
 
-// After the update: thread t of n advances the steps of active parameters (not
-// on a GradScaler-skipped step) and thread 0 the schedule (always, as the CPU op).
+// After the update (in the CUDA kernel: by the last block to finish): thread t
+// of n advances the steps of active parameters (not on a GradScaler-skipped
+// step) and thread 0 the schedule (always, as the CPU op).
 C10_HOST_DEVICE inline void advance_steps(float* param_steps, int64_t* schedule_step, const bool* active,
                                           const float* found_inf, int64_t num_segments, int t, int n) {
   const bool skipped = found_inf != nullptr && *found_inf != 0.0f;

@@ -51,9 +51,10 @@ inline void check_fused_adamw_args(
                   param_steps.numel() == n && param_steps.is_contiguous() &&
                   param_steps.device() == device,
               "fused_adamw_: param_steps must be a contiguous float32 [", n, "] tensor on ", device);
-  TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 1 &&
-                  schedule_step.device() == device,
-              "fused_adamw_: schedule_step must be a one-element int64 tensor on ", device);
+  TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 2 &&
+                  schedule_step.is_contiguous() && schedule_step.device() == device,
+              "fused_adamw_: schedule_step must be a two-element int64 tensor on ", device,
+              " (completed steps, and a zeroed counter the CUDA kernel uses within a launch)");
   TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 2 &&
                   hyper.size(1) == kNumHyperColumns && hyper.is_contiguous() && hyper.is_cpu(),
               "fused_adamw_: hyper must be a contiguous float64 [groups, ", int(kNumHyperColumns),
