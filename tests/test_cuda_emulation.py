@@ -91,3 +91,35 @@ def test_emulated_kernel_skips_everything_on_found_inf():
     for key in ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "param_steps"):
         assert torch.equal(a[key], before[key]), key
     assert a["schedule_step"].tolist() == [before["schedule_step"][0].item() + 1, 0]
+
+
+def test_offsets_beyond_two_to_the_31_elements():
+    # A segment that starts below and ends above element 2**31 of a 2**31 + 8192 element buffer.
+    # torch.empty reserves the buffers without touching them; only the segment's pages are
+    # written, so this needs a few MB of memory, not 4 GiB per buffer.
+    length = 2**31 + 8192
+    start, numel = 2**31 - 4992, 9000   # 64-byte aligned, as the optimizer lays segments out
+
+    def buffers(seed):
+        generator = torch.Generator().manual_seed(seed)
+        out = {}
+        for key in ("param", "grad", "exp_avg", "exp_avg_sq"):
+            t = torch.empty(length, dtype=torch.bfloat16)
+            t[start:start + numel] = torch.randn(numel, generator=generator).to(torch.bfloat16)
+            out[key] = t
+        out["exp_avg_sq"][start:start + numel].abs_()
+        return out
+
+    def call(op, b, **grid):
+        hyper = torch.zeros(1, NUM_HYPER_COLUMNS, dtype=torch.float64)
+        hyper[0, LR], hyper[0, BETA1], hyper[0, BETA2], hyper[0, EPS] = 1e-2, 0.9, 0.98, 1e-9
+        op(b["param"], b["grad"], b["exp_avg"], b["exp_avg_sq"], None, torch.zeros(1),
+           torch.zeros(2, dtype=torch.int64), torch.tensor([[start, numel, 0]]), hyper, None, **grid)
+
+    cpu, emulated = buffers(0), buffers(0)
+    before = cpu["param"][start:start + numel].clone()
+    call(torch.ops.noam_ext.fused_adamw_, cpu)
+    call(torch.ops.noam_ext.emulate_cuda_fused_adamw_, emulated, num_blocks=64, threads_per_block=256)
+    assert not torch.equal(cpu["param"][start:start + numel], before)
+    for key in ("param", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(emulated[key][start:start + numel], cpu[key][start:start + numel]), key
