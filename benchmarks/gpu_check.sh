@@ -2,7 +2,9 @@
 # One call on a bare GPU machine (PyTorch, nvcc, ninja, pytest; no network):
 # build noam_ext for the visible card, run the CUDA tests, run compute-sanitizer
 # memcheck over a small step loop, run the benchmark, print a summary last.
-# Meant to finish in under 6 minutes on an H100/H200. Writes logs to
+# Meant to finish in under 6 minutes on an H100/H200: each stage has its own
+# timeout (tests 150 s, each sanitizer tool 45 s, benchmark 100 s) so that a hang
+# in one still leaves the summary. Writes logs to
 # ${OUT:-gpu_check_out}/ (the device tool's $OUT when set).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,7 @@ fi
 (cd /tmp && python -c "import noam_ext; print(noam_ext.build_info())") 2>&1 | tee -a "$OUT_DIR/build.log"
 
 stage "CUDA tests"
-(cd tests && timeout 240 python -m pytest -q --import-mode=importlib -p no:cacheprovider \
+(cd tests && timeout 150 python -m pytest -q --import-mode=importlib -p no:cacheprovider \
     test_cuda.py test_cuda_emulation.py -x -rs) >"$OUT_DIR/tests.log" 2>&1
 rc=$?
 RESULT[tests]="$(tail -n 1 "$OUT_DIR/tests.log") (exit $rc)"
@@ -41,7 +43,7 @@ stage "compute-sanitizer (memcheck, racecheck, synccheck) over a small step loop
 cat > "$OUT_DIR/sanitize_loop.py" <<'PY'
 import torch, noam_ext
 torch.manual_seed(0)
-for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
+for dtype in (torch.float32, torch.bfloat16):
     # tiny, odd and multi-chunk tensors, two groups (one amsgrad): several blocks, tails, segment walks
     params = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype))
               for n in (1, 3, 4097, 16385, 5, *[7] * 40, 40000)]
@@ -57,7 +59,7 @@ PY
 if command -v compute-sanitizer >/dev/null 2>&1; then
   summary=""
   for tool in memcheck racecheck synccheck; do
-    (cd /tmp && timeout 100 compute-sanitizer --tool "$tool" --error-exitcode 9 python "$OUT_DIR/sanitize_loop.py") \
+    (cd /tmp && timeout 45 compute-sanitizer --tool "$tool" --error-exitcode 9 python "$OUT_DIR/sanitize_loop.py") \
       >"$OUT_DIR/$tool.log" 2>&1
     rc=$?
     summary+="$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT_DIR/$tool.log" | tail -n 1) (exit $rc); "
@@ -70,7 +72,7 @@ fi
 
 stage "benchmark"
 if [[ -f benchmarks/bench_step.py ]]; then
-  timeout 150 python benchmarks/bench_step.py --device cuda --out "$OUT_DIR" >"$OUT_DIR/bench.log" 2>&1
+  timeout 100 python benchmarks/bench_step.py --device cuda --min-run-time 0.2 --out "$OUT_DIR" >"$OUT_DIR/bench.log" 2>&1
   RESULT[bench]="exit $? (table in bench.log)"
   cat "$OUT_DIR/bench.log" | tail -n 40
 else
