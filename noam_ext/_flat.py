@@ -53,7 +53,8 @@ class FlatBuffer:
     dtype: torch.dtype
     params: list[torch.Tensor]
     group_index: list[int]          # param -> index of its param group
-    groups: tuple[int, ...]         # the groups present, each once
+    groups: tuple[int, ...]         # the param groups present, each once; the op's table has
+                                    # one row per entry, and segments name rows of it
     offsets: list[int]
     length: int
     param_flat: torch.Tensor
@@ -72,6 +73,7 @@ class FlatBuffer:
     # Params with no optimizer state yet (they have not taken a step).
     stateless: set[int] = field(default_factory=set)
     _mask_cache: tuple = (None, None)
+    _hyper_cache: tuple = (None, None)
     _idle_pattern: bytes | None = None   # an activity pattern that gave no param its first step
 
     def view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
@@ -87,13 +89,16 @@ class FlatBuffer:
         device, dtype = params[0].device, params[0].dtype
         offsets, length = aligned_offsets([p.numel() for p in params], params[0].element_size())
         n = len(params)
+        groups = tuple(sorted(set(group_index)))
+        row_of = {g: row for row, g in enumerate(groups)}
         buffer = cls(
             device=device, dtype=dtype, params=list(params), group_index=list(group_index),
-            groups=tuple(sorted(set(group_index))), offsets=offsets,
+            groups=groups, offsets=offsets,
             length=length, param_flat=torch.zeros(length, device=device, dtype=dtype),
             grad_flat=torch.zeros(length, device=device, dtype=dtype), grad_views=[],
             param_addresses=torch.zeros(n, dtype=torch.int64), grad_addresses=torch.zeros(n, dtype=torch.int64),
-            segments=segment_table(offsets, [p.numel() for p in params], group_index, length).to(device),
+            segments=segment_table(offsets, [p.numel() for p in params],
+                                   [row_of[g] for g in group_index], length).to(device),
             param_steps=torch.zeros(n, dtype=torch.float32, device=device),
             schedule_step=torch.zeros(2, dtype=torch.int64, device=device),
             arrived=bytearray(n), grads_logically_none=logically_none, stateless=set(range(n)),
@@ -226,6 +231,15 @@ class FlatBuffer:
             both = int.from_bytes(active, "little") & int.from_bytes(self.arrived, "little")
             active = both.to_bytes(n, "little")
         return None if 0 not in active else active
+
+    def hyper_rows(self, table: torch.Tensor) -> torch.Tensor:
+        """This buffer's rows of the optimizer's hyperparameter table (only its own
+        groups, so that the CUDA launch carries few rows), cached per table."""
+        source, rows = self._hyper_cache
+        if source is not table:
+            rows = table[list(self.groups)].contiguous()
+            self._hyper_cache = (table, rows)
+        return rows
 
     def mask_tensor(self, active: bytes | None) -> torch.Tensor | None:
         """The op's bool mask for an activity pattern, cached while the pattern holds."""

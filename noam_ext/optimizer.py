@@ -211,7 +211,8 @@ class FusedAdamW(Optimizer):
             torch.ops.noam_ext.fused_adamw_(
                 buffer.param_flat, buffer.grad_flat, buffer.state_flat["exp_avg"],
                 buffer.state_flat["exp_avg_sq"], buffer.state_flat.get("max_exp_avg_sq"),
-                buffer.param_steps, buffer.schedule_step, buffer.segments, hyper, buffer.mask_tensor(active),
+                buffer.param_steps, buffer.schedule_step, buffer.segments, buffer.hyper_rows(hyper),
+                buffer.mask_tensor(active),
                 grad_scale=_on(grad_scale, buffer.device), found_inf=_on(found_inf, buffer.device))
             for i in buffer.newly_stepped(active):
                 amsgrad_i = self.param_groups[buffer.group_index[i]]["amsgrad"]

@@ -401,3 +401,20 @@ def test_many_param_groups():
         assign(theirs, grads)
         opt.step(), ref.step()
     assert_params_close(ours, theirs)
+
+
+def test_groups_spanning_dtypes_use_their_own_hyperparameters():
+    # Buffers hold only their own groups' rows: group 1 exists only in float64, group 0 in both.
+    torch.manual_seed(3)
+    base = [torch.randn(4), torch.randn(5, dtype=torch.float64), torch.randn(6, dtype=torch.float64)]
+    ours = [torch.nn.Parameter(t.clone()) for t in base]
+    theirs = [torch.nn.Parameter(t.clone()) for t in base]
+    spec = lambda ps: [{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "lr": 3e-2, "betas": (0.8, 0.9)}]  # noqa: E731
+    opt, ref = FusedAdamW(spec(ours)), torch.optim.AdamW(spec(theirs), foreach=False)
+    for _ in range(5):
+        grads = [torch.randn_like(t) for t in base]
+        assign(ours, grads)
+        assign(theirs, grads)
+        opt.step(), ref.step()
+    assert len(opt._buffers) == 2
+    assert_params_close(ours, theirs, tol=1e-6)
