@@ -404,12 +404,13 @@ def test_many_param_groups():
 
 
 def test_groups_spanning_dtypes_use_their_own_hyperparameters():
-    # Buffers hold only their own groups' rows: group 1 exists only in float64, group 0 in both.
+    # Buffers hold only their own groups' rows: group 0 is only in the float64 buffer, so the
+    # float32 buffer's row 0 is group 1 (a mix-up would give its parameter group 0's lr and betas).
     torch.manual_seed(3)
-    base = [torch.randn(4), torch.randn(5, dtype=torch.float64), torch.randn(6, dtype=torch.float64)]
+    base = [torch.randn(4, dtype=torch.float64), torch.randn(5, dtype=torch.float64), torch.randn(6)]
     ours = [torch.nn.Parameter(t.clone()) for t in base]
     theirs = [torch.nn.Parameter(t.clone()) for t in base]
-    spec = lambda ps: [{"params": ps[:2], "lr": 1e-2}, {"params": ps[2:], "lr": 3e-2, "betas": (0.8, 0.9)}]  # noqa: E731
+    spec = lambda ps: [{"params": ps[:1], "lr": 1e-2}, {"params": ps[1:], "lr": 3e-2, "betas": (0.8, 0.9)}]  # noqa: E731
     opt, ref = FusedAdamW(spec(ours)), torch.optim.AdamW(spec(theirs), foreach=False)
     for _ in range(5):
         grads = [torch.randn_like(t) for t in base]
@@ -417,4 +418,5 @@ def test_groups_spanning_dtypes_use_their_own_hyperparameters():
         assign(theirs, grads)
         opt.step(), ref.step()
     assert len(opt._buffers) == 2
+    assert [b.groups for b in opt._buffers] == [(0, 1), (1,)]
     assert_params_close(ours, theirs, tol=1e-6)
