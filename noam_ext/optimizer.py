@@ -268,6 +268,8 @@ class FusedAdamW(Optimizer):
     def _ensure_layout(self) -> None:
         if not self._layout_dirty:
             return
+        if self._buffers:  # a rebuild: the device counter is the truth (CUDA-graph replays)
+            self._schedule_steps_done = int(self._buffers[0].schedule_step[0].item())
         arrival, logically_none = {}, False
         for buffer in self._buffers:
             arrival.update(buffer.arrival())
