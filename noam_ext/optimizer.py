@@ -231,7 +231,7 @@ class FusedAdamW(Optimizer):
     def _current_schedule_position(self) -> int:
         """Completed steps of the schedule, read from the device counter (a sync,
         fine at checkpoint time): the host mirror misses CUDA-graph replays."""
-        if self._buffers and not self._layout_dirty:
+        if self._buffers:   # still valid while a rebuild is pending
             self._schedule_steps_done = int(self._buffers[0].schedule_step[0].item())
         return self._schedule_steps_done
 
@@ -268,8 +268,7 @@ class FusedAdamW(Optimizer):
     def _ensure_layout(self) -> None:
         if not self._layout_dirty:
             return
-        if self._buffers:  # a rebuild: the device counter is the truth (CUDA-graph replays)
-            self._schedule_steps_done = int(self._buffers[0].schedule_step[0].item())
+        self._current_schedule_position()   # a rebuild starts from the device counter
         arrival, logically_none = {}, False
         for buffer in self._buffers:
             arrival.update(buffer.arrival())
@@ -302,16 +301,17 @@ class FusedAdamW(Optimizer):
         for index, group in enumerate(self.param_groups):
             base_lr = group["initial_lr"] if self.schedule is not None else group["lr"]
             # float(): a tensor lr changed in place (as torch's schedulers do) must change the key.
-            rows.append(tuple(_plain(v) for v in (base_lr, *group["betas"], group["eps"], group["weight_decay"]))
+            betas = group["betas"] if isinstance(group["betas"], (tuple, list)) else (group["betas"],)
+            rows.append(tuple(_plain(v) for v in (base_lr, *betas, group["eps"], group["weight_decay"]))
                         + (bool(group["amsgrad"]), bool(group["maximize"])))
         key = tuple(rows)
         if key != self._hyper_cache:
             table = torch.zeros(len(rows), NUM_HYPER_COLUMNS, dtype=torch.float64)
-            for index, (lr, beta1, beta2, eps, wd, amsgrad, maximize) in enumerate(rows):
+            for index, row in enumerate(rows):
+                *numbers, amsgrad, maximize = row
                 where = f" in param group {index}"
-                _check_hyperparameters(lr, (beta1, beta2), eps, wd, where)
-                values = [_as_float("lr", lr), _as_float("beta1", beta1), _as_float("beta2", beta2),
-                          _as_float("eps", eps), _as_float("weight_decay", wd)]
+                _check_hyperparameters(numbers[0], tuple(numbers[1:-2]), numbers[-2], numbers[-1], where)
+                values = [float(v) for v in numbers]   # the check above made sure they convert
                 if not all(math.isfinite(v) for v in values):
                     raise ValueError(f"Invalid hyperparameters{where}: {values} must be finite")
                 table[index, LR], table[index, BETA1], table[index, BETA2] = values[:3]

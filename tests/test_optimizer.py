@@ -420,3 +420,13 @@ def test_groups_spanning_dtypes_use_their_own_hyperparameters():
     assert len(opt._buffers) == 2
     assert [b.groups for b in opt._buffers] == [(0, 1), (1,)]
     assert_params_close(ours, theirs, tol=1e-6)
+
+
+def test_malformed_betas_set_between_steps_is_a_clear_error():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = FusedAdamW([p])
+    opt.param_groups[0]["betas"] = 0.9
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="Invalid betas in param group 0"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.zeros(3))

@@ -5,7 +5,6 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <vector>
 
 #include "../noam_ext/op_checks.h"
