@@ -5,28 +5,38 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(noam_ext, m) {
-  // One AdamW step over flat buffers holding many parameters (segments).
-  //   segments:       int64 [n, 3] rows (offset, numel, group) on the buffers' device
-  //   hyper:          float64 [groups, 9] on the CPU: lr, betas, eps, weight decay, Noam
-  //                   settings, amsgrad and maximize per group (csrc/noam_ext/adamw_math.h)
-  //   max_exp_avg_sq: needed when any group has amsgrad
-  //   param_steps:    float32 [n], each parameter's step count (torch's state['step'])
-  //   schedule_step:  int64 [2]: completed steps of the in-op Noam schedule, and a
-  //                   counter the CUDA kernel uses within a launch (zero between calls)
-  //   active:         bool [n] or None (all active); inactive parameters are left untouched
+  // One AdamW step over lists of tensors (as torch._fused_adamw_ takes them):
+  // every parameter of every param group of one (device, dtype) in one pass,
+  // reading each tensor where it lives.
+  //   params, grads, exp_avgs, exp_avg_sqs: one per parameter, same shape, dtype
+  //                   and strides; params must not share memory with each other
+  //   max_exp_avg_sqs: empty, or one per parameter (amsgrad)
+  //   state_steps:    torch's state["step"]: one-element float32 tensors on the
+  //                   device, read for the bias corrections and incremented
+  //   schedule_step:  int64 [2] on the device: completed steps of the in-op Noam
+  //                   schedule, and a counter the CUDA kernel uses within a launch
+  //                   (zero between calls)
+  //   hyper:          float64 [rows, 8] on the CPU: lr, betas, eps, weight decay,
+  //                   Noam settings and maximize per row (csrc/noam_ext/adamw_math.h)
+  //   groups:         the hyper row of each parameter
+  //   advance_schedule: whether this call counts as a completed schedule step
+  //                   (false for all but the last call of an optimizer step)
   //   grad_scale, found_inf: torch.amp.GradScaler's tensors; when found_inf is
-  //                   non-zero the step changes nothing at all.
+  //                   non-zero the step changes no parameter, moment or step.
   m.def(
-      "fused_adamw_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
-      "Tensor(d!)? max_exp_avg_sq, Tensor(e!) param_steps, Tensor(f!) schedule_step, "
-      "Tensor segments, Tensor hyper, Tensor? active, *, "
-      "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor(f!) schedule_step, Tensor hyper, "
+      "int[] groups, *, bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
   // The CUDA kernel's work split and math, run on the host over an emulated
   // grid of num_blocks x threads_per_block (same arguments, CPU tensors), so
   // that CI tests the kernel's indexing without a GPU (csrc/cpu/cuda_emulation.cpp).
   m.def(
-      "emulate_cuda_fused_adamw_(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, "
-      "Tensor(c!) exp_avg_sq, Tensor(d!)? max_exp_avg_sq, Tensor(e!) param_steps, "
-      "Tensor(f!) schedule_step, Tensor segments, Tensor hyper, Tensor? active, *, "
-      "int num_blocks, int threads_per_block, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "emulate_cuda_fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
+      "Tensor(f!) schedule_step, Tensor hyper, int[] groups, *, int num_blocks, int threads_per_block, "
+      "bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // The row walk alone (work_split.h) for tensors of the given sizes over the
+  // virtual range [begin, end): (row, lo, hi) triples, flattened. Lets tests check
+  // 64-bit offsets past 2**31 elements without allocating such tensors.
+  m.def("emulate_row_walk(int[] numels, int begin, int end) -> int[]");
 }

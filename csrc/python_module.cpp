@@ -1,98 +1,537 @@
-// The noam_ext._C Python module: importing it loads the library, which
-// registers the ops (ops.cpp and the per-device files). Besides build facts it
-// offers one helper for FusedAdamW.step()'s hot path that would cost a Python
-// attribute access per parameter if written in Python.
-#include <Python.h>
+// The noam_ext._C Python module (pybind11): importing it loads the library,
+// which registers the ops (ops.cpp and the per-device files). Besides build
+// facts it holds FusedAdamW.step()'s hot path, which would cost about half a
+// microsecond of Python per parameter: reading every parameter's gradient and
+// optimizer state where torch keeps them (param_groups, p.grad, optimizer.state),
+// checking them, and calling the op once per (device, dtype, amsgrad).
+//
+// Every C++ exception becomes a Python exception (pybind11 translates them); no
+// function here changes anything before all its checks have passed.
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <map>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "cpu/cpu_capability.h"
+#include "noam_ext/op_checks.h"
+#include "noam_ext/run_rows.h"
 
+namespace py = pybind11;
+
+namespace noam_ext {
 namespace {
 
-PyObject* cpu_capability(PyObject*, PyObject*) {
-  return PyUnicode_FromString(noam_ext::cpu::active_cpu_capability().c_str());
+// ---- reading tensors as torch keeps them --------------------------------------------------
+
+// The tensor the op works on: the tensor itself, or for a tensor subclass that
+// wraps a local tensor (DTensor under FSDP2 or tensor parallelism) that local
+// shard, which is what torch's own fused optimizers update. The reference stays
+// valid while `obj` lives (a DTensor holds its local tensor).
+const at::Tensor& local_tensor(PyObject* obj, const char* what) {
+  if (!THPVariable_Check(obj)) {
+    throw py::type_error(std::string("FusedAdamW: ") + what + " is not a tensor");
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.unsafeGetTensorImpl()->is_python_dispatch()) {
+    return t;
+  }
+  py::object local = py::reinterpret_steal<py::object>(PyObject_GetAttrString(obj, "_local_tensor"));
+  if (!local) {
+    PyErr_Clear();
+    return t;
+  }
+  return local_tensor(local.ptr(), what);
 }
 
-// grad_status(params: list[Tensor], param_addresses: Tensor, grad_addresses: Tensor) -> bytes
-// One byte per parameter, for FusedAdamW.step()'s hot path (Python's p.grad
-// costs ~300 ns per access; this is a few ns per parameter):
-//   0  .grad is the parameter's view of the flat gradient buffer
-//   1  .grad is None
-//   2  .grad is some other tensor (replaced by autograd or assigned)
-//   3  the parameter itself no longer lives in the flat buffer (p.data was replaced)
-PyObject* grad_status(PyObject*, PyObject* args) {
-  PyObject* params = nullptr;
-  PyObject* param_obj = nullptr;
-  PyObject* grad_obj = nullptr;
-  if (!PyArg_ParseTuple(args, "O!OO", &PyList_Type, &params, &param_obj, &grad_obj)) {
-    return nullptr;
+const at::Tensor& undefined_tensor() {
+  static const at::Tensor undefined;
+  return undefined;
+}
+
+// p.grad, unwrapped as above; undefined for None.
+const at::Tensor& local_grad(PyObject* param_obj, const at::Tensor& param) {
+  if (!THPVariable_Unpack(param_obj).unsafeGetTensorImpl()->is_python_dispatch()) {
+    return param.grad();
   }
-  const Py_ssize_t n = PyList_GET_SIZE(params);
-  const int64_t* addresses[2] = {nullptr, nullptr};
-  PyObject* objects[2] = {param_obj, grad_obj};
-  for (int k = 0; k < 2; ++k) {
-    if (!THPVariable_Check(objects[k])) {
-      PyErr_SetString(PyExc_TypeError, "grad_status: addresses must be tensors");
+  py::object grad = py::reinterpret_steal<py::object>(PyObject_GetAttrString(param_obj, "grad"));
+  if (!grad) {
+    throw py::error_already_set();
+  }
+  // The gradient object outlives this call: the parameter holds it.
+  return grad.is_none() ? undefined_tensor() : local_tensor(grad.ptr(), "a gradient");
+}
+
+// A list of tensors borrowed from the Python objects that hold them (the
+// parameters, their gradients, optimizer.state), without touching reference
+// counts: a tensor that has a Python object pays for a GIL round trip on every
+// copy, which at hundreds of tensors a step is most of the step's fixed cost.
+// Used only within one call from Python, while those objects are alive.
+class BorrowedTensors {
+ public:
+  BorrowedTensors() = default;
+  BorrowedTensors(const BorrowedTensors&) = delete;
+  BorrowedTensors& operator=(const BorrowedTensors&) = delete;
+  BorrowedTensors(BorrowedTensors&& other) noexcept : tensors_(std::move(other.tensors_)) {}
+  ~BorrowedTensors() {
+    for (auto& t : tensors_) {
+      c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+    }
+  }
+  void push_back(const at::Tensor& t) { tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t)); }
+  void reserve(size_t n) { tensors_.reserve(n); }
+  size_t size() const { return tensors_.size(); }
+  bool empty() const { return tensors_.empty(); }
+  const at::Tensor& operator[](size_t i) const { return tensors_[i]; }
+  operator at::TensorList() const { return tensors_; }
+
+ private:
+  std::vector<at::Tensor> tensors_;
+};
+
+std::string param_name(int64_t group, int64_t index, const at::Tensor& p) {
+  std::string shape = "(";
+  for (size_t d = 0; d < p.sizes().size(); ++d) {
+    shape += (d ? ", " : "") + std::to_string(p.sizes()[d]);
+  }
+  shape += p.sizes().size() == 1 ? ",)" : ")";
+  return "parameter " + std::to_string(index) + " of param group " + std::to_string(group) + " (shape " + shape +
+         ")";
+}
+
+// ---- the plan of one step ---------------------------------------------------------------
+
+// Everything of one (device, dtype, amsgrad) that takes part in this step.
+struct Bucket {
+  at::Device device{at::kCPU};
+  at::ScalarType dtype{at::kFloat};
+  bool amsgrad = false;
+  BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  std::vector<int64_t> rows;          // per param: its group's row in this bucket's hyper table
+  std::vector<int64_t> row_groups;    // per row: the param group it is
+  std::vector<std::pair<int64_t, int64_t>> where;   // per param: (group, index in group)
+  std::vector<int32_t> rounds;        // per param: which of the bucket's calls updates it
+  int32_t num_rounds = 1;
+  // Filled by StepPlan::check(): per round, the checked rows and their virtual length.
+  std::vector<std::vector<TensorRow>> call_rows;
+  std::vector<int64_t> call_totals;
+};
+
+// Parameters that share memory (weights tied through .data, the same parameter
+// twice) must be updated one after the other, as torch.optim.AdamW's loop does:
+// each gets a round, one more than the latest earlier parameter it overlaps,
+// and each round is a call of its own.
+void assign_rounds(Bucket& b) {
+  const int64_t n = static_cast<int64_t>(b.params.size());
+  b.rounds.assign(n, 0);
+  b.num_rounds = 1;
+  std::vector<std::tuple<uintptr_t, uintptr_t, int64_t>> spans;  // [start, end), position
+  spans.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = b.params[i];
+    if (p.numel() > 0) {
+      const auto start = reinterpret_cast<uintptr_t>(p.data_ptr());
+      spans.emplace_back(start, start + p.numel() * p.element_size(), i);
+    }
+  }
+  std::sort(spans.begin(), spans.end());
+  // Clusters of spans chained by overlap; within one, rounds in list order.
+  size_t k = 0;
+  while (k < spans.size()) {
+    size_t end = k + 1;
+    uintptr_t reach = std::get<1>(spans[k]);
+    while (end < spans.size() && std::get<0>(spans[end]) < reach) {
+      reach = std::max(reach, std::get<1>(spans[end]));
+      ++end;
+    }
+    if (end - k > 1) {
+      std::vector<std::tuple<int64_t, uintptr_t, uintptr_t>> members;  // position, start, end
+      for (size_t m = k; m < end; ++m) {
+        members.emplace_back(std::get<2>(spans[m]), std::get<0>(spans[m]), std::get<1>(spans[m]));
+      }
+      std::sort(members.begin(), members.end());
+      for (size_t a = 0; a < members.size(); ++a) {
+        int32_t round = 0;
+        for (size_t c = 0; c < a; ++c) {
+          const bool overlap = std::get<1>(members[c]) < std::get<2>(members[a]) &&
+                               std::get<1>(members[a]) < std::get<2>(members[c]);
+          if (overlap) {
+            round = std::max(round, b.rounds[std::get<0>(members[c])] + 1);
+          }
+        }
+        b.rounds[std::get<0>(members[a])] = round;
+        b.num_rounds = std::max(b.num_rounds, round + 1);
+      }
+    }
+    k = end;
+  }
+}
+
+struct CallLists {
+  BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  std::vector<int64_t> rows;
+  std::vector<std::pair<int64_t, int64_t>> where;
+};
+
+CallLists round_lists(const Bucket& b, int32_t round) {
+  CallLists c;
+  for (size_t i = 0; i < b.params.size(); ++i) {
+    if (b.rounds[i] != round) {
+      continue;
+    }
+    c.params.push_back(b.params[i]);
+    c.grads.push_back(b.grads[i]);
+    c.exp_avgs.push_back(b.exp_avgs[i]);
+    c.exp_avg_sqs.push_back(b.exp_avg_sqs[i]);
+    if (b.amsgrad) {
+      c.max_exp_avg_sqs.push_back(b.max_exp_avg_sqs[i]);
+    }
+    c.steps.push_back(b.steps[i]);
+    c.rows.push_back(b.rows[i]);
+    c.where.push_back(b.where[i]);
+  }
+  return c;
+}
+
+class StepPlan {
+ public:
+  // Parameters with a gradient but no optimizer state yet, as (group, index):
+  // FusedAdamW creates their state (as torch does lazily) and collects again.
+  std::vector<std::pair<int64_t, int64_t>> stateless;
+  // Parameters whose state["step"] is not a one-element float32 tensor on the
+  // parameter's device (a torch.optim.AdamW checkpoint keeps it on the CPU):
+  // FusedAdamW moves it there and collects again.
+  std::vector<std::pair<int64_t, int64_t>> misplaced_steps;
+  std::vector<Bucket> buckets;
+
+  std::vector<at::Device> devices() const {
+    std::vector<at::Device> out;
+    for (const Bucket& b : buckets) {
+      if (std::find(out.begin(), out.end(), b.device) == out.end()) {
+        out.push_back(b.device);
+      }
+    }
+    return out;
+  }
+
+  bool ready() const { return stateless.empty() && misplaced_steps.empty(); }
+
+  // Checks every call this plan will make, naming parameters, before any is
+  // made, and keeps each call's rows for run().
+  void check() {
+    for (Bucket& b : buckets) {
+      const auto n_rows = static_cast<int64_t>(b.row_groups.size());
+      b.call_rows.clear();
+      b.call_totals.assign(b.num_rounds, 0);
+      if (b.num_rounds == 1) {  // the common case: no copies of the lists
+        const TensorNamer name_of = [&b](int64_t i) {
+          return param_name(b.where[i].first, b.where[i].second, b.params[i]);
+        };
+        b.call_rows.push_back(build_tensor_rows({b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs,
+                                                 b.steps},
+                                                b.device, n_rows, b.rows, b.call_totals[0], name_of));
+        continue;
+      }
+      for (int32_t round = 0; round < b.num_rounds; ++round) {
+        const CallLists c = round_lists(b, round);
+        const TensorNamer name_of = [&c](int64_t i) {
+          return param_name(c.where[i].first, c.where[i].second, c.params[i]);
+        };
+        b.call_rows.push_back(build_tensor_rows({c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs,
+                                                 c.steps},
+                                                b.device, n_rows, c.rows, b.call_totals[round], name_of));
+      }
+    }
+  }
+
+  // Makes the calls, on each device with that device's schedule counter and
+  // GradScaler tensors (given in devices() order). On each device only the last
+  // call advances the schedule.
+  void run(const at::Tensor& hyper, const std::vector<at::Tensor>& counters,
+           const std::vector<std::optional<at::Tensor>>& grad_scales,
+           const std::vector<std::optional<at::Tensor>>& found_infs) const {
+    const std::vector<at::Device> devs = devices();
+    std::vector<size_t> last_call_of_device(devs.size(), 0);
+    for (size_t k = 0; k < buckets.size(); ++k) {
+      last_call_of_device[device_index(devs, buckets[k].device)] = k;
+    }
+    const double* all_rows = hyper.const_data_ptr<double>();
+    for (size_t k = 0; k < buckets.size(); ++k) {
+      const Bucket& b = buckets[k];
+      const size_t d = device_index(devs, b.device);
+      // This bucket's rows of the table only, so that a CUDA launch carries few.
+      at::Tensor table = at::empty({static_cast<int64_t>(b.row_groups.size()), kNumHyperColumns}, at::kDouble);
+      for (size_t r = 0; r < b.row_groups.size(); ++r) {
+        std::copy_n(all_rows + b.row_groups[r] * kNumHyperColumns, kNumHyperColumns,
+                    table.data_ptr<double>() + r * kNumHyperColumns);
+      }
+      for (int32_t round = 0; round < b.num_rounds; ++round) {
+        // The device implementations behind torch.ops.noam_ext.fused_adamw_, given
+        // the rows check() built: no second check, no dispatcher round trip.
+        const RowsCall call{b.call_rows[round], b.call_totals[round], b.dtype, b.amsgrad, counters[d], table,
+                            last_call_of_device[d] == k && round == b.num_rounds - 1, grad_scales[d], found_infs[d]};
+        if (b.device.is_cpu()) {
+          cpu::run_rows(call);
+#if defined(NOAM_EXT_WITH_CUDA)
+        } else if (b.device.is_cuda()) {
+          cuda::run_rows(call);
+#endif
+        } else {
+          TORCH_CHECK(false, "FusedAdamW: no implementation for parameters on ", b.device);
+        }
+      }
+      // What autograd's in-place machinery does for torch's optimizers: bump the
+      // parameters' versions, so that autograd refuses a backward through values
+      // this step overwrote.
+      for (size_t i = 0; i < b.params.size(); ++i) {
+        torch::autograd::increment_version(b.params[i]);
+      }
+    }
+  }
+
+ private:
+  static size_t device_index(const std::vector<at::Device>& devs, const at::Device& d) {
+    return static_cast<size_t>(std::find(devs.begin(), devs.end(), d) - devs.begin());
+  }
+};
+
+PyObject* dict_item(PyObject* dict, PyObject* key_string) {
+  PyObject* value = PyDict_GetItemWithError(dict, key_string);  // borrowed
+  if (value == nullptr && PyErr_Occurred()) {
+    throw py::error_already_set();
+  }
+  return value;
+}
+
+// Reads param_groups and optimizer.state as they are now and plans the step.
+std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
+  static PyObject* const kParams = PyUnicode_InternFromString("params");
+  static PyObject* const kAmsgrad = PyUnicode_InternFromString("amsgrad");
+  static PyObject* const kStep = PyUnicode_InternFromString("step");
+  static PyObject* const kExpAvg = PyUnicode_InternFromString("exp_avg");
+  static PyObject* const kExpAvgSq = PyUnicode_InternFromString("exp_avg_sq");
+  static PyObject* const kMaxExpAvgSq = PyUnicode_InternFromString("max_exp_avg_sq");
+
+  // optimizer.state by parameter identity, without hashing (a tensor's __hash__
+  // is a Python function): the dict's entries are read in order, and since state
+  // is created in parameter order they usually come in the order asked for; any
+  // other order falls back to a map. Keys that are not tensors (load hooks may
+  // add some) and values that are not dicts are ignored.
+  std::vector<std::pair<PyObject*, PyObject*>> entries;
+  entries.reserve(static_cast<size_t>(PyDict_Size(state.ptr())));
+  {
+    Py_ssize_t pos = 0;
+    PyObject *key = nullptr, *value = nullptr;
+    while (PyDict_Next(state.ptr(), &pos, &key, &value)) {
+      if (PyDict_Check(value)) {
+        entries.emplace_back(key, value);
+      }
+    }
+  }
+  size_t cursor = 0;
+  std::unordered_map<PyObject*, PyObject*> by_key;  // built on the first miss
+  auto state_of = [&](PyObject* param) -> PyObject* {
+    if (cursor < entries.size() && entries[cursor].first == param) {
+      return entries[cursor++].second;
+    }
+    if (by_key.empty() && !entries.empty()) {
+      by_key.insert(entries.begin(), entries.end());
+    }
+    const auto found = by_key.find(param);
+    if (found == by_key.end()) {
       return nullptr;
     }
-    const at::Tensor& t = THPVariable_Unpack(objects[k]);
-    if (t.scalar_type() != at::kLong || !t.is_cpu() || !t.is_contiguous() || t.numel() != n) {
-      PyErr_SetString(PyExc_ValueError, "grad_status: addresses must be contiguous int64 CPU tensors, one per param");
-      return nullptr;
+    // Continue in order from the entry found.
+    for (size_t k = 0; k < entries.size(); ++k) {
+      if (entries[k].first == param) {
+        cursor = k + 1;
+        break;
+      }
     }
-    addresses[k] = t.const_data_ptr<int64_t>();
-  }
-  PyObject* out = PyBytes_FromStringAndSize(nullptr, n);
-  if (out == nullptr) {
-    return nullptr;
-  }
-  char* status = PyBytes_AS_STRING(out);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* item = PyList_GET_ITEM(params, i);
-    if (!THPVariable_Check(item)) {
-      Py_DECREF(out);
-      PyErr_SetString(PyExc_TypeError, "grad_status: params must be tensors");
-      return nullptr;
+    return found->second;
+  };
+
+  auto plan = std::make_unique<StepPlan>();
+  std::map<std::tuple<int, int, int, bool>, size_t> bucket_of;   // (device type, index, dtype, amsgrad)
+  const int64_t n_groups = static_cast<int64_t>(param_groups.size());
+  for (int64_t g = 0; g < n_groups; ++g) {
+    PyObject* group = PyList_GET_ITEM(param_groups.ptr(), g);
+    if (!PyDict_Check(group)) {
+      throw py::type_error("FusedAdamW: param group " + std::to_string(g) + " is not a dict");
     }
-    const at::Tensor& param = THPVariable_Unpack(item);
-    const at::Tensor& grad = param.grad();
-    if (reinterpret_cast<int64_t>(param.data_ptr()) != addresses[0][i]) {
-      status[i] = 3;
-    } else if (!grad.defined()) {
-      status[i] = 1;
+    PyObject* params_obj = dict_item(group, kParams);
+    PyObject* amsgrad_obj = dict_item(group, kAmsgrad);
+    if (params_obj == nullptr) {
+      throw py::value_error("FusedAdamW: param group " + std::to_string(g) + " has no 'params'");
+    }
+    // A list as torch keeps it; a tuple or other sequence someone put there works too.
+    const py::object params = py::reinterpret_steal<py::object>(
+        PySequence_Fast(params_obj, "FusedAdamW: a param group's 'params' must be a sequence"));
+    if (!params) {
+      throw py::error_already_set();
+    }
+    const int amsgrad_truth = amsgrad_obj == nullptr ? 0 : PyObject_IsTrue(amsgrad_obj);
+    if (amsgrad_truth < 0) {
+      throw py::error_already_set();
+    }
+    const bool amsgrad = amsgrad_truth == 1;
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(params.ptr());
+    for (Py_ssize_t j = 0; j < count; ++j) {
+      PyObject* param_obj = PySequence_Fast_GET_ITEM(params.ptr(), j);
+      const at::Tensor& param = local_tensor(param_obj, "a parameter");
+      const at::Tensor& grad = local_grad(param_obj, param);
+      if (!grad.defined()) {
+        continue;  // as torch: a parameter whose .grad is None is not stepped
+      }
+      if (grad.is_sparse() || grad.layout() != at::kStrided) {
+        throw std::runtime_error("FusedAdamW does not support sparse gradients (" + param_name(g, j, param) + ")");
+      }
+      if (!is_supported_dtype(param.scalar_type())) {
+        throw py::value_error("FusedAdamW: " + param_name(g, j, param) + " has dtype " +
+                              std::string(c10::toString(param.scalar_type())) +
+                              "; supported: float32, float64, bfloat16, float16");
+      }
+      PyObject* st = state_of(param_obj);
+      if (st == nullptr || PyDict_Size(st) == 0) {
+        plan->stateless.emplace_back(g, j);
+        continue;
+      }
+      auto required = [&](PyObject* key, const char* name) {
+        PyObject* value = dict_item(st, key);
+        if (value == nullptr) {
+          // torch.optim.AdamW fails the same way (a KeyError on the missing entry).
+          throw py::key_error("FusedAdamW: the optimizer state of " + param_name(g, j, param) + " has no '" +
+                              name + "'");
+        }
+        return value;
+      };
+      PyObject* step_obj = required(kStep, "step");
+      PyObject* exp_avg_obj = required(kExpAvg, "exp_avg");
+      PyObject* exp_avg_sq_obj = required(kExpAvgSq, "exp_avg_sq");
+      PyObject* max_obj = amsgrad ? required(kMaxExpAvgSq, "max_exp_avg_sq") : nullptr;
+      const bool step_ok = THPVariable_Check(step_obj) && [&] {
+        const at::Tensor& s = THPVariable_Unpack(step_obj);
+        return s.scalar_type() == at::kFloat && s.numel() == 1 && s.device() == param.device() &&
+               !s.unsafeGetTensorImpl()->is_python_dispatch();
+      }();
+      if (!step_ok) {
+        plan->misplaced_steps.emplace_back(g, j);
+        continue;
+      }
+      const auto key = std::make_tuple(static_cast<int>(param.device().type()),
+                                       static_cast<int>(param.device().index()),
+                                       static_cast<int>(param.scalar_type()), amsgrad);
+      auto slot = bucket_of.find(key);
+      if (slot == bucket_of.end()) {
+        slot = bucket_of.emplace(key, plan->buckets.size()).first;
+        plan->buckets.emplace_back();
+        plan->buckets.back().device = param.device();
+        plan->buckets.back().dtype = param.scalar_type();
+        plan->buckets.back().amsgrad = amsgrad;
+      }
+      Bucket& b = plan->buckets[slot->second];
+      if (b.row_groups.empty() || b.row_groups.back() != g) {
+        b.row_groups.push_back(g);
+      }
+      b.rows.push_back(static_cast<int64_t>(b.row_groups.size()) - 1);
+      b.params.push_back(param);
+      b.grads.push_back(grad);
+      b.exp_avgs.push_back(local_tensor(exp_avg_obj, "state['exp_avg']"));
+      b.exp_avg_sqs.push_back(local_tensor(exp_avg_sq_obj, "state['exp_avg_sq']"));
+      if (amsgrad) {
+        b.max_exp_avg_sqs.push_back(local_tensor(max_obj, "state['max_exp_avg_sq']"));
+      }
+      b.steps.push_back(THPVariable_Unpack(step_obj));
+      b.where.emplace_back(g, j);
+    }
+  }
+  if (plan->ready()) {
+    for (Bucket& b : plan->buckets) {
+      assign_rounds(b);
+    }
+    plan->check();
+  }
+  return plan;
+}
+
+// One optimizer step: plans it from param_groups and optimizer.state as they
+// are now and, when nothing needs preparing, makes it. Returns None when the
+// step was made; otherwise, having changed nothing, (stateless, misplaced_steps,
+// devices without a counter) for FusedAdamW to prepare before calling again.
+//   hyper:      the optimizer's float64 [groups, columns] table
+//   counters:   {torch.device: int64 [2] schedule counter}; a counter whose
+//               device takes no part in this step is advanced all the same
+//   grad_scale, found_inf: torch.amp.GradScaler's tensors or None
+py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& hyper, py::dict counters,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const std::unique_ptr<StepPlan> plan = collect(param_groups, state);  // checked when ready
+  const std::vector<at::Device> devices = plan->devices();
+  std::vector<at::Tensor> device_counters;
+  std::vector<at::Device> missing;
+  for (const at::Device& device : devices) {
+    PyObject* counter = PyDict_GetItemWithError(counters.ptr(), py::cast(device).ptr());
+    if (counter == nullptr) {
+      if (PyErr_Occurred()) {
+        throw py::error_already_set();
+      }
+      missing.push_back(device);
     } else {
-      status[i] = reinterpret_cast<int64_t>(grad.data_ptr()) == addresses[1][i] ? 0 : 2;
+      device_counters.push_back(THPVariable_Unpack(counter));
     }
   }
-  return out;
+  if (!plan->ready() || !missing.empty()) {
+    return py::make_tuple(plan->stateless, plan->misplaced_steps, missing);
+  }
+  for (const at::Tensor& counter : device_counters) {
+    check_call_arguments(counter, hyper);
+  }
+  std::vector<std::optional<at::Tensor>> scales, infs;
+  for (const at::Device& device : devices) {
+    auto on_device = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+      if (!t) {
+        return std::nullopt;
+      }
+      return t->to(device, at::kFloat, /*non_blocking=*/true).reshape({1});
+    };
+    scales.push_back(on_device(grad_scale));
+    infs.push_back(on_device(found_inf));
+    check_scaler_tensors(scales.back(), infs.back(), device);
+  }
+  plan->run(hyper, device_counters, scales, infs);
+  // The schedule counts optimizer steps: devices that took no part advance too.
+  Py_ssize_t pos = 0;
+  PyObject *key = nullptr, *value = nullptr;
+  while (PyDict_Next(counters.ptr(), &pos, &key, &value)) {
+    const at::Tensor& counter = THPVariable_Unpack(value);
+    if (std::find(devices.begin(), devices.end(), counter.device()) == devices.end()) {
+      counter.narrow(0, 0, 1).add_(1);
+    }
+  }
+  return py::none();
 }
-
-PyMethodDef module_methods[] = {
-    {"cpu_capability", cpu_capability, METH_NOARGS,
-     "Instruction set the CPU op runs with: default, avx2 or avx512."},
-    {"grad_status", grad_status, METH_VARARGS,
-     "One byte per param: 0 grad is its flat view, 1 None, 2 another tensor, 3 param moved."},
-    {nullptr, nullptr, 0, nullptr},
-};
-
-PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_C",
-    "noam_ext's compiled ops; importing it registers torch.ops.noam_ext.*", -1, module_methods,
-};
 
 }  // namespace
+}  // namespace noam_ext
 
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  PyObject* module = PyModule_Create(&module_def);
-  if (module == nullptr) {
-    return nullptr;
-  }
-  PyModule_AddStringConstant(module, "compiled_cpu_capabilities",
-                             noam_ext::cpu::compiled_cpu_capabilities());
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "noam_ext's compiled ops; importing it registers torch.ops.noam_ext.*";
+  m.attr("compiled_cpu_capabilities") = noam_ext::cpu::compiled_cpu_capabilities();
 #if defined(NOAM_EXT_WITH_CUDA)
-  PyModule_AddIntConstant(module, "cuda_compiled", 1);
+  m.attr("cuda_compiled") = 1;
 #else
-  PyModule_AddIntConstant(module, "cuda_compiled", 0);
+  m.attr("cuda_compiled") = 0;
 #endif
-  return module;
+  m.def("cpu_capability", [] { return noam_ext::cpu::active_cpu_capability(); },
+        "Instruction set the CPU op runs with: default, avx2 or avx512.");
+  m.def("fused_step", &noam_ext::fused_step, py::arg("param_groups"), py::arg("state"), py::arg("hyper"),
+        py::arg("counters"), py::arg("grad_scale"), py::arg("found_inf"),
+        "FusedAdamW.step()'s work: reads param_groups, every p.grad and optimizer.state as they are now, "
+        "checks everything, then calls the op once per (device, dtype, amsgrad), more where parameters share "
+        "memory. Returns None, or what must be prepared first (nothing is changed then).");
 }

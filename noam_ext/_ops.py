@@ -8,16 +8,15 @@ import torch
 
 
 @torch.library.register_fake("noam_ext::fused_adamw_")
-def _fused_adamw_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
-                      segments, hyper, active, *, grad_scale=None,
-                      found_inf=None) -> None:
+def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step,
+                      hyper, groups, *, advance_schedule=True, grad_scale=None, found_inf=None) -> None:
     # In-place on its mutable arguments, returns nothing: nothing to allocate.
-    torch._check(param.dim() == 1, lambda: "fused_adamw_: param must be a 1-D flat buffer")
+    torch._check(len(grads) == len(params), lambda: "fused_adamw_: one gradient per parameter")
     return None
 
 
 @torch.library.register_fake("noam_ext::emulate_cuda_fused_adamw_")
-def _emulate_cuda_fused_adamw_fake(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps,
-                                   schedule_step, segments, hyper, active, *, num_blocks,
-                                   threads_per_block, grad_scale=None, found_inf=None) -> None:
+def _emulate_cuda_fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
+                                   schedule_step, hyper, groups, *, num_blocks, threads_per_block,
+                                   advance_schedule=True, grad_scale=None, found_inf=None) -> None:
     return None

@@ -19,6 +19,7 @@ import torch
 
 from noam_ext import FusedAdamW, Noam, TransformerLRScheduler
 
+import op_args
 import test_cuda_emulation as emulation
 import test_parity as parity
 
@@ -28,7 +29,15 @@ TORCH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
 def to_device(args):
-    return {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and k != "hyper" else v) for k, v in args.items()}
+    out = {}
+    for key, value in args.items():
+        if key in op_args.LIST_KEYS:
+            out[key] = [t.to(DEVICE) for t in value]
+        elif isinstance(value, torch.Tensor) and key != "hyper":   # the hyper table stays on the CPU
+            out[key] = value.to(DEVICE)
+        else:
+            out[key] = value
+    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
@@ -36,15 +45,14 @@ def to_device(args):
 @pytest.mark.parametrize("layout", list(emulation.LAYOUTS), ids=list(emulation.LAYOUTS))
 def test_kernel_matches_cpu_op_bit_for_bit(layout, dtype):
     numels = emulation.LAYOUTS[layout]
-    cpu = emulation.make_args(numels, dtype, amsgrad=True, seed=3)
-    gpu = to_device(emulation.clone(cpu))
+    cpu = op_args.make_args(numels, dtype, amsgrad=True, seed=3, misaligned_every=3 if len(numels) > 1 else 0)
+    gpu = to_device(op_args.clone(cpu))
     for step in range(3):
         scale = {"grad_scale": torch.tensor([2.0]), "found_inf": torch.tensor([0.0])} if step == 1 else {}
-        torch.ops.noam_ext.fused_adamw_(*emulation.positional(cpu), **scale)
-        torch.ops.noam_ext.fused_adamw_(*emulation.positional(gpu), **{k: v.cuda() for k, v in scale.items()})
-    for key, value in cpu.items():
-        if isinstance(value, torch.Tensor) and key != "hyper":
-            assert torch.equal(gpu[key].cpu(), value), key
+        torch.ops.noam_ext.fused_adamw_(*op_args.positional(cpu), **scale)
+        torch.ops.noam_ext.fused_adamw_(*op_args.positional(gpu), **{k: v.cuda() for k, v in scale.items()})
+    for (name, expected), (_, actual) in zip(op_args.tensors_of(cpu), op_args.tensors_of(gpu)):
+        assert torch.equal(actual.cpu(), expected), name
 
 
 def transformer_pair(dtype, torch_kind, amsgrad=False, maximize=False, eps=parity.EPS):

@@ -12,107 +12,102 @@ import pytest
 import torch
 
 import noam_ext
-from noam_ext._flat import AMSGRAD, BETA1, BETA2, EPS, LR, NUM_HYPER_COLUMNS, WEIGHT_DECAY, aligned_offsets
-
-
-def op_args(numels=(5, 0, 130, 3), dtype=torch.float32, amsgrad=False, seed=0):
-    """Arguments for one call: flat buffers with 64-byte aligned segments, two groups."""
-    generator = torch.Generator().manual_seed(seed)
-    offsets, length = aligned_offsets(list(numels), torch.tensor([], dtype=dtype).element_size())
-    buf = lambda: torch.randn(length, generator=generator).to(dtype)  # noqa: E731
-    param, grad, exp_avg = buf(), buf(), buf()
-    exp_avg_sq = buf().abs()
-    segments = torch.tensor([[o, n, i % 2] for i, (o, n) in enumerate(zip(offsets, numels))], dtype=torch.int64)
-    hyper = torch.zeros(2, NUM_HYPER_COLUMNS, dtype=torch.float64)
-    hyper[:, LR], hyper[:, BETA1], hyper[:, BETA2], hyper[:, EPS] = 1e-2, 0.9, 0.98, 1e-9
-    hyper[0, WEIGHT_DECAY] = 0.01
-    hyper[:, AMSGRAD] = float(amsgrad)
-    return dict(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                max_exp_avg_sq=exp_avg_sq.clone() if amsgrad else None,
-                param_steps=torch.full((len(numels),), 3.0), schedule_step=torch.zeros(2, dtype=torch.int64),
-                segments=segments, hyper=hyper, active=None)
+from op_args import clone, make_args, positional, tensors_of
 
 
 def call(args, **kwargs):
-    a = args
-    torch.ops.noam_ext.fused_adamw_(a["param"], a["grad"], a["exp_avg"], a["exp_avg_sq"], a["max_exp_avg_sq"],
-                                    a["param_steps"], a["schedule_step"], a["segments"], a["hyper"],
-                                    a["active"], **kwargs)
+    torch.ops.noam_ext.fused_adamw_(*positional(args), **kwargs)
 
 
 @pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
 def test_opcheck(amsgrad):
-    a = op_args(amsgrad=amsgrad)
-    args = (a["param"], a["grad"], a["exp_avg"], a["exp_avg_sq"], a["max_exp_avg_sq"], a["param_steps"],
-            a["schedule_step"], a["segments"], a["hyper"], a["active"])
-    torch.library.opcheck(torch.ops.noam_ext.fused_adamw_.default, args)
+    a = make_args([5, 0, 130, 3], amsgrad=amsgrad)
+    torch.library.opcheck(torch.ops.noam_ext.fused_adamw_.default, positional(a),
+                          {"advance_schedule": True, "grad_scale": torch.tensor([2.0]),
+                           "found_inf": torch.tensor([0.0])})
 
 
-def test_padding_and_inactive_segments_are_not_touched():
-    a = op_args()
-    a["active"] = torch.tensor([True, True, False, True])
-    before = {k: v.clone() for k, v in a.items() if isinstance(v, torch.Tensor)}
+def test_every_tensor_is_updated_and_counted():
+    a = make_args([5, 0, 130, 3])
+    before = clone(a)
     call(a)
-    seg = a["segments"]
-    covered = torch.zeros_like(a["param"], dtype=torch.bool)
-    for i, (offset, numel, _) in enumerate(seg.tolist()):
-        if a["active"][i]:
-            covered[offset:offset + numel] = True
-    assert torch.equal(a["param"][~covered], before["param"][~covered])
-    assert not torch.equal(a["param"][covered], before["param"][covered])
-    assert a["param_steps"].tolist() == [4.0, 4.0, 3.0, 4.0]
-    assert a["schedule_step"].tolist() == [1, 0]
+    for i in (0, 2, 3):
+        assert not torch.equal(a["params"][i], before["params"][i])
+    assert [float(s) for s in a["state_steps"]] == [1.0, 2.0, 3.0, 4.0]
+    assert a["schedule_step"].tolist() == [6, 0]
 
 
 def test_found_inf_skips_everything_but_the_schedule():
-    a = op_args()
-    before = {k: v.clone() for k, v in a.items() if isinstance(v, torch.Tensor)}
+    a = make_args([5, 7])
+    before = clone(a)
     call(a, grad_scale=torch.tensor([1024.0]), found_inf=torch.tensor([1.0]))
-    for key in ("param", "exp_avg", "exp_avg_sq", "param_steps"):
-        assert torch.equal(a[key], before[key]), key
-    assert a["schedule_step"].tolist() == [1, 0]
+    for (name, expected), (_, actual) in zip(tensors_of(before), tensors_of(a)):
+        if name != "schedule_step":
+            assert torch.equal(actual, expected), name
+    assert a["schedule_step"].tolist() == [6, 0]
 
 
 def test_grad_scale_divides_the_gradient():
-    scaled, plain = op_args(seed=1), op_args(seed=1)
-    scaled["grad"] = scaled["grad"] * 256.0
+    scaled, plain = make_args([5, 33], seed=1), make_args([5, 33], seed=1)
+    scaled["grads"] = [g * 256.0 for g in scaled["grads"]]
     call(scaled, grad_scale=torch.tensor([256.0]), found_inf=torch.tensor([0.0]))
     call(plain)
-    assert torch.equal(scaled["param"], plain["param"])
+    for a, b in zip(scaled["params"], plain["params"]):
+        assert torch.equal(a, b)
+
+
+def _set(key, i, value):
+    return lambda a: a[key].__setitem__(i, value(a[key][i]))
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda a: a.update(grad=a["grad"].double()), "grad has dtype"),
-    (lambda a: a.update(exp_avg=a["exp_avg"][:-1]), "exp_avg has"),
-    (lambda a: a.update(param_steps=a["param_steps"].double()), "param_steps"),
-    (lambda a: a["segments"].__setitem__((2, 1), 10**6), "segment 2"),
-    (lambda a: a["segments"].__setitem__((1, 2), 7), "names group 7"),
+    (_set("grads", 1, lambda t: t.double()), r"gradient of params\[1\] has dtype"),
+    (_set("exp_avgs", 2, lambda t: t[:-1]), r"exp_avg of params\[2\] has shape"),
+    (_set("state_steps", 0, lambda t: t.double()), r"step of params\[0\]"),
+    (_set("params", 3, lambda t: t.to(torch.int32)), r"params\[3\] must be float32"),
+    (_set("grads", 2, lambda t: t.to_sparse()), "SparseCPU"),   # the dispatcher refuses it
+    (_set("exp_avg_sqs", 2, lambda t: t.reshape(10, 13).t()), r"exp_avg_sq of params\[2\] has shape"),
+    (lambda a: a["groups"].__setitem__(1, 7), r"params\[1\] names hyperparameter row 7"),
     (lambda a: a.update(hyper=a["hyper"][:, :5].contiguous()), "hyper"),
-    (lambda a: a["hyper"].__setitem__((0, AMSGRAD), 1.0), "amsgrad"),
-    (lambda a: a.update(param=a["param"].to(torch.int32)), "param must be float"),
-], ids=["grad-dtype", "short-buffer", "steps-dtype", "segment-out-of-range", "bad-group",
-        "hyper-shape", "amsgrad-without-buffer", "int-param"])
+    (lambda a: a["grads"].pop(), "same length"),
+    (lambda a: a["params"].__setitem__(3, a["params"][0][:3]), r"params\[0\] and params\[3\] share memory"),
+], ids=["grad-dtype", "short-moment", "step-dtype", "int-param", "sparse-grad", "transposed-moment",
+        "bad-group", "hyper-shape", "short-list", "shared-memory"])
 def test_bad_arguments_are_rejected_before_anything_changes(mutate, message):
-    a = op_args()
+    a = make_args([5, 0, 130, 3])
     mutate(a)
-    before = {k: v.clone() for k, v in a.items() if isinstance(v, torch.Tensor)}
+    before = clone(a)
     with pytest.raises(RuntimeError, match=message):
         call(a)
-    for key, value in before.items():
-        assert torch.equal(a[key], value), key
+    for (name, expected), (_, actual) in zip(tensors_of(before), tensors_of(a)):
+        assert torch.equal(actual.to_dense() if actual.is_sparse else actual,
+                           expected.to_dense() if expected.is_sparse else expected), name
+
+
+def test_non_contiguous_but_dense_tensors_are_updated_like_contiguous_ones():
+    # A transposed (column-major) parameter with gradient and moments of the same
+    # strides: the op walks memory, so the result equals the contiguous case.
+    a = make_args([12])
+    b = clone(a)
+    for key in ("params", "grads", "exp_avgs", "exp_avg_sqs"):
+        a[key] = [a[key][0].reshape(4, 3).t()]
+        b[key] = [b[key][0].reshape(4, 3)]
+    call(a)
+    call(b)
+    assert torch.equal(a["params"][0].t(), b["params"][0])
 
 
 SCRIPT = r"""
 import json, sys, torch, noam_ext
 sys.path.insert(0, {tests!r})
-from test_op import op_args, call
+from op_args import make_args, positional
 out = {{"capability": noam_ext.cpu_capability()}}
 for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
     for amsgrad in (False, True):
-        a = op_args(numels=(1, 3, 4, 5, 4097, 31, 64, 0, 17), dtype=dtype, amsgrad=amsgrad, seed=7)
+        a = make_args((1, 3, 4, 5, 4097, 31, 64, 0, 17), dtype=dtype, amsgrad=amsgrad, seed=7, misaligned_every=4)
         for _ in range(3):
-            call(a)
-        out[f"{{dtype}}-{{amsgrad}}"] = [a[k].double().tolist() for k in ("param", "exp_avg", "exp_avg_sq")]
+            torch.ops.noam_ext.fused_adamw_(*positional(a))
+        out[f"{{dtype}}-{{amsgrad}}"] = [[t.double().tolist() for t in a[k]] for k in ("params", "exp_avgs", "exp_avg_sqs")]
 print(json.dumps(out))
 """
 

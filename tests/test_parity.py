@@ -235,13 +235,16 @@ def test_state_dict_round_trip_mid_training_continues_on_the_same_trajectory(dir
         for a, b, w in zip(fresh.torch_params, fresh.ours_params, model_state["weights"]):
             a.copy_(w)
             b.copy_(w)
+    # Each optimizer loads its own copy: like torch.optim.AdamW, FusedAdamW adopts the
+    # loaded tensors as they are (no copy), so two optimizers loading one object would
+    # share their moments and steps.
     if direction == "torch_to_ours":
-        fresh.ours_opt.load_state_dict(model_state["torch_opt"])
+        fresh.ours_opt.load_state_dict(copy.deepcopy(model_state["torch_opt"]))
         fresh.torch_opt.load_state_dict(model_state["torch_opt"])
         fresh.torch_sched.load_state_dict(model_state["torch_sched"])
     else:
         ours_state = model_state["ours_opt"]
-        fresh.torch_opt.load_state_dict(ours_state)
+        fresh.torch_opt.load_state_dict(copy.deepcopy(ours_state))
         fresh.torch_sched = TransformerLRScheduler(
             fresh.torch_opt, d_model=D_MODEL, warmup_steps=WARMUP,
             last_epoch=ours_state["noam_schedule_step"] - 1)

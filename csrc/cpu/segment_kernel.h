@@ -12,8 +12,9 @@
 
 namespace noam_ext::cpu {
 
-// Base pointers of the flat buffers; a segment kernel updates elements
-// [begin, end) of them. max_exp_avg_sq is null without amsgrad.
+// Where one tensor's parameter, gradient and moments start (a TensorRow's
+// pointers); a segment kernel updates elements [begin, end) of them, counted
+// from those starts. max_exp_avg_sq is null without amsgrad.
 struct FlatPointers {
   void* param;
   const void* grad;

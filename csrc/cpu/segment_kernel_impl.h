@@ -1,4 +1,4 @@
-// The vectorised AdamW loop over one contiguous range of the flat buffers.
+// The vectorised AdamW loop over one contiguous range of one tensor.
 // Included by segment_kernel_{default,avx2,avx512}.cpp, each compiled with its
 // own instruction-set flags and CPU_CAPABILITY, so that at::vec::Vectorized
 // has that instruction set's width (8 floats for DEFAULT and AVX2, 16 for

@@ -1,8 +1,9 @@
-// noam_ext::fused_adamw_ on CUDA: the whole AdamW + Noam step for one flat
-// buffer, on the current stream, without any host synchronisation. The work
-// split and the per-element math live in fused_adamw_plan.h / adamw_math.h,
-// shared with the host emulation and the CPU op.
+// noam_ext::fused_adamw_ on CUDA: the whole AdamW + Noam step for one call's
+// tensors in one launch, on the current stream, without any host
+// synchronisation. The work split and the per-element math live in
+// fused_adamw_plan.h / adamw_math.h, shared with the host emulation and the CPU op.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -11,8 +12,15 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
+#include <list>
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "../noam_ext/op_checks.h"
+#include "../noam_ext/run_rows.h"
 #include "kernel_args.h"
 
 namespace noam_ext::cuda {
@@ -33,13 +41,12 @@ struct DeviceExec {
 // the old step counters); the last block to finish then advances the counters,
 // found by a blocks-done counter in schedule_step[1] that it resets to zero.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreadsPerBlock) fused_adamw_kernel(const KernelArgs<scalar_t> args,
-                                                                        float* param_steps,
+__global__ void __launch_bounds__(kThreadsPerBlock) fused_adamw_kernel(const KernelArgs args,
                                                                         int64_t* schedule_step) {
   __shared__ SegmentShared<typename MathType<scalar_t>::type> shared;
   __shared__ bool last_block;
   DeviceExec exec;
-  run_block(args, exec, shared);
+  run_block<scalar_t>(args, exec, shared);
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();  // this block's reads of the counters happen before it is counted
@@ -49,8 +56,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) fused_adamw_kernel(const Ker
   __syncthreads();
   if (last_block) {
     __threadfence();
-    advance_steps(param_steps, schedule_step, args.active, args.found_inf, args.num_segments, threadIdx.x,
-                  blockDim.x);
+    advance_steps(args, schedule_step, threadIdx.x, blockDim.x);
     if (threadIdx.x == 0) {
       schedule_step[1] = 0;
     }
@@ -70,30 +76,96 @@ int multiprocessor_count(int device) {
   return count;
 }
 
-void fused_adamw_cuda(
-    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-    const at::Tensor& param_steps, const at::Tensor& schedule_step, const at::Tensor& segments,
-    const at::Tensor& hyper, const std::optional<at::Tensor>& active,
-    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  check_fused_adamw_args(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps, schedule_step,
-                         segments, hyper, active, grad_scale, found_inf);
-  const c10::cuda::CUDAGuard guard(param.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(param.get_device()).stream();
-  const int64_t chunks = (param.numel() + kChunkElements - 1) / kChunkElements;
-  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count(param.get_device())) * 8;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min(chunks, max_blocks)));
-  dispatch_storage_type(param.scalar_type(), [&](auto type_tag) {
-    using scalar_t = decltype(type_tag);
-    const auto args = make_kernel_args<scalar_t>(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, param_steps,
-                                                 schedule_step, segments, hyper, active, grad_scale, found_inf);
-    fused_adamw_kernel<scalar_t><<<blocks, kThreadsPerBlock, 0, stream>>>(
-        args, param_steps.data_ptr<float>(), schedule_step.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+// Device copies of recent tensor tables, per (device, stream). Uploading a table
+// is a stream-ordered copy from pinned memory (no host sync); in steady-state
+// training the tensors, and so the table, are the same every step, and it is
+// uploaded once. A table used while a CUDA graph is captured is kept for the
+// life of the process: the graph replays its kernel (and, if it was uploaded
+// during capture, its copy) with those addresses.
+struct DeviceTable {
+  std::vector<TensorRow> rows;
+  at::Tensor staging;   // pinned host copy the upload reads
+  at::Tensor device;
+  bool captured = false;
+};
+
+constexpr size_t kCachedTablesPerStream = 8;
+
+const TensorRow* device_rows(const std::vector<TensorRow>& rows, const at::Device& device, cudaStream_t stream) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, std::list<DeviceTable>> caches;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const bool capturing = capture != cudaStreamCaptureStatusNone;
+  const size_t bytes = rows.size() * sizeof(TensorRow);
+
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& cache = caches[{device.index(), stream}];
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (it->rows.size() == rows.size() && std::memcmp(it->rows.data(), rows.data(), bytes) == 0) {
+      it->captured |= capturing;
+      cache.splice(cache.begin(), cache, it);  // most recently used first
+      return static_cast<const TensorRow*>(cache.front().device.const_data_ptr());
+    }
+  }
+  DeviceTable table;
+  table.rows = rows;
+  table.captured = capturing;
+  const auto length = static_cast<int64_t>(bytes);
+  table.staging = at::empty({length}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(table.staging.data_ptr(), rows.data(), bytes);
+  table.device = at::empty({length}, at::TensorOptions().dtype(at::kByte).device(device));
+  table.device.copy_(table.staging, /*non_blocking=*/true);  // on the current stream, as the launch
+  cache.push_front(std::move(table));
+  // Forget the least recently used table that no captured graph refers to.
+  if (cache.size() > kCachedTablesPerStream) {
+    for (auto it = std::prev(cache.end()); it != cache.begin(); --it) {
+      if (!it->captured) {
+        cache.erase(it);
+        break;
+      }
+    }
+  }
+  return static_cast<const TensorRow*>(cache.front().device.const_data_ptr());
+}
+
+void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                      const at::Tensor& schedule_step, const at::Tensor& hyper, at::IntArrayRef groups,
+                      bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
+                      const std::optional<at::Tensor>& found_inf) {
+  check_call_arguments(schedule_step, hyper);
+  int64_t total = 0;
+  const std::vector<TensorRow> rows = build_tensor_rows(
+      {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps}, schedule_step.device(), hyper.size(0),
+      groups, total);
+  check_scaler_tensors(grad_scale, found_inf, schedule_step.device());
+  const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
+  run_rows({rows, total, dtype, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule, grad_scale,
+            found_inf});
 }
 
 }  // namespace
+
+void run_rows(const RowsCall& call) {
+  TORCH_CHECK(call.schedule_step.is_cuda(), "fused_adamw_: the CUDA path needs the schedule counter on the GPU");
+  const at::Device device = call.schedule_step.device();
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  const TensorRow* table = call.rows.empty() ? nullptr : device_rows(call.rows, device, stream);
+  const int64_t chunks = (call.total + kChunkElements - 1) / kChunkElements;
+  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count(device.index())) * 8;
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min(chunks, max_blocks)));
+  dispatch_storage_type(call.dtype, [&](auto type_tag) {
+    using scalar_t = decltype(type_tag);
+    const KernelArgs args = make_kernel_args(table, static_cast<int64_t>(call.rows.size()), call.total, call.amsgrad,
+                                             call.schedule_step, call.hyper, call.advance_schedule, call.grad_scale,
+                                             call.found_inf);
+    fused_adamw_kernel<scalar_t>
+        <<<blocks, kThreadsPerBlock, 0, stream>>>(args, call.schedule_step.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
 
 TORCH_LIBRARY_IMPL(noam_ext, CUDA, m) {
   m.impl("fused_adamw_", &fused_adamw_cuda);

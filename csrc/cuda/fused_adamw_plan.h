@@ -3,13 +3,16 @@
 // emulated grid (csrc/cpu/cuda_emulation.cpp), where CI tests it bit for bit
 // against the CPU op without a GPU.
 //
-// Split: the flat range is cut into chunks of kChunkElements; blocks take
-// chunks grid-stride; within a chunk the segments it overlaps are walked in
-// order (work_split.h); within a segment's part, each thread takes vectors of
-// 16 bytes (kVecBytes), kUnroll of them in flight, and the last partial vector
-// element by element. Segment starts are 64-byte aligned in the flat buffers and
-// chunk starts are multiples of kChunkElements, so every vector is aligned and
-// none straddles two parameters. Offsets are 64-bit throughout.
+// Split: the virtual index space of the call's tensors (work_split.h) is cut
+// into chunks of kChunkElements; blocks take chunks grid-stride; within a chunk
+// the rows it overlaps are walked in order; within a row's part, each thread
+// takes vectors of 16 bytes (kVecBytes), kUnroll of them in flight, and the
+// last partial vector element by element. Virtual offsets are multiples of
+// kRowAlignElements and chunk starts multiples of kChunkElements, so a vector
+// never straddles two tensors and, for a row whose pointers are all 16-byte
+// aligned (TensorRow::vector_ok), every vector is aligned. A row with any
+// misaligned pointer (a view at an odd offset) takes the element path.
+// Offsets are 64-bit throughout.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -41,22 +44,18 @@ struct HyperTable {
   double rows[kMaxGroups][kNumHyperColumns];
 };
 
-// Everything one launch needs; passed by value.
-template <typename scalar_t>
+// Everything one launch needs; passed by value. The rows live in device memory
+// (csrc/cuda/adamw_cuda.cu uploads them), so the launch carries a pointer, not
+// the table, and a call may hold any number of tensors.
 struct KernelArgs {
-  scalar_t* param;
-  const scalar_t* grad;
-  scalar_t* exp_avg;
-  scalar_t* exp_avg_sq;
-  scalar_t* max_exp_avg_sq;   // null without amsgrad in any group
-  const float* param_steps;   // read here, advanced after the update
+  const TensorRow* rows;
+  int64_t num_rows;
+  int64_t total;                 // length of the virtual index space
   const int64_t* schedule_step;  // [0] completed steps (read here; advanced at the end)
-  const Segment* segments;
-  const bool* active;         // null: all active
-  const float* grad_scale;    // null: no AMP scaling
-  const float* found_inf;     // null: never skip
-  int64_t num_segments;
-  int64_t total;              // length of the flat buffers
+  const float* grad_scale;       // null: no AMP scaling
+  const float* found_inf;        // null: never skip
+  bool amsgrad;
+  bool advance_schedule;
   HyperTable hyper;
 };
 
@@ -64,9 +63,8 @@ struct KernelArgs {
 template <typename opmath_t>
 struct SegmentShared {
   AdamWCoefficients<opmath_t> coefficients;
-  bool active;
-  bool amsgrad;
   bool maximize;
+  bool vector_ok;
 };
 
 template <typename scalar_t>
@@ -120,11 +118,28 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
   }
 }
 
-// Thread `t` of `num_threads` updates its share of [lo, hi) (lo is vector aligned).
+// The typed pointers of one row.
+template <typename scalar_t>
+struct RowPointers {
+  scalar_t* param;
+  const scalar_t* grad;
+  scalar_t* exp_avg;
+  scalar_t* exp_avg_sq;
+  scalar_t* max_exp_avg_sq;
+};
+
+template <typename scalar_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE RowPointers<scalar_t> typed(const TensorRow& r) {
+  return {static_cast<scalar_t*>(r.param), static_cast<const scalar_t*>(r.grad), static_cast<scalar_t*>(r.exp_avg),
+          static_cast<scalar_t*>(r.exp_avg_sq), static_cast<scalar_t*>(r.max_exp_avg_sq)};
+}
+
+// Thread `t` of `num_threads` updates its share of elements [lo, hi) of one
+// tensor whose pointers are all 16-byte aligned (lo is a multiple of the width).
 template <bool amsgrad, typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE void update_range(
-    const KernelArgs<scalar_t>& a, const SegmentShared<opmath_t>& s, int64_t lo, int64_t hi,
-    int t, int num_threads) {
+C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
+                                             const float* grad_scale, int64_t lo, int64_t hi, int t,
+                                             int num_threads) {
   constexpr int W = Vec<scalar_t>::kWidth;
   const int64_t stride = static_cast<int64_t>(num_threads) * W;
   int64_t base = lo + static_cast<int64_t>(t) * W;
@@ -146,7 +161,7 @@ C10_HOST_DEVICE void update_range(
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        update_element<amsgrad>(p[u].v[k], g[u].v[k], m[u].v[k], v[u].v[k], &x[u].v[k], s, a.grad_scale);
+        update_element<amsgrad>(p[u].v[k], g[u].v[k], m[u].v[k], v[u].v[k], &x[u].v[k], s, grad_scale);
       }
       const int64_t i = base + u * stride;
       store_vec(a.param + i, p[u]);
@@ -167,7 +182,7 @@ C10_HOST_DEVICE void update_range(
       }
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        update_element<amsgrad>(p.v[k], g.v[k], m.v[k], v.v[k], &x.v[k], s, a.grad_scale);
+        update_element<amsgrad>(p.v[k], g.v[k], m.v[k], v.v[k], &x.v[k], s, grad_scale);
       }
       store_vec(a.param + base, p);
       store_vec(a.exp_avg + base, m);
@@ -178,21 +193,43 @@ C10_HOST_DEVICE void update_range(
     } else {
       for (int64_t i = base; i < hi; ++i) {
         update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                                amsgrad ? a.max_exp_avg_sq + i : nullptr, s, a.grad_scale);
+                                amsgrad ? a.max_exp_avg_sq + i : nullptr, s, grad_scale);
       }
     }
   }
 }
 
-// The segment's coefficients and flags, as thread 0 computes them.
-template <typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE SegmentShared<opmath_t> segment_shared(const KernelArgs<scalar_t>& a, int64_t i) {
+// The same for a tensor with a misaligned pointer: element by element, thread t
+// taking every num_threads-th element (adjacent threads, adjacent elements).
+template <bool amsgrad, typename scalar_t, typename opmath_t>
+C10_HOST_DEVICE void update_range_elementwise(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
+                                              const float* grad_scale, int64_t lo, int64_t hi, int t,
+                                              int num_threads) {
+  for (int64_t i = lo + t; i < hi; i += num_threads) {
+    update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
+                            amsgrad ? a.max_exp_avg_sq + i : nullptr, s, grad_scale);
+  }
+}
+
+template <bool amsgrad, typename scalar_t, typename opmath_t>
+C10_HOST_DEVICE void update_range(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
+                                  const float* grad_scale, int64_t lo, int64_t hi, int t, int num_threads) {
+  if (s.vector_ok) {
+    update_range_vectorized<amsgrad>(a, s, grad_scale, lo, hi, t, num_threads);
+  } else {
+    update_range_elementwise<amsgrad>(a, s, grad_scale, lo, hi, t, num_threads);
+  }
+}
+
+// The row's coefficients and flags, as thread 0 computes them.
+template <typename opmath_t>
+C10_HOST_DEVICE SegmentShared<opmath_t> segment_shared(const KernelArgs& a, int64_t i) {
   SegmentShared<opmath_t> s;
-  const double* row = a.hyper.rows[a.segments[i].group];
-  s.active = a.active == nullptr || a.active[i];
-  s.amsgrad = row[kAmsgrad] != 0.0;
-  s.maximize = row[kMaximize] != 0.0;
-  s.coefficients = coefficients_for<opmath_t>(row, *a.schedule_step, a.param_steps[i]);
+  const TensorRow& row = a.rows[i];
+  const double* hyper = a.hyper.rows[row.group];
+  s.maximize = hyper[kMaximize] != 0.0;
+  s.vector_ok = row.vector_ok != 0;
+  s.coefficients = coefficients_for<opmath_t>(hyper, *a.schedule_step, *row.step);
   return s;
 }
 
@@ -200,7 +237,7 @@ C10_HOST_DEVICE SegmentShared<opmath_t> segment_shared(const KernelArgs<scalar_t
 // thread 0), exec.sync() (__syncthreads), exec.for_my_threads(f) (calls
 // f(thread, num_threads) for the calling CUDA thread, or for every emulated one).
 template <typename scalar_t, typename Exec>
-C10_HOST_DEVICE void run_block(const KernelArgs<scalar_t>& a, Exec& exec,
+C10_HOST_DEVICE void run_block(const KernelArgs& a, Exec& exec,
                                SegmentShared<typename MathType<scalar_t>::type>& shared) {
   using opmath_t = typename MathType<scalar_t>::type;
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
@@ -210,38 +247,34 @@ C10_HOST_DEVICE void run_block(const KernelArgs<scalar_t>& a, Exec& exec,
   for (int64_t chunk = exec.block(); chunk < num_chunks; chunk += exec.num_blocks()) {
     const int64_t begin = chunk * kChunkElements;
     const int64_t end = begin + kChunkElements < a.total ? begin + kChunkElements : a.total;
-    for_each_segment_in_range(a.segments, a.num_segments, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
+    for_each_row_in_range(a.rows, a.num_rows, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
       if (exec.leader()) {
-        shared = segment_shared<scalar_t, opmath_t>(a, i);
+        shared = segment_shared<opmath_t>(a, i);
       }
       exec.sync();
-      if (shared.active) {
-        const SegmentShared<opmath_t> s = shared;
-        exec.for_my_threads([&](int t, int n) {
-          if (s.amsgrad) {
-            update_range<true>(a, s, lo, hi, t, n);
-          } else {
-            update_range<false>(a, s, lo, hi, t, n);
-          }
-        });
-      }
-      exec.sync();  // shared is rewritten for the next segment
+      const SegmentShared<opmath_t> s = shared;
+      const RowPointers<scalar_t> pointers = typed<scalar_t>(a.rows[i]);
+      exec.for_my_threads([&](int t, int n) {
+        if (a.amsgrad) {
+          update_range<true>(pointers, s, a.grad_scale, lo, hi, t, n);
+        } else {
+          update_range<false>(pointers, s, a.grad_scale, lo, hi, t, n);
+        }
+      });
+      exec.sync();  // shared is rewritten for the next row
     });
   }
 }
 
 // After the update (in the CUDA kernel: by the last block to finish): thread t
-// of n advances the steps of active parameters (not on a GradScaler-skipped
-// step) and thread 0 the schedule (always, as the CPU op).
-C10_HOST_DEVICE inline void advance_steps(float* param_steps, int64_t* schedule_step, const bool* active,
-                                          const float* found_inf, int64_t num_segments, int t, int n) {
-  const bool skipped = found_inf != nullptr && *found_inf != 0.0f;
-  for (int64_t i = t; i < num_segments && !skipped; i += n) {
-    if (active == nullptr || active[i]) {
-      param_steps[i] += 1.0f;
-    }
+// of n advances the step of every row (not on a GradScaler-skipped step) and
+// thread 0 the schedule (always, as the CPU op, when the call advances it).
+C10_HOST_DEVICE inline void advance_steps(const KernelArgs& a, int64_t* schedule_step, int t, int n) {
+  const bool skipped = a.found_inf != nullptr && *a.found_inf != 0.0f;
+  for (int64_t i = t; i < a.num_rows && !skipped; i += n) {
+    *a.rows[i].step += 1.0f;
   }
-  if (t == 0) {
+  if (t == 0 && a.advance_schedule) {
     *schedule_step += 1;
   }
 }

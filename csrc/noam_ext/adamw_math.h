@@ -17,7 +17,9 @@
 namespace noam_ext {
 
 // Columns of the per-group hyperparameter table (float64, [n_groups, kNumHyperColumns])
-// that the optimizer hands to the op. Keep in sync with noam_ext/_layout.py.
+// that the optimizer hands to the op. Keep in sync with noam_ext/_hyper.py.
+// amsgrad is not a column: a call either passes max_exp_avg_sqs for every tensor or
+// for none, and the optimizer makes one call per (device, dtype, amsgrad).
 enum HyperColumn : int {
   kLr = 0,          // base lr of the group (the schedule multiplies it)
   kBeta1 = 1,
@@ -26,9 +28,8 @@ enum HyperColumn : int {
   kWeightDecay = 4,
   kDModel = 5,      // Noam d_model; only read when kWarmup > 0
   kWarmup = 6,      // Noam warmup steps; 0 means "no in-op schedule: use kLr as is"
-  kAmsgrad = 7,     // 1.0 or 0.0
-  kMaximize = 8,    // 1.0 or 0.0
-  kNumHyperColumns = 9,
+  kMaximize = 7,    // 1.0 or 0.0
+  kNumHyperColumns = 8,
 };
 
 // The Noam factor of "Attention Is All You Need":

@@ -1,95 +1,164 @@
-// Argument checks shared by every implementation of noam_ext::fused_adamw_.
-// The Python optimizer validates what users pass; these catch a caller that
-// builds the op's arguments by hand, before any memory is touched.
+// Argument checks shared by every implementation of noam_ext::fused_adamw_, and
+// the host-side table of tensor rows (work_split.h) that every implementation
+// runs from. Everything is checked before any memory is touched, so a failed
+// call changes nothing. Messages name the offending list element through
+// `name_of`, so that FusedAdamW can name the parameter instead ("parameter 3 of
+// param group 1") when it checks a call before making it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <functional>
 #include <optional>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "adamw_math.h"
 #include "work_split.h"
 
 namespace noam_ext {
 
-inline void check_fused_adamw_args(
-    const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-    const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& max_exp_avg_sq,
-    const at::Tensor& param_steps, const at::Tensor& schedule_step, const at::Tensor& segments,
-    const at::Tensor& hyper, const std::optional<at::Tensor>& active,
-    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const auto device = param.device();
-  const auto dtype = param.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "fused_adamw_: param must be float32, float64, bfloat16 or float16, got ", dtype);
-  auto check_flat = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device() == device, "fused_adamw_: ", name, " is on ", t.device(),
-                " but param is on ", device);
-    TORCH_CHECK(t.scalar_type() == dtype, "fused_adamw_: ", name, " has dtype ", t.scalar_type(),
-                " but param has ", dtype);
-    TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), "fused_adamw_: ", name,
-                " must be a contiguous 1-D flat buffer");
-    TORCH_CHECK(t.numel() == param.numel(), "fused_adamw_: ", name, " has ", t.numel(),
-                " elements but param has ", param.numel());
-    // The CUDA kernel's 16-byte vector accesses need aligned buffers (the optimizer's are).
-    TORCH_CHECK(!t.is_cuda() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "fused_adamw_: ", name,
-                " must start on a 16-byte boundary");
-  };
-  check_flat(param, "param");
-  check_flat(grad, "grad");
-  check_flat(exp_avg, "exp_avg");
-  check_flat(exp_avg_sq, "exp_avg_sq");
-  if (max_exp_avg_sq) {
-    check_flat(*max_exp_avg_sq, "max_exp_avg_sq");
-  }
-  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.dim() == 2 && segments.size(1) == 3 &&
-                  segments.is_contiguous() && segments.device() == device,
-              "fused_adamw_: segments must be a contiguous int64 [n, 3] tensor on ", device);
-  const int64_t n = segments.size(0);
-  TORCH_CHECK(param_steps.scalar_type() == at::kFloat && param_steps.dim() == 1 &&
-                  param_steps.numel() == n && param_steps.is_contiguous() &&
-                  param_steps.device() == device,
-              "fused_adamw_: param_steps must be a contiguous float32 [", n, "] tensor on ", device);
+using TensorNamer = std::function<std::string(int64_t)>;
+
+inline std::string list_element_name(int64_t i) {
+  return "params[" + std::to_string(i) + "]";
+}
+
+// The tensors of one call, as the op receives them.
+struct OpTensors {
+  at::TensorList params;
+  at::TensorList grads;
+  at::TensorList exp_avgs;
+  at::TensorList exp_avg_sqs;
+  at::TensorList max_exp_avg_sqs;   // empty (no amsgrad) or one per param
+  at::TensorList state_steps;
+};
+
+inline bool is_supported_dtype(at::ScalarType dtype) {
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+inline bool is_16_byte_aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// The call-wide arguments: the schedule counter and the hyperparameter table.
+inline void check_call_arguments(const at::Tensor& schedule_step, const at::Tensor& hyper) {
   TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 2 &&
-                  schedule_step.is_contiguous() && schedule_step.device() == device,
-              "fused_adamw_: schedule_step must be a two-element int64 tensor on ", device,
-              " (completed steps, and a zeroed counter the CUDA kernel uses within a launch)");
-  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 2 &&
-                  hyper.size(1) == kNumHyperColumns && hyper.is_contiguous() && hyper.is_cpu(),
-              "fused_adamw_: hyper must be a contiguous float64 [groups, ", int(kNumHyperColumns),
-              "] CPU tensor");
-  const double* rows = hyper.data_ptr<double>();
-  for (int64_t g = 0; g < hyper.size(0); ++g) {
-    TORCH_CHECK(rows[g * kNumHyperColumns + kAmsgrad] == 0.0 || max_exp_avg_sq.has_value(),
-                "fused_adamw_: group ", g, " uses amsgrad but max_exp_avg_sq was not given");
+                  schedule_step.is_contiguous(),
+              "fused_adamw_: schedule_step must be a contiguous two-element int64 tensor (completed steps, and "
+              "a zeroed counter the CUDA kernel uses within a launch)");
+  TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 2 && hyper.size(1) == kNumHyperColumns &&
+                  hyper.is_contiguous() && hyper.is_cpu(),
+              "fused_adamw_: hyper must be a contiguous float64 [groups, ", int(kNumHyperColumns), "] CPU tensor");
+}
+
+// Checks the tensors of one call (all on `device`, hyper rows 0..n_groups-1) and
+// returns their rows, in list order, with virtual offsets (work_split.h); `total`
+// receives the virtual length.
+inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::Device& device, int64_t n_groups,
+                                                at::IntArrayRef groups, int64_t& total,
+                                                const TensorNamer& name_of = list_element_name) {
+  const int64_t n = static_cast<int64_t>(t.params.size());
+  TORCH_CHECK(static_cast<int64_t>(t.grads.size()) == n && static_cast<int64_t>(t.exp_avgs.size()) == n &&
+                  static_cast<int64_t>(t.exp_avg_sqs.size()) == n &&
+                  static_cast<int64_t>(t.state_steps.size()) == n && static_cast<int64_t>(groups.size()) == n,
+              "fused_adamw_: params, grads, exp_avgs, exp_avg_sqs, state_steps and groups must have the same "
+              "length (", n, ", ", t.grads.size(), ", ", t.exp_avgs.size(), ", ", t.exp_avg_sqs.size(), ", ",
+              t.state_steps.size(), ", ", groups.size(), ")");
+  const bool amsgrad = !t.max_exp_avg_sqs.empty();
+  TORCH_CHECK(!amsgrad || static_cast<int64_t>(t.max_exp_avg_sqs.size()) == n,
+              "fused_adamw_: max_exp_avg_sqs must be empty (no amsgrad) or have one tensor per param, got ",
+              t.max_exp_avg_sqs.size(), " for ", n, " params");
+
+  std::vector<TensorRow> rows(n);
+  int64_t end = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& p = t.params[i];
+    TORCH_CHECK(p.defined() && p.layout() == at::kStrided, "fused_adamw_: ", name_of(i),
+                " must be a dense (strided) tensor");
+    TORCH_CHECK(is_supported_dtype(p.scalar_type()), "fused_adamw_: ", name_of(i),
+                " must be float32, float64, bfloat16 or float16, got ", p.scalar_type());
+    TORCH_CHECK(p.device() == device, "fused_adamw_: ", name_of(i), " is on ", p.device(),
+                " but this call runs on ", device, " (one call takes one device)");
+    TORCH_CHECK(p.scalar_type() == t.params[0].scalar_type(), "fused_adamw_: ", name_of(i), " has dtype ",
+                p.scalar_type(), " but ", name_of(0), " has ", t.params[0].scalar_type(),
+                " (one call takes one dtype)");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "fused_adamw_: ", name_of(i),
+                " must be non-overlapping and dense in memory (e.g. contiguous)");
+    auto check_like_param = [&](const at::Tensor& x, const char* what) {
+      TORCH_CHECK(x.defined() && x.layout() == at::kStrided, "fused_adamw_: the ", what, " of ", name_of(i),
+                  " must be a dense (strided) tensor", x.defined() && x.is_sparse() ? ", got a sparse one" : "");
+      TORCH_CHECK(x.device() == device, "fused_adamw_: the ", what, " of ", name_of(i), " is on ", x.device(),
+                  " but the parameter is on ", p.device());
+      TORCH_CHECK(x.scalar_type() == p.scalar_type(), "fused_adamw_: the ", what, " of ", name_of(i),
+                  " has dtype ", x.scalar_type(), " but the parameter has ", p.scalar_type());
+      TORCH_CHECK(x.sizes() == p.sizes(), "fused_adamw_: the ", what, " of ", name_of(i), " has shape ",
+                  x.sizes(), " but the parameter has ", p.sizes());
+      // Same strides (or at most one element): element k of each tensor is then
+      // at the same distance from its start, so one linear walk serves all.
+      TORCH_CHECK(p.numel() <= 1 || x.strides() == p.strides(), "fused_adamw_: the ", what, " of ", name_of(i),
+                  " has strides ", x.strides(), " but the parameter has ", p.strides());
+    };
+    check_like_param(t.grads[i], "gradient");
+    check_like_param(t.exp_avgs[i], "exp_avg");
+    check_like_param(t.exp_avg_sqs[i], "exp_avg_sq");
+    if (amsgrad) {
+      check_like_param(t.max_exp_avg_sqs[i], "max_exp_avg_sq");
+    }
+    const at::Tensor& step = t.state_steps[i];
+    TORCH_CHECK(step.defined() && step.scalar_type() == at::kFloat && step.numel() == 1 && step.device() == device,
+                "fused_adamw_: the step of ", name_of(i), " must be a one-element float32 tensor on ", device);
+    TORCH_CHECK(groups[i] >= 0 && groups[i] < n_groups, "fused_adamw_: ", name_of(i), " names hyperparameter row ",
+                groups[i], " but there are ", n_groups);
+
+    TensorRow& r = rows[i];
+    r.offset = next_row_offset(end);
+    r.numel = p.numel();
+    end = r.offset + r.numel;
+    r.param = p.data_ptr();
+    r.grad = t.grads[i].const_data_ptr();
+    r.exp_avg = t.exp_avgs[i].data_ptr();
+    r.exp_avg_sq = t.exp_avg_sqs[i].data_ptr();
+    r.max_exp_avg_sq = amsgrad ? t.max_exp_avg_sqs[i].data_ptr() : nullptr;
+    r.step = step.data_ptr<float>();
+    r.group = static_cast<int32_t>(groups[i]);
+    r.vector_ok = is_16_byte_aligned(r.param) && is_16_byte_aligned(r.grad) && is_16_byte_aligned(r.exp_avg) &&
+                  is_16_byte_aligned(r.exp_avg_sq) && (!amsgrad || is_16_byte_aligned(r.max_exp_avg_sq));
   }
-  if (active) {
-    TORCH_CHECK(active->scalar_type() == at::kBool && active->numel() == n &&
-                    active->is_contiguous() && active->device() == device,
-                "fused_adamw_: active must be a contiguous bool [", n, "] tensor on ", device);
+  total = end;
+
+  // Tensors written by the update must not share memory: their elements would be
+  // updated concurrently. FusedAdamW splits tied parameters over several calls.
+  std::vector<std::pair<uintptr_t, int64_t>> spans;  // (start, row) of params with elements
+  spans.reserve(n);
+  for (int64_t i = 0; i < n; ++i) {
+    if (rows[i].numel > 0) {
+      spans.emplace_back(reinterpret_cast<uintptr_t>(rows[i].param), i);
+    }
   }
+  std::sort(spans.begin(), spans.end());
+  const int64_t element_size = n > 0 ? t.params[0].element_size() : 1;
+  for (size_t k = 1; k < spans.size(); ++k) {
+    const TensorRow& previous = rows[spans[k - 1].second];
+    TORCH_CHECK(spans[k].first >= spans[k - 1].first + static_cast<uintptr_t>(previous.numel * element_size),
+                "fused_adamw_: ", name_of(spans[k - 1].second), " and ", name_of(spans[k].second),
+                " share memory; pass tensors that share memory in separate calls");
+  }
+
+  return rows;
+}
+
+inline void check_scaler_tensors(const std::optional<at::Tensor>& grad_scale,
+                                 const std::optional<at::Tensor>& found_inf, const at::Device& device) {
   for (const auto* t : {&grad_scale, &found_inf}) {
     if (t->has_value()) {
       TORCH_CHECK((*t)->numel() == 1 && (*t)->scalar_type() == at::kFloat && (*t)->device() == device,
-                  "fused_adamw_: grad_scale and found_inf must be one-element float32 tensors on ",
-                  device);
+                  "fused_adamw_: grad_scale and found_inf must be one-element float32 tensors on ", device);
     }
-  }
-}
-
-// Segments in order, inside the buffers, naming existing groups. Needs the
-// table on the host: the CPU op and the host emulation call it on every call;
-// the CUDA op relies on the optimizer, which checks its table once when built.
-inline void check_segments(const Segment* segments, int64_t n, int64_t total, int64_t n_groups) {
-  for (int64_t i = 0; i < n; ++i) {
-    const Segment& s = segments[i];
-    TORCH_CHECK(s.offset >= 0 && s.numel >= 0 && s.offset + s.numel <= total &&
-                    (i == 0 || s.offset >= segments[i - 1].offset + segments[i - 1].numel),
-                "fused_adamw_: segment ", i, " (offset ", s.offset, ", numel ", s.numel,
-                ") is out of order or outside the ", total, "-element buffers");
-    TORCH_CHECK(s.group >= 0 && s.group < n_groups, "fused_adamw_: segment ", i, " names group ",
-                s.group, " but there are ", n_groups);
   }
 }
 

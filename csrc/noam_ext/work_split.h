@@ -1,6 +1,13 @@
-// How a range of the flat buffers maps onto parameters ("segments"). Shared by
-// the CPU op (which splits the range over threads) and the CUDA kernel (which
-// splits it over blocks), so that both walk segments the same way.
+// How the tensors of one op call are split into work. Shared by the CPU op
+// (which splits over threads), the CUDA kernel (which splits over blocks) and
+// the kernel's host emulation, so that all of them walk tensors the same way.
+//
+// The tensors of a call are laid end to end in a *virtual* index space: tensor
+// i owns [offset, offset + numel), with offsets rounded up to a multiple of
+// kRowAlignElements so that a chunk boundary never falls inside a 16-byte
+// vector of a tensor whose memory is 16-byte aligned. Nothing is allocated for
+// this space: each row carries the tensor's own pointers, and an element at
+// virtual index k of row i lives at pointer + (k - offset).
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -9,20 +16,38 @@
 
 namespace noam_ext {
 
-// One row of the op's segments table: a parameter's slot in the flat buffers.
-struct Segment {
-  int64_t offset;
+// Virtual offsets are multiples of this many elements: 16 bytes of the
+// smallest element type we store (2-byte bfloat16/half) is 8 elements, and any
+// multiple of 16 bytes' worth of elements of a wider type is a multiple of 8 too.
+constexpr int64_t kRowAlignElements = 16;
+
+// One tensor of an op call: where its elements live and what they need.
+struct TensorRow {
+  int64_t offset;          // start in the virtual index space
   int64_t numel;
-  int64_t group;
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;    // null without amsgrad
+  float* step;             // torch's state["step"] (float32, one element, on the device)
+  int32_t group;           // row of the hyperparameter table
+  int32_t vector_ok;       // 1 when every pointer above is 16-byte aligned: 16-byte vectors
+                           // are then safe; otherwise the tensor takes the element path
 };
 
-// Index of the last segment starting at or before `pos` (0 if none): where a
-// walk over the range starting at `pos` begins. Segments are sorted by offset.
-C10_HOST_DEVICE inline int64_t first_segment_at(const Segment* segments, int64_t n, int64_t pos) {
+// Where the next row starts after a row ending at virtual index `end`.
+C10_HOST_DEVICE inline int64_t next_row_offset(int64_t end) {
+  return (end + kRowAlignElements - 1) / kRowAlignElements * kRowAlignElements;
+}
+
+// Index of the last row starting at or before `pos` (0 if none): where a walk
+// over the range starting at `pos` begins. Rows are sorted by offset.
+C10_HOST_DEVICE inline int64_t first_row_at(const TensorRow* rows, int64_t n, int64_t pos) {
   int64_t lo = 0, hi = n;
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (segments[mid].offset <= pos) {
+    if (rows[mid].offset <= pos) {
       lo = mid + 1;
     } else {
       hi = mid;
@@ -31,17 +56,18 @@ C10_HOST_DEVICE inline int64_t first_segment_at(const Segment* segments, int64_t
   return lo == 0 ? 0 : lo - 1;
 }
 
-// Calls f(segment_index, lo, hi) for every non-empty intersection of
-// [begin, end) with a segment, in order. Padding between segments is skipped.
+// Calls f(row_index, lo, hi) for every non-empty intersection of the virtual
+// range [begin, end) with a row, in order; lo and hi are indices *within* the
+// tensor (0 <= lo < hi <= numel). Padding between rows is skipped.
 template <typename F>
-C10_HOST_DEVICE inline void for_each_segment_in_range(
-    const Segment* segments, int64_t n, int64_t begin, int64_t end, F&& f) {
-  for (int64_t i = first_segment_at(segments, n, begin); i < n && segments[i].offset < end; ++i) {
-    const int64_t seg_end = segments[i].offset + segments[i].numel;
-    const int64_t lo = begin > segments[i].offset ? begin : segments[i].offset;
-    const int64_t hi = end < seg_end ? end : seg_end;
+C10_HOST_DEVICE inline void for_each_row_in_range(const TensorRow* rows, int64_t n, int64_t begin, int64_t end,
+                                                  F&& f) {
+  for (int64_t i = first_row_at(rows, n, begin); i < n && rows[i].offset < end; ++i) {
+    const int64_t row_end = rows[i].offset + rows[i].numel;
+    const int64_t lo = begin > rows[i].offset ? begin : rows[i].offset;
+    const int64_t hi = end < row_end ? end : row_end;
     if (lo < hi) {
-      f(i, lo, hi);
+      f(i, lo - rows[i].offset, hi - rows[i].offset);
     }
   }
 }

@@ -1,0 +1,40 @@
+// Running one call's tensors once they are checked and laid out as rows
+// (op_checks.h): the part of each device's op after its argument checks. The
+// registered ops call these after build_tensor_rows; FusedAdamW's step
+// (python_module.cpp), which checks every call of a step before making any,
+// calls them directly with the rows it has already built, instead of going
+// through the dispatcher and checking everything a second time.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+#include "work_split.h"
+
+namespace noam_ext {
+
+struct RowsCall {
+  const std::vector<TensorRow>& rows;
+  int64_t total;                 // virtual length (build_tensor_rows)
+  at::ScalarType dtype;
+  bool amsgrad;
+  const at::Tensor& schedule_step;
+  const at::Tensor& hyper;       // float64 [rows, kNumHyperColumns], CPU
+  bool advance_schedule;
+  const std::optional<at::Tensor>& grad_scale;
+  const std::optional<at::Tensor>& found_inf;
+};
+
+namespace cpu {
+void run_rows(const RowsCall& call);
+}  // namespace cpu
+
+#if defined(NOAM_EXT_WITH_CUDA)
+namespace cuda {
+void run_rows(const RowsCall& call);
+}  // namespace cuda
+#endif
+
+}  // namespace noam_ext

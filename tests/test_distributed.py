@@ -1,0 +1,460 @@
+"""FusedAdamW under torch.distributed wrappers, 2 processes on the CPU (gloo backend).
+
+Scenarios (one pair of worker processes each):
+  ddp-grad_copy / ddp-grad_bucket_view
+      DistributedDataParallel(gradient_as_bucket_view=False / True).
+  zero-param_copy / zero-param_bucket_view
+      ZeroRedundancyOptimizer(optimizer_class=..., parameters_as_bucket_view=False / True)
+      on a DDP-wrapped model (each rank steps only its partition, then ZeRO broadcasts it).
+  fsdp2
+      torch.distributed.fsdp.fully_shard on a CPU device mesh: every Linear, then the root;
+      the optimizer is built on the sharded (DTensor) parameters.
+
+In each scenario the same small MLP (Linear/LayerNorm/Linear/Linear, biases, float32,
+3509 parameters) is trained for STEPS steps on data that differs per rank, in four runs
+from the same initial weights and data: {torch.optim.AdamW(foreach=False), FusedAdamW}
+x {constant lr, Noam schedule}. torch's runs come first; they are the reference and
+double as a check of the harness itself (test_torch_reference).
+
+Checks, per scenario and schedule variant:
+  (a) after training, the full parameters are bitwise equal on both ranks;
+  (b) FusedAdamW's parameters equal torch's under the same wrapper, within float32 rounding;
+  (c) the optimizer state: "step" == STEPS on both ranks, exp_avg and exp_avg_sq for every
+      parameter the rank optimizes, of the parameter's shape and tensor type (DTensor under
+      FSDP2, as torch's); under ZeRO each parameter is optimized by exactly one rank;
+  and the loss went down.
+
+How the processes are run: each rank is a fresh Python running this file as a script
+(``python test_distributed.py --worker ...``), not torch.multiprocessing.spawn: under
+pytest's --import-mode=importlib this module is not importable by name in a child, so a
+spawned child could not unpickle a worker function defined here. The ranks rendezvous
+through a FileStore in the scenario's tmp folder (no TCP port to race for), write one
+torch.save file per (rank, run) there, and the assertions run here in the parent. An
+exception inside a run is saved with its traceback and reported by the tests of that run;
+a crash or hang of a whole worker is reported with the end of its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+WORLD_SIZE = 2
+STEPS = 6
+# OUT_FEATURES is odd on purpose: FSDP2 then shards the last Linear unevenly (3 + 2 rows),
+# so its local shards are views into padded storage and differ in size between the ranks.
+IN_FEATURES, HIDDEN, OUT_FEATURES, BATCH = 16, 48, 5, 64
+# Identical hyperparameters for both optimizers.
+CONSTANT_LR = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
+NOAM_LR = dict(lr=1.0, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
+D_MODEL, WARMUP = 16, 3
+
+SCENARIOS = ["ddp-grad_copy", "ddp-grad_bucket_view", "zero-param_copy", "zero-param_bucket_view", "fsdp2"]
+VARIANTS = ["constant_lr", "noam"]
+IMPLS = ["torch", "fused"]
+# The runs of a scenario, in the order the workers do them: torch's first, so that the
+# reference is complete even if one of ours fails, crashes or hangs.
+RUN_ORDER = [(impl, variant) for impl in IMPLS for variant in VARIANTS]
+
+COLLECTIVE_TIMEOUT_S = 30           # gloo: a rank stuck in a collective fails after this
+SCENARIO_TIMEOUT_S = 240            # parent: a scenario's workers are killed after this
+
+# (b) Tolerance of FusedAdamW against torch.optim.AdamW(foreach=False). Not bitwise: the
+# moment updates (exp_avg, exp_avg_sq) follow torch's single-tensor path operation for
+# operation and agree bit for bit given the same gradients (tests/test_parity.py), but
+# torch's CPU Tensor.sqrt (MKL VML in the x86 build) is not correctly rounded while
+# noam_ext uses the IEEE square root, so the denominator sqrt(v_hat) + eps, and with it
+# the parameter, can differ by about an ulp of the update in a few percent of the
+# elements (docs/adamw.md, "Rounding"). Those ulps change the next forward pass, so the
+# gradients then differ slightly too; over a few steps that stays far below these
+# tolerances, while a real mistake (a wrong lr, bias correction or a stale/unsynchronised
+# update) is off by > 1e-3 relative.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard          # torch >= 2.6
+    except ImportError:
+        from torch.distributed._composable.fsdp import fully_shard  # torch 2.4, 2.5
+    return fully_shard
+
+
+def _skip_reason() -> str | None:
+    if not dist.is_available():
+        return "torch.distributed is not available in this torch build (torch.distributed.is_available() is False)"
+    if not dist.is_gloo_available():
+        return "the gloo backend is not available in this torch build (torch.distributed.is_gloo_available() is False)"
+    return None
+
+
+# ================================================================================================
+# Worker side (runs in the child processes)
+# ================================================================================================
+
+def make_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(IN_FEATURES, HIDDEN), torch.nn.LayerNorm(HIDDEN), torch.nn.Tanh(),
+        torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.Tanh(),
+        torch.nn.Linear(HIDDEN, OUT_FEATURES))
+
+
+def make_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed regression batch per rank: different inputs on each rank, one target map."""
+    teacher = torch.randn(IN_FEATURES, OUT_FEATURES, generator=torch.Generator().manual_seed(99))
+    g = torch.Generator().manual_seed(1234 + rank)
+    x = torch.randn(BATCH, IN_FEATURES, generator=g)
+    y = torch.tanh(x @ teacher) + 0.05 * torch.randn(BATCH, OUT_FEATURES, generator=g)
+    return x, y
+
+
+def _global_mean(value: torch.Tensor) -> float:
+    value = value.detach().clone().reshape(1)
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The full (unsharded) value of a parameter, as a plain tensor."""
+    if hasattr(t, "full_tensor"):   # DTensor (FSDP2)
+        t = t.full_tensor()
+    return t.detach().clone().contiguous()
+
+
+def _kind(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+    """("DTensor" or "Tensor", the (global) shape): what a state tensor must match."""
+    return ("DTensor" if hasattr(t, "full_tensor") else "Tensor", tuple(t.shape))
+
+
+def _make_optimizer(impl: str, variant: str, params, zero: bool, bucket_view: bool):
+    """The optimizer and, for torch's Noam run, its LR scheduler. Returns
+    (optimizer, scheduler or None, the optimizer that holds the state)."""
+    import noam_ext
+
+    kwargs = dict(CONSTANT_LR if variant == "constant_lr" else NOAM_LR)
+    if impl == "torch":
+        cls = torch.optim.AdamW
+        kwargs["foreach"] = False
+    else:
+        cls = noam_ext.FusedAdamW
+        if variant == "noam":
+            kwargs["schedule"] = noam_ext.Noam(d_model=D_MODEL, warmup_steps=WARMUP)
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        opt = ZeroRedundancyOptimizer(params, optimizer_class=cls,
+                                      parameters_as_bucket_view=bucket_view, **kwargs)
+        local = opt.optim
+    else:
+        opt = cls(params, **kwargs)
+        local = opt
+    scheduler = None
+    if impl == "torch" and variant == "noam":
+        scheduler = noam_ext.TransformerLRScheduler(opt, d_model=D_MODEL, warmup_steps=WARMUP)
+    return opt, scheduler, local
+
+
+def train(scenario: str, impl: str, variant: str, rank: int) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    kind, _, mode = scenario.partition("-")
+    model = make_model()
+    names = {id(p): name for name, p in model.named_parameters()}
+    if kind == "ddp":
+        wrapped = DDP(model, gradient_as_bucket_view=(mode == "grad_bucket_view"))
+    elif kind == "zero":
+        wrapped = DDP(model)
+    elif kind == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        fully_shard = _fully_shard()
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        for module in model:
+            if isinstance(module, torch.nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        wrapped = model
+        # fully_shard replaced the parameters by sharded DTensor parameters.
+        names = {id(p): name for name, p in model.named_parameters()}
+    else:
+        raise ValueError(scenario)
+
+    opt, scheduler, local = _make_optimizer(impl, variant, list(wrapped.parameters()),
+                                            zero=(kind == "zero"), bucket_view=(mode == "param_bucket_view"))
+    x, y = make_batch(rank)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(wrapped(x), y)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(_global_mean(loss))
+
+    # The full parameters, gathered in the same order on every rank (collectives for FSDP2).
+    params = {name: _full(p) for name, p in model.named_parameters()}
+    # Final loss, evaluated on a plain copy of the model (independent of the wrapper).
+    plain = make_model()
+    plain.load_state_dict(params)
+    with torch.no_grad():
+        final_loss = _global_mean(torch.nn.functional.mse_loss(plain(x), y))
+
+    state = {}
+    for group in local.param_groups:
+        for p in group["params"]:
+            s = local.state.get(p, {})
+            step = s.get("step")
+            state[names[id(p)]] = {
+                "keys": sorted(s),
+                "step": None if step is None else float(step),
+                # Same shape and tensor type as the parameter: a DTensor under FSDP2, as
+                # torch.optim.AdamW's are (torch.distributed.checkpoint relies on it).
+                "moments": {k: _kind(s[k]) for k in ("exp_avg", "exp_avg_sq") if k in s},
+                "param": _kind(p),
+            }
+    return {
+        "params": params,
+        "losses": losses,
+        "final_loss": final_loss,
+        "state": state,
+        "lrs": [float(g["lr"]) for g in opt.param_groups],
+    }
+
+
+def worker_main(scenario: str, rank: int, out_dir: Path) -> None:
+    torch.set_num_threads(1)    # two ranks on a 2-core machine
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank,
+                            world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    try:
+        for impl, variant in RUN_ORDER:
+            started = time.perf_counter()
+            try:
+                result = train(scenario, impl, variant, rank)
+            except Exception:
+                result = {"error": traceback.format_exc()}
+            result["seconds"] = time.perf_counter() - started
+            torch.save(result, out_dir / f"{impl}-{variant}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+# ================================================================================================
+# Parent side (pytest)
+# ================================================================================================
+
+pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
+
+
+@dataclass
+class ScenarioRun:
+    scenario: str
+    out_dir: Path
+    failure: str | None = None      # a worker crashed or timed out: why, with its output
+    results: dict = field(default_factory=dict)   # (impl, variant) -> [rank0 result, rank1 result]
+
+    def raw(self, impl: str, variant: str) -> list[dict | None]:
+        """Both ranks' saved results of one run (None: that rank saved none)."""
+        key = (impl, variant)
+        if key not in self.results:
+            paths = [self.out_dir / f"{impl}-{variant}-rank{rank}.pt" for rank in range(WORLD_SIZE)]
+            self.results[key] = [torch.load(path, weights_only=True) if path.exists() else None
+                                 for path in paths]
+        return self.results[key]
+
+    def failed(self, impl: str, variant: str) -> bool:
+        return any(r is None or "error" in r for r in self.raw(impl, variant))
+
+    def get(self, impl: str, variant: str) -> list[dict]:
+        """Both ranks' results of one run; fails the test with every rank's traceback."""
+        results = self.raw(impl, variant)
+        problems = []
+        for rank, result in enumerate(results):
+            if result is None:
+                problems.append(f"--- rank {rank} saved no result for this run")
+            elif "error" in result:
+                problems.append(f"--- rank {rank} raised:\n{result['error']}")
+        if problems:
+            message = f"{self.scenario}: the {impl}/{variant} run failed\n" + "\n".join(problems)
+            earlier = RUN_ORDER[:RUN_ORDER.index((impl, variant))]
+            earlier = [f"{i}/{v}" for i, v in earlier if self.failed(i, v)]
+            if earlier:
+                message += (f"\nNote: the earlier run(s) {', '.join(earlier)} of this scenario failed too. A "
+                            "failure on one rank only leaves the other waiting in a collective and the "
+                            "process group unusable, so a gloo timeout, 'pair closure' or 'connection reset' "
+                            "here may only be a consequence of that earlier failure.")
+            if self.failure:
+                message += f"\nWorker processes: {self.failure}"
+            pytest.fail(message, pytrace=False)
+        return results
+
+
+_RUNS: dict[str, ScenarioRun] = {}
+
+
+def _run_workers(scenario: str, out_dir: Path) -> ScenarioRun:
+    """Runs both ranks of one scenario to completion (or SCENARIO_TIMEOUT_S)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    deadline = time.monotonic() + SCENARIO_TIMEOUT_S
+    procs, logs, failure = [], [], []
+    try:
+        for rank in range(WORLD_SIZE):
+            logs.append(open(out_dir / f"rank{rank}.log", "w+"))
+            procs.append(subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--worker", scenario, str(rank), str(out_dir)],
+                stdout=logs[-1], stderr=subprocess.STDOUT, env=env, cwd=str(out_dir)))
+        for rank, proc in enumerate(procs):
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                failure.append(f"rank {rank} was still running after {SCENARIO_TIMEOUT_S} s and was killed")
+    finally:
+        for proc in procs:      # only the workers started above, also on KeyboardInterrupt
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.close()
+    for rank, proc in enumerate(procs):
+        if proc.returncode != 0:
+            output = (out_dir / f"rank{rank}.log").read_text(errors="replace")
+            failure.append(f"rank {rank} exited with code {proc.returncode}; the end of its output:\n"
+                           f"{output[-6000:] or '(no output)'}")
+    return ScenarioRun(scenario, out_dir, failure="\n".join(failure) or None)
+
+
+@pytest.fixture
+def run_of(tmp_path_factory):
+    """scenario -> its ScenarioRun; the workers run once per scenario per session."""
+    def get(scenario: str) -> ScenarioRun:
+        if scenario == "fsdp2":
+            try:
+                _fully_shard()
+            except ImportError:
+                pytest.skip(f"this torch ({torch.__version__}) has no FSDP2 fully_shard")
+        if scenario not in _RUNS:
+            _RUNS[scenario] = _run_workers(scenario, tmp_path_factory.mktemp(scenario))
+        return _RUNS[scenario]
+    return get
+
+
+scenario_param = pytest.mark.parametrize("scenario", SCENARIOS)
+variant_param = pytest.mark.parametrize("variant", VARIANTS)
+
+
+def _assert_ranks_bitwise_equal(results: list[dict], what: str) -> None:
+    reference = results[0]["params"]
+    for rank, result in enumerate(results[1:], start=1):
+        assert result["params"].keys() == reference.keys()
+        differ = {name: (value - reference[name]).abs().max().item()
+                  for name, value in result["params"].items() if not torch.equal(value, reference[name])}
+        if differ:
+            listing = ", ".join(f"{name} ({diff:.3g})" for name, diff in differ.items())
+            pytest.fail(f"{what}: the ranks diverged: after {STEPS} steps {len(differ)} of {len(reference)} "
+                        f"parameters differ between rank 0 and rank {rank} (max |diff|): {listing}",
+                        pytrace=False)
+
+
+def _assert_state(results: list[dict], scenario: str, what: str) -> None:
+    all_names = set(results[0]["params"])
+    owners: dict[str, list[int]] = {name: [] for name in all_names}
+    for rank, result in enumerate(results):
+        assert result["state"], f"{what}: rank {rank}'s optimizer optimizes no parameter"
+        for name, s in result["state"].items():
+            owners[name].append(rank)
+            assert "exp_avg" in s["keys"] and "exp_avg_sq" in s["keys"], (
+                f"{what}: rank {rank}: state of {name!r} has keys {s['keys']}, "
+                "expected exp_avg and exp_avg_sq")
+            for key, kind in s["moments"].items():
+                assert kind == s["param"], (
+                    f"{what}: rank {rank}: state[{key!r}] of {name!r} is a {kind[0]} of shape {kind[1]}, "
+                    f"expected a {s['param'][0]} of shape {s['param'][1]} like the parameter")
+            assert s["step"] == STEPS, f"{what}: rank {rank}: state['step'] of {name!r} is {s['step']}, expected {STEPS}"
+    if scenario.startswith("zero"):
+        # ZeRO partitions the parameters: each is stepped by exactly one rank.
+        bad = {name: ranks for name, ranks in owners.items() if len(ranks) != 1}
+        assert not bad, f"{what}: ZeRO parameters not owned by exactly one rank (name: ranks): {bad}"
+    else:
+        bad = {name: ranks for name, ranks in owners.items() if ranks != list(range(WORLD_SIZE))}
+        assert not bad, f"{what}: parameters not optimized by every rank (name: ranks): {bad}"
+
+
+def _assert_loss_decreased(results: list[dict], what: str) -> None:
+    for rank, result in enumerate(results):
+        losses = result["losses"]
+        assert all(l == l for l in losses), f"{what}: NaN loss on rank {rank}: {losses}"
+        assert result["final_loss"] < losses[0], (
+            f"{what}: the loss did not decrease on rank {rank}: first {losses[0]:.6g}, "
+            f"after {STEPS} steps {result['final_loss']:.6g} (per step: {losses})")
+
+
+@variant_param
+@scenario_param
+def test_torch_reference(run_of, scenario, variant):
+    """The harness: torch.optim.AdamW under the wrapper keeps the ranks identical, has the
+    expected state and trains. If this fails, the scenario itself is broken, not noam_ext."""
+    torch_results = run_of(scenario).get("torch", variant)
+    what = f"torch.optim.AdamW, {scenario}, {variant}"
+    _assert_ranks_bitwise_equal(torch_results, what)
+    _assert_state(torch_results, scenario, what)
+    _assert_loss_decreased(torch_results, what)
+
+
+@variant_param
+@scenario_param
+def test_fused_ranks_bitwise_equal(run_of, scenario, variant):
+    """(a) FusedAdamW under the wrapper leaves identical full parameters on every rank."""
+    _assert_ranks_bitwise_equal(run_of(scenario).get("fused", variant), f"FusedAdamW, {scenario}, {variant}")
+
+
+@variant_param
+@scenario_param
+def test_fused_matches_torch(run_of, scenario, variant):
+    """(b) FusedAdamW's parameters equal torch.optim.AdamW's under the same wrapper
+    (within float32 rounding: see RTOL, ATOL), and so does the lr it ends on."""
+    run = run_of(scenario)
+    fused = run.get("fused", variant)
+    reference = run.get("torch", variant)
+    for rank in range(WORLD_SIZE):
+        ours, theirs = fused[rank], reference[rank]
+        for name, value in theirs["params"].items():
+            torch.testing.assert_close(
+                ours["params"][name], value, rtol=RTOL, atol=ATOL,
+                msg=lambda m, name=name, rank=rank: (
+                    f"{scenario}, {variant}, rank {rank}: FusedAdamW's {name!r} differs from "
+                    f"torch.optim.AdamW's after {STEPS} steps\n{m}"))
+        assert ours["lrs"] == pytest.approx(theirs["lrs"], rel=1e-12), (
+            f"{scenario}, {variant}, rank {rank}: lr after training {ours['lrs']} vs torch {theirs['lrs']}")
+
+
+@variant_param
+@scenario_param
+def test_fused_optimizer_state(run_of, scenario, variant):
+    """(c) step == STEPS on both ranks, and exp_avg/exp_avg_sq for every parameter the
+    rank optimizes (its partition under ZeRO, all of them otherwise)."""
+    _assert_state(run_of(scenario).get("fused", variant), scenario, f"FusedAdamW, {scenario}, {variant}")
+
+
+@variant_param
+@scenario_param
+def test_fused_loss_decreased(run_of, scenario, variant):
+    _assert_loss_decreased(run_of(scenario).get("fused", variant), f"FusedAdamW, {scenario}, {variant}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="worker process of tests/test_distributed.py")
+    parser.add_argument("--worker", nargs=3, metavar=("SCENARIO", "RANK", "OUT_DIR"), required=True)
+    args = parser.parse_args()
+    scenario, rank, out_dir = args.worker
+    worker_main(scenario, int(rank), Path(out_dir))
