@@ -54,7 +54,11 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 # -ffp-contract=off: the compiler must not fuse a*b+c into one FMA on its own;
 # that would change roundings between instruction sets and away from PyTorch.
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
+# -fopenmp: at::parallel_for is a header template that runs in parallel only where
+# _OPENMP is defined; without it the CPU op silently runs on one thread. torch ships
+# its own libgomp.so.1, which the extension then shares (one OpenMP runtime).
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 # No --use_fast_math (it replaces IEEE division and sqrt); --fmad=false for the
 # same reason as -ffp-contract=off on the host: identical roundings on CPU and GPU.
 NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
@@ -162,6 +166,7 @@ def make_extension():
         include_dirs=[str(ROOT / CSRC)],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
+        extra_link_args=list(LINK_FLAGS),
         depends=depends,
     )
     ext.per_source_flags = per_source_flags

@@ -35,7 +35,7 @@ namespace {
 // shard, which is what torch's own fused optimizers update. The reference stays
 // valid while `obj` lives (a DTensor holds its local tensor).
 const at::Tensor& local_tensor(PyObject* obj, const char* what) {
-  if (!THPVariable_Check(obj)) {
+  if (!THPVariable_CheckExact(obj) && !THPVariable_Check(obj)) {
     throw py::type_error(std::string("FusedAdamW: ") + what + " is not a tensor");
   }
   const at::Tensor& t = THPVariable_Unpack(obj);
@@ -85,7 +85,7 @@ class BorrowedTensors {
     }
   }
   void push_back(const at::Tensor& t) { tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t)); }
-  void reserve(size_t n) { tensors_.reserve(n); }
+  void reserve(size_t n) { tensors_.reserve(n); }  // never shrinks
   size_t size() const { return tensors_.size(); }
   bool empty() const { return tensors_.empty(); }
   const at::Tensor& operator[](size_t i) const { return tensors_[i]; }
@@ -118,6 +118,13 @@ struct Bucket {
   std::vector<std::pair<int64_t, int64_t>> where;   // per param: (group, index in group)
   std::vector<int32_t> rounds;        // per param: which of the bucket's calls updates it
   int32_t num_rounds = 1;
+  void reserve_more(size_t n) {
+    for (BorrowedTensors* list : {&params, &grads, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs, &steps}) {
+      list->reserve(list->size() + n);
+    }
+    rows.reserve(rows.size() + n);
+    where.reserve(where.size() + n);
+  }
   // Filled by StepPlan::check(): per round, the checked rows and their virtual length.
   std::vector<std::vector<TensorRow>> call_rows;
   std::vector<int64_t> call_totals;
@@ -376,6 +383,10 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
     if (!params) {
       throw py::error_already_set();
     }
+    const Py_ssize_t group_size = PySequence_Fast_GET_SIZE(params.ptr());
+    for (Bucket& b : plan->buckets) {
+      b.reserve_more(static_cast<size_t>(group_size));
+    }
     const int amsgrad_truth = amsgrad_obj == nullptr ? 0 : PyObject_IsTrue(amsgrad_obj);
     if (amsgrad_truth < 0) {
       throw py::error_already_set();
@@ -434,6 +445,7 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
         plan->buckets.back().device = param.device();
         plan->buckets.back().dtype = param.scalar_type();
         plan->buckets.back().amsgrad = amsgrad;
+        plan->buckets.back().reserve_more(static_cast<size_t>(count));
       }
       Bucket& b = plan->buckets[slot->second];
       if (b.row_groups.empty() || b.row_groups.back() != g) {
@@ -522,6 +534,7 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "noam_ext's compiled ops; importing it registers torch.ops.noam_ext.*";
   m.attr("compiled_cpu_capabilities") = noam_ext::cpu::compiled_cpu_capabilities();
+  m.attr("cpu_op_parallel") = noam_ext::cpu::op_is_parallel();
 #if defined(NOAM_EXT_WITH_CUDA)
   m.attr("cuda_compiled") = 1;
 #else

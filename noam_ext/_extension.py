@@ -27,5 +27,6 @@ def build_info() -> dict:
         "torch": torch.__version__,
         "cuda_compiled": bool(_C.cuda_compiled),
         "cpu_capabilities_compiled": _C.compiled_cpu_capabilities.split(","),
+        "cpu_op_parallel": bool(_C.cpu_op_parallel),
         "cpu_capability": cpu_capability(),
     }

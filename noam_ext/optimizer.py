@@ -134,8 +134,9 @@ class FusedAdamW(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("decoupled_weight_decay", True)
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
+        # No torch.no_grad() here: the step runs in C++ below autograd (and bumps the
+        # parameters' versions itself), and the decorator would cost microseconds.
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -178,6 +179,7 @@ class FusedAdamW(Optimizer):
 
     # ---- state -----------------------------------------------------------------------------
 
+    @torch.no_grad()
     def _prepare(self, stateless, misplaced_steps, devices) -> None:
         """Creates the state of parameters taking their first step (as torch does,
         lazily), moves steps loaded onto the CPU to their parameter's device, and

@@ -37,3 +37,11 @@ def test_cpu_capability_is_one_that_was_compiled():
     info = noam_ext.build_info()
     assert info["cpu_capability"] in info["cpu_capabilities_compiled"]
     assert "default" in info["cpu_capabilities_compiled"]
+
+
+def test_cpu_op_uses_torchs_intra_op_threads():
+    # at::parallel_for is a header template: in a file compiled without OpenMP it runs
+    # on one thread, silently. torch's own CPU kernels use OpenMP here; ours must too.
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("this torch is not built with OpenMP: nothing to match")
+    assert noam_ext.build_info()["cpu_op_parallel"]

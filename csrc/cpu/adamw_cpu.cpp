@@ -48,6 +48,7 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
   const std::vector<TensorRow> rows = build_tensor_rows(
       {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps}, schedule_step.device(), hyper.size(0),
       groups, total);
+  check_no_shared_memory(rows, params.empty() ? 1 : params[0].element_size());
   check_scaler_tensors(grad_scale, found_inf, schedule_step.device());
   const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
   run_rows({rows, total, dtype, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule, grad_scale,
@@ -55,6 +56,14 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
 }
 
 }  // namespace
+
+bool op_is_parallel() {
+#if defined(INTRA_OP_PARALLEL)
+  return true;
+#else
+  return false;
+#endif
+}
 
 void run_rows(const RowsCall& call) {
   int64_t* schedule = call.schedule_step.data_ptr<int64_t>();

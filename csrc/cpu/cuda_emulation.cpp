@@ -42,6 +42,7 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
   int64_t total = 0;
   const std::vector<TensorRow> rows = build_tensor_rows({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps},
                                                      schedule_step.device(), hyper.size(0), groups, total);
+  check_no_shared_memory(rows, params.empty() ? 1 : params[0].element_size());
   check_scaler_tensors(grad_scale, found_inf, schedule_step.device());
   TORCH_CHECK(num_blocks >= 1 && threads_per_block >= 1, "emulate_cuda_fused_adamw_: empty grid");
   const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();

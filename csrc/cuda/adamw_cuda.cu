@@ -139,6 +139,7 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
   const std::vector<TensorRow> rows = build_tensor_rows(
       {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps}, schedule_step.device(), hyper.size(0),
       groups, total);
+  check_no_shared_memory(rows, params.empty() ? 1 : params[0].element_size());
   check_scaler_tensors(grad_scale, found_inf, schedule_step.device());
   const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
   run_rows({rows, total, dtype, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule, grad_scale,

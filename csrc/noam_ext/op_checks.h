@@ -76,32 +76,45 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
 
   std::vector<TensorRow> rows(n);
   int64_t end = 0;
+  const at::ScalarType call_dtype = n > 0 ? t.params[0].scalar_type() : at::kFloat;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = t.params[i];
     TORCH_CHECK(p.defined() && p.layout() == at::kStrided, "fused_adamw_: ", name_of(i),
                 " must be a dense (strided) tensor");
-    TORCH_CHECK(is_supported_dtype(p.scalar_type()), "fused_adamw_: ", name_of(i),
-                " must be float32, float64, bfloat16 or float16, got ", p.scalar_type());
+    const at::ScalarType dtype = p.scalar_type();
+    TORCH_CHECK(is_supported_dtype(dtype), "fused_adamw_: ", name_of(i),
+                " must be float32, float64, bfloat16 or float16, got ", dtype);
     TORCH_CHECK(p.device() == device, "fused_adamw_: ", name_of(i), " is on ", p.device(),
                 " but this call runs on ", device, " (one call takes one device)");
-    TORCH_CHECK(p.scalar_type() == t.params[0].scalar_type(), "fused_adamw_: ", name_of(i), " has dtype ",
-                p.scalar_type(), " but ", name_of(0), " has ", t.params[0].scalar_type(),
-                " (one call takes one dtype)");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "fused_adamw_: ", name_of(i),
+    TORCH_CHECK(dtype == call_dtype, "fused_adamw_: ", name_of(i), " has dtype ", dtype, " but ", name_of(0),
+                " has ", call_dtype, " (one call takes one dtype)");
+    const bool contiguous = p.is_contiguous();
+    TORCH_CHECK(contiguous || p.is_non_overlapping_and_dense(), "fused_adamw_: ", name_of(i),
                 " must be non-overlapping and dense in memory (e.g. contiguous)");
+    const at::IntArrayRef sizes = p.sizes();
+    const int64_t numel = p.numel();
+    // The common case first, in few reads: same layout, dtype, device, shape and
+    // (for a contiguous parameter) contiguous. Anything else gets the detailed checks.
+    auto like_param = [&](const at::Tensor& x) {
+      return x.defined() && x.layout() == at::kStrided && x.scalar_type() == dtype && x.device() == device &&
+             x.sizes() == sizes && (numel <= 1 || (contiguous ? x.is_contiguous() : x.strides() == p.strides()));
+    };
     auto check_like_param = [&](const at::Tensor& x, const char* what) {
+      if (like_param(x)) {
+        return;
+      }
       TORCH_CHECK(x.defined() && x.layout() == at::kStrided, "fused_adamw_: the ", what, " of ", name_of(i),
                   " must be a dense (strided) tensor", x.defined() && x.is_sparse() ? ", got a sparse one" : "");
       TORCH_CHECK(x.device() == device, "fused_adamw_: the ", what, " of ", name_of(i), " is on ", x.device(),
                   " but the parameter is on ", p.device());
-      TORCH_CHECK(x.scalar_type() == p.scalar_type(), "fused_adamw_: the ", what, " of ", name_of(i),
-                  " has dtype ", x.scalar_type(), " but the parameter has ", p.scalar_type());
-      TORCH_CHECK(x.sizes() == p.sizes(), "fused_adamw_: the ", what, " of ", name_of(i), " has shape ",
-                  x.sizes(), " but the parameter has ", p.sizes());
+      TORCH_CHECK(x.scalar_type() == dtype, "fused_adamw_: the ", what, " of ", name_of(i), " has dtype ",
+                  x.scalar_type(), " but the parameter has ", dtype);
+      TORCH_CHECK(x.sizes() == sizes, "fused_adamw_: the ", what, " of ", name_of(i), " has shape ", x.sizes(),
+                  " but the parameter has ", sizes);
       // Same strides (or at most one element): element k of each tensor is then
       // at the same distance from its start, so one linear walk serves all.
-      TORCH_CHECK(p.numel() <= 1 || x.strides() == p.strides(), "fused_adamw_: the ", what, " of ", name_of(i),
-                  " has strides ", x.strides(), " but the parameter has ", p.strides());
+      TORCH_CHECK(false, "fused_adamw_: the ", what, " of ", name_of(i), " has strides ", x.strides(),
+                  " but the parameter has ", p.strides());
     };
     check_like_param(t.grads[i], "gradient");
     check_like_param(t.exp_avgs[i], "exp_avg");
@@ -117,7 +130,7 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
 
     TensorRow& r = rows[i];
     r.offset = next_row_offset(end);
-    r.numel = p.numel();
+    r.numel = numel;
     end = r.offset + r.numel;
     r.param = p.data_ptr();
     r.grad = t.grads[i].const_data_ptr();
@@ -131,25 +144,32 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
   }
   total = end;
 
-  // Tensors written by the update must not share memory: their elements would be
-  // updated concurrently. FusedAdamW splits tied parameters over several calls.
+  return rows;
+}
+
+// Parameters written by one call must not share memory: their elements would be
+// updated concurrently. (FusedAdamW splits tied parameters over several calls.)
+inline void check_no_shared_memory(const std::vector<TensorRow>& rows, int64_t element_size,
+                                   const TensorNamer& name_of = list_element_name) {
   std::vector<std::pair<uintptr_t, int64_t>> spans;  // (start, row) of params with elements
-  spans.reserve(n);
-  for (int64_t i = 0; i < n; ++i) {
+  spans.reserve(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
     if (rows[i].numel > 0) {
-      spans.emplace_back(reinterpret_cast<uintptr_t>(rows[i].param), i);
+      spans.emplace_back(reinterpret_cast<uintptr_t>(rows[i].param), static_cast<int64_t>(i));
     }
   }
   std::sort(spans.begin(), spans.end());
-  const int64_t element_size = n > 0 ? t.params[0].element_size() : 1;
-  for (size_t k = 1; k < spans.size(); ++k) {
-    const TensorRow& previous = rows[spans[k - 1].second];
-    TORCH_CHECK(spans[k].first >= spans[k - 1].first + static_cast<uintptr_t>(previous.numel * element_size),
-                "fused_adamw_: ", name_of(spans[k - 1].second), " and ", name_of(spans[k].second),
+  uintptr_t reach = 0;      // end of the furthest-reaching span so far
+  int64_t reacher = -1;
+  for (const auto& [start, i] : spans) {
+    TORCH_CHECK(reacher < 0 || start >= reach, "fused_adamw_: ", name_of(reacher), " and ", name_of(i),
                 " share memory; pass tensors that share memory in separate calls");
+    const uintptr_t span_end = start + static_cast<uintptr_t>(rows[i].numel * element_size);
+    if (span_end > reach) {
+      reach = span_end;
+      reacher = i;
+    }
   }
-
-  return rows;
 }
 
 inline void check_scaler_tensors(const std::optional<at::Tensor>& grad_scale,

@@ -29,6 +29,9 @@ struct RowsCall {
 
 namespace cpu {
 void run_rows(const RowsCall& call);
+// Whether the CPU op was compiled to split its work over torch's intra-op threads
+// (at::parallel_for runs serially in a translation unit built without OpenMP).
+bool op_is_parallel();
 }  // namespace cpu
 
 #if defined(NOAM_EXT_WITH_CUDA)
