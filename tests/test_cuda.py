@@ -138,10 +138,9 @@ def test_cuda_graph_replays_equal_eager_steps():
     graphed = FusedAdamW(graph_model.parameters(), lr=1.0, schedule=Noam(64, 10), amsgrad=True)
     grads = [torch.randn(p.shape, device=DEVICE) for p in eager_model.parameters()]
     for opt, model in ((eager, eager_model), (graphed, graph_model)):
-        opt.zero_grad(set_to_none=False)
         for p, g in zip(model.parameters(), grads):
-            p.grad.copy_(g)
-        opt.step()   # warm-up step outside the graph: allocates the state buffers
+            p.grad = g.clone()   # static gradients, as graph capture needs
+        opt.step()   # warm-up step outside the graph: creates the state
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -208,7 +207,32 @@ def test_state_dict_moves_between_cpu_and_cuda():
 
 
 def test_mixed_devices_are_a_clear_error():
-    args = to_device(emulation.make_args([5, 7], torch.float32, False, seed=0))
-    args["grad"] = args["grad"].cpu()
-    with pytest.raises(RuntimeError, match="grad is on cpu"):
-        torch.ops.noam_ext.fused_adamw_(*emulation.positional(args))
+    args = to_device(op_args.make_args([5, 7]))
+    args["grads"][1] = args["grads"][1].cpu()
+    with pytest.raises(RuntimeError, match=r"gradient of params\[1\] is on cpu"):
+        torch.ops.noam_ext.fused_adamw_(*op_args.positional(args))
+
+
+def test_parameters_on_cpu_and_gpu_in_one_optimizer():
+    cpu_param = torch.nn.Parameter(torch.randn(5))
+    gpu_param = torch.nn.Parameter(torch.randn(7, device=DEVICE))
+    opt = FusedAdamW([cpu_param, gpu_param], lr=1.0, schedule=Noam(16, 4))
+    for _ in range(3):
+        cpu_param.grad = torch.ones(5)
+        gpu_param.grad = torch.ones(7, device=DEVICE)
+        opt.step()
+    assert {c.device.type: c.tolist() for c in opt._schedule_counters.values()} == {"cpu": [3, 0], "cuda": [3, 0]}
+    assert float(opt.state[gpu_param]["step"]) == 3.0 and opt.state[gpu_param]["step"].is_cuda
+
+
+def test_a_table_of_a_thousand_tensors_is_one_launch():
+    params = [torch.nn.Parameter(torch.randn(3, device=DEVICE)) for _ in range(1000)]
+    opt = FusedAdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()   # creates the state
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    launches = [e for e in prof.events() if "fused_adamw_kernel" in e.name]
+    assert len(launches) == 1
