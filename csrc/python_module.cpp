@@ -272,11 +272,19 @@ class StepPlan {
     for (size_t k = 0; k < buckets.size(); ++k) {
       const Bucket& b = buckets[k];
       const size_t d = device_index(devs, b.device);
-      // This bucket's rows of the table only, so that a CUDA launch carries few.
-      at::Tensor table = at::empty({static_cast<int64_t>(b.row_groups.size()), kNumHyperColumns}, at::kDouble);
-      for (size_t r = 0; r < b.row_groups.size(); ++r) {
-        std::copy_n(all_rows + b.row_groups[r] * kNumHyperColumns, kNumHyperColumns,
-                    table.data_ptr<double>() + r * kNumHyperColumns);
+      // This bucket's rows of the table only, so that a CUDA launch carries few; the
+      // whole table as it is when the bucket holds every group (no allocation).
+      bool every_group = static_cast<int64_t>(b.row_groups.size()) == hyper.size(0);
+      for (size_t r = 0; every_group && r < b.row_groups.size(); ++r) {
+        every_group = b.row_groups[r] == static_cast<int64_t>(r);
+      }
+      at::Tensor table = hyper;
+      if (!every_group) {
+        table = at::empty({static_cast<int64_t>(b.row_groups.size()), kNumHyperColumns}, at::kDouble);
+        for (size_t r = 0; r < b.row_groups.size(); ++r) {
+          std::copy_n(all_rows + b.row_groups[r] * kNumHyperColumns, kNumHyperColumns,
+                      table.data_ptr<double>() + r * kNumHyperColumns);
+        }
       }
       for (int32_t round = 0; round < b.num_rounds; ++round) {
         // The device implementations behind torch.ops.noam_ext.fused_adamw_, given
@@ -463,12 +471,6 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
       b.where.emplace_back(g, j);
     }
   }
-  if (plan->ready()) {
-    for (Bucket& b : plan->buckets) {
-      assign_rounds(b);
-    }
-    plan->check();
-  }
   return plan;
 }
 
@@ -482,7 +484,7 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
 //   grad_scale, found_inf: torch.amp.GradScaler's tensors or None
 py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& hyper, py::dict counters,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
-  const std::unique_ptr<StepPlan> plan = collect(param_groups, state);  // checked when ready
+  const std::unique_ptr<StepPlan> plan = collect(param_groups, state);
   const std::vector<at::Device> devices = plan->devices();
   std::vector<at::Tensor> device_counters;
   std::vector<at::Device> missing;
@@ -500,6 +502,12 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
   if (!plan->ready() || !missing.empty()) {
     return py::make_tuple(plan->stateless, plan->misplaced_steps, missing);
   }
+  // Every device has a counter (so FusedAdamW has checked it has a kernel): check
+  // every call of the step, then make them.
+  for (Bucket& b : plan->buckets) {
+    assign_rounds(b);
+  }
+  plan->check();
   for (const at::Tensor& counter : device_counters) {
     check_call_arguments(counter, hyper);
   }

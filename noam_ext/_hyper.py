@@ -45,6 +45,27 @@ def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> None
         raise ValueError(f"Invalid weight_decay value{where}: {weight_decay}")
 
 
+def check_tensor_hyperparameters(lr, betas, foreach, capturable) -> None:
+    """The checks torch.optim.AdamW's constructor makes on Tensor lr and betas, with
+    its messages (foreach=True cannot take them without capturable=True)."""
+    if isinstance(lr, torch.Tensor):
+        if foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} must be a pair (beta1, beta2)")
+    if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{index}] as a Tensor is not supported for capturable=False and "
+                                 "foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{index}] must be 1-element")
+
+
 def _plain(value: Any) -> Any:
     """A tensor hyperparameter as a Python float (a sync for a GPU tensor: prefer floats)."""
     return value.item() if isinstance(value, torch.Tensor) else value

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from . import _extension
 from ._extension import _C
-from ._hyper import SUPPORTED_DTYPES, HyperTable, check_hyperparameters
+from ._hyper import SUPPORTED_DTYPES, HyperTable, check_hyperparameters, check_tensor_hyperparameters
 from ._state import create_state, step_on_device
 from .scheduler import noam_lr, validate_noam_args
 
@@ -67,6 +67,7 @@ class FusedAdamW(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, schedule: Noam | None = None, foreach: bool | None = None,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
+        check_tensor_hyperparameters(lr, betas, foreach, capturable)
         check_hyperparameters(lr, betas, eps, weight_decay)
         if differentiable:
             raise ValueError("FusedAdamW does not support differentiable=True")
@@ -132,7 +133,9 @@ class FusedAdamW(Optimizer):
             group.setdefault("capturable", False)
             group.setdefault("differentiable", False)
             group.setdefault("fused", None)
-            group.setdefault("decoupled_weight_decay", True)
+            # Always decoupled, as torch.optim.AdamW forces it: a torch.optim.Adam state
+            # dict (decoupled_weight_decay=False) loads as AdamW.
+            group["decoupled_weight_decay"] = True
 
     def step(self, closure: Callable[[], float] | None = None):
         # No torch.no_grad() here: the step runs in C++ below autograd (and bumps the
@@ -188,6 +191,8 @@ class FusedAdamW(Optimizer):
             _check_device_supported(device)
             self._schedule_counter(device)
         fresh, amsgrad, seen = [], [], set()
+        for g, j in stateless:   # checked first: an unsupported device creates no state
+            _check_device_supported(_local(self.param_groups[g]["params"][j]).device)
         for g, j in stateless:
             p = self.param_groups[g]["params"][j]
             if id(p) not in seen:   # the same parameter twice in a group: one state

@@ -23,6 +23,9 @@ def _check_positive_int(name: str, value) -> int:
         raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
     if value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value}")
+    if value > 2**53:
+        # The op computes the schedule in float64, where larger integers are not exact.
+        raise ValueError(f"{name} must be at most 2**53, got {value}")
     return int(value)
 
 

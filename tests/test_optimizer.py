@@ -244,10 +244,41 @@ def test_mixed_dtypes_share_one_schedule_counter():
     ({"lr": "fast"}, "Invalid lr"),
     ({"schedule": 512}, "schedule"),
     ({"differentiable": True}, "differentiable"),
+    ({"lr": torch.tensor(0.1), "foreach": True}, "lr as a Tensor is not supported"),
+    ({"lr": torch.tensor([0.1, 0.2])}, "Tensor lr must be 1-element"),
+    ({"betas": (torch.tensor(0.9), 0.999)}, "betas must be either both floats or both Tensors"),
+    ({"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True}, r"betas\[0\] as a Tensor"),
 ], ids=lambda x: str(x))
 def test_bad_arguments_raise_like_torch(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FusedAdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"lr": torch.tensor(0.1), "foreach": True},
+    {"betas": (torch.tensor(0.9), 0.999)},
+    {"betas": (torch.tensor(0.9), torch.tensor(0.99)), "foreach": True},
+], ids=["tensor-lr-foreach", "mixed-betas", "tensor-betas-foreach"])
+def test_tensor_hyperparameter_checks_match_torchs(kwargs):
+    messages = []
+    for make in (FusedAdamW, torch.optim.AdamW):
+        with pytest.raises(ValueError) as error:
+            make([torch.nn.Parameter(torch.zeros(2))], **kwargs)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+
+
+def test_torch_adam_state_dict_loads_as_decoupled_adamw():
+    ours, theirs = twin_params([(3,)])
+    adam = torch.optim.Adam(theirs, lr=1e-2, weight_decay=0.1)
+    assign(theirs, [torch.ones(3)])
+    adam.step()
+    opt = FusedAdamW(ours, lr=1e-2)
+    opt.load_state_dict(adam.state_dict())
+    assert opt.param_groups[0]["decoupled_weight_decay"] is True
+    reference = torch.optim.AdamW(twin_params([(3,)])[1], lr=1e-2)
+    reference.load_state_dict(adam.state_dict())
+    assert reference.param_groups[0]["decoupled_weight_decay"] is True
 
 
 def test_bad_noam_arguments_name_the_argument():
@@ -255,6 +286,8 @@ def test_bad_noam_arguments_name_the_argument():
         Noam(d_model=0)
     with pytest.raises(ValueError, match="warmup_steps"):
         Noam(d_model=512, warmup_steps=2.5)
+    with pytest.raises(ValueError, match="warmup_steps must be at most 2"):
+        Noam(d_model=512, warmup_steps=10**30)
 
 
 def test_unsupported_parameter_dtype_is_named():
@@ -427,3 +460,26 @@ def test_malformed_betas_set_between_steps_is_a_clear_error():
     with pytest.raises(ValueError, match="Invalid betas in param group 0"):
         opt.step()
     assert torch.equal(p.detach(), torch.zeros(3))
+
+
+def test_meta_device_parameters_are_a_clear_error():
+    p = torch.nn.Parameter(torch.empty(3, device="meta"))
+    opt = FusedAdamW([p])
+    p.grad = torch.empty(3, device="meta")
+    with pytest.raises(RuntimeError, match="no meta implementation .*parameters on meta cannot be optimised"):
+        opt.step()
+    assert len(opt.state) == 0
+
+
+def test_steady_state_step_allocates_no_memory_on_the_cpu():
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 32), (32,), (7,)]]
+    opt = FusedAdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}],
+                     lr=1.0, schedule=Noam(d_model=16, warmup_steps=4))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()   # the first step creates the state
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(3):
+            opt.step()
+    allocations = [e for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0]
+    assert allocations == []
