@@ -1,7 +1,5 @@
 """noam_ext: fused, exact AdamW with the Noam learning-rate schedule for PyTorch."""
 
-from ._extension import build_info, cpu_capability
-from .optimizer import FusedAdamW, Noam
 from .param_groups import param_groups
 from .scheduler import TransformerLRScheduler, noam_lr, noam_peak_lr
 
@@ -17,3 +15,23 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# The names that need the compiled extension (noam_ext._C) are loaded on first use,
+# so that the pure-Python parts (the schedule, its demo, param_groups) also work
+# where the extension is not built, e.g. from a source checkout.
+_COMPILED = {"FusedAdamW": ".optimizer", "Noam": ".optimizer", "build_info": "._extension",
+             "cpu_capability": "._extension"}
+
+
+def __getattr__(name: str):
+    if name in _COMPILED:
+        import importlib
+
+        value = getattr(importlib.import_module(_COMPILED[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'noam_ext' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

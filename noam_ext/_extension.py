@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import torch
 
+def _source_checkout_hint() -> str:
+    """When this package is a source checkout (no compiled _C next to it), say so:
+    Python imports the folder in the current directory before an installed build."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    if (here.parent / "setup.py").exists() and not any(here.glob("_C*.so")):
+        return (f" Python imported noam_ext from the source folder {here}, which has no compiled "
+                "extension, probably because the current directory is the repository root. If "
+                "noam_ext is installed (scripts/test.sh and scripts/demo.sh install it in .venv), run "
+                "from another directory; otherwise build it: pip install --no-build-isolation .")
+    return (" Build it against the torch you run with: pip install --no-build-isolation . "
+            "(see README.md).")
+
+
 try:
     from . import _C  # noqa: F401  (importing registers torch.ops.noam_ext.*)
-except ImportError as error:  # pragma: no cover - exercised only on a broken install
-    raise ImportError(
-        "noam_ext's compiled extension (noam_ext._C) could not be loaded. Build it against the "
-        "torch you run with: pip install --no-build-isolation . (see README.md). "
-        f"Original error: {error}"
-    ) from error
+except ImportError as error:  # pragma: no cover - exercised in a subprocess by tests/test_extension.py
+    raise ImportError("noam_ext's compiled extension (noam_ext._C) could not be loaded." + _source_checkout_hint()
+                      + f" Original error: {error}") from error
 
 from . import _ops  # noqa: E402,F401  (fake implementations for torch.compile)
 

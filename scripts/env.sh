@@ -55,10 +55,18 @@ cuda_buildable() {
 # Builds and installs noam_ext into the environment (not editable, so the tests
 # exercise what a user gets). Extra arguments become environment for setup.py.
 install_noam_ext() {
-  say "building noam_ext ($*) against torch $(python -c 'import torch; print(torch.__version__)')"
+  local variant="CPU and, where it can be built, CUDA"
+  [[ " $* " == *" NOAM_EXT_NO_CUDA=1 "* ]] && variant="CPU only"
+  [[ " $* " == *" NOAM_EXT_FORCE_CUDA=1 "* ]] && variant="CPU and CUDA (compiling CUDA takes minutes)"
+  say "building noam_ext ($variant) against torch $(python -c 'import torch; print(torch.__version__)')"
   (cd "$REPO_ROOT" && env "$@" python -m pip install --no-build-isolation --no-deps --force-reinstall -q . )
   (cd /tmp && python -c "import noam_ext, json; print('noam_ext build:', json.dumps(noam_ext.build_info()))")
-  source_hash > "$(python -c 'import sys; print(sys.prefix)')/.noam_ext_source_hash"
+  echo "$(source_hash) $(build_variant "$@")" > "$(python -c 'import sys; print(sys.prefix)')/.noam_ext_source_hash"
+}
+
+# Which build a set of setup.py switches makes: "cpu" or "cuda".
+build_variant() {
+  if [[ " $* " == *" NOAM_EXT_NO_CUDA=1 "* ]] || ! cuda_buildable; then echo cpu; else echo cuda; fi
 }
 
 # A hash of everything the build is made from, to tell when the installed build is stale.
@@ -67,11 +75,18 @@ source_hash() {
 }
 
 # Builds noam_ext unless the installed build was made from the current sources.
+# NOAM_EXT_NO_CUDA=1 asks for the CPU-only build; an installed CUDA build serves too.
 ensure_noam_ext() {
-  local stamp
+  local stamp installed
   stamp="$(python -c 'import sys; print(sys.prefix)')/.noam_ext_source_hash"
-  if [[ -f "$stamp" && "$(cat "$stamp")" == "$(source_hash)" ]] && (cd /tmp && python -c "import noam_ext" 2>/dev/null); then
+  installed="$(cat "$stamp" 2>/dev/null || true)"
+  if [[ "$installed" == "$(source_hash) cuda" || "$installed" == "$(source_hash) $(build_variant "NOAM_EXT_NO_CUDA=${NOAM_EXT_NO_CUDA:-0}")" ]] \
+      && (cd /tmp && python -c "import noam_ext._C" 2>/dev/null); then
     return 0
   fi
-  if cuda_buildable; then install_noam_ext; else install_noam_ext NOAM_EXT_NO_CUDA=1; fi
+  if [[ "${NOAM_EXT_NO_CUDA:-0}" != "1" ]] && cuda_buildable; then
+    install_noam_ext NOAM_EXT_FORCE_CUDA=1
+  else
+    install_noam_ext NOAM_EXT_NO_CUDA=1
+  fi
 }

@@ -37,4 +37,4 @@ else
 fi
 install_noam_ext NOAM_EXT_NO_CUDA=1
 NOAM_EXT_EXPECT_CUDA_BUILD=0 run_suite "CPU-only build (NOAM_EXT_NO_CUDA=1)" "$@"
-say "all test runs passed"
+say "all test runs passed; .venv now holds the CPU-only build (scripts/demo.sh --device cuda rebuilds it with CUDA)"

@@ -45,3 +45,21 @@ def test_cpu_op_uses_torchs_intra_op_threads():
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("this torch is not built with OpenMP: nothing to match")
     assert noam_ext.build_info()["cpu_op_parallel"]
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(any((REPO / "noam_ext").glob("_C*.so")), reason="the source folder has an in-place build")
+def test_from_the_repository_root_the_schedule_demo_runs_and_the_optimizer_explains_the_shadowing(tmp_path):
+    import subprocess
+    import sys
+    demo = subprocess.run([sys.executable, "-m", "noam_ext.schedule_demo", "--plot", str(tmp_path / "s.png")],
+                          cwd=REPO,
+                          capture_output=True, text=True)
+    assert demo.returncode == 0, demo.stderr
+    assert "peak" in demo.stdout.lower()
+    optimizer = subprocess.run([sys.executable, "-c", "import noam_ext; noam_ext.FusedAdamW"], cwd=REPO,
+                               capture_output=True, text=True)
+    assert optimizer.returncode != 0
+    assert "imported noam_ext from the source folder" in optimizer.stderr
