@@ -109,6 +109,9 @@ std::string param_name(int64_t group, int64_t index, const at::Tensor& p) {
 
 // Everything of one (device, dtype, amsgrad) that takes part in this step.
 struct Bucket {
+  // Declared first, destroyed last: tensors made for this step (real views of
+  // complex tensors) that the lists below borrow.
+  std::vector<at::Tensor> owned;
   at::Device device{at::kCPU};
   at::ScalarType dtype{at::kFloat};
   bool amsgrad = false;
@@ -411,10 +414,14 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
       if (grad.is_sparse() || grad.layout() != at::kStrided) {
         throw std::runtime_error("FusedAdamW does not support sparse gradients (" + param_name(g, j, param) + ")");
       }
-      if (!is_supported_dtype(param.scalar_type())) {
+      // A complex parameter is updated as its real view, pairs of reals, as
+      // torch.optim.AdamW updates it (view_as_real): it joins its real dtype's call.
+      const bool complex = at::isComplexType(param.scalar_type());
+      const at::ScalarType math_dtype = complex ? c10::toRealValueType(param.scalar_type()) : param.scalar_type();
+      if (!is_supported_dtype(math_dtype)) {
         throw py::value_error("FusedAdamW: " + param_name(g, j, param) + " has dtype " +
                               std::string(c10::toString(param.scalar_type())) +
-                              "; supported: float32, float64, bfloat16, float16");
+                              "; supported: float32, float64, bfloat16, float16, complex64, complex128");
       }
       PyObject* st = state_of(param_obj);
       if (st == nullptr || PyDict_Size(st) == 0) {
@@ -445,13 +452,13 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
       }
       const auto key = std::make_tuple(static_cast<int>(param.device().type()),
                                        static_cast<int>(param.device().index()),
-                                       static_cast<int>(param.scalar_type()), amsgrad);
+                                       static_cast<int>(math_dtype), amsgrad);
       auto slot = bucket_of.find(key);
       if (slot == bucket_of.end()) {
         slot = bucket_of.emplace(key, plan->buckets.size()).first;
         plan->buckets.emplace_back();
         plan->buckets.back().device = param.device();
-        plan->buckets.back().dtype = param.scalar_type();
+        plan->buckets.back().dtype = math_dtype;
         plan->buckets.back().amsgrad = amsgrad;
         plan->buckets.back().reserve_more(static_cast<size_t>(count));
       }
@@ -460,12 +467,28 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
         b.row_groups.push_back(g);
       }
       b.rows.push_back(static_cast<int64_t>(b.row_groups.size()) - 1);
-      b.params.push_back(param);
-      b.grads.push_back(grad);
-      b.exp_avgs.push_back(local_tensor(exp_avg_obj, "state['exp_avg']"));
-      b.exp_avg_sqs.push_back(local_tensor(exp_avg_sq_obj, "state['exp_avg_sq']"));
-      if (amsgrad) {
-        b.max_exp_avg_sqs.push_back(local_tensor(max_obj, "state['max_exp_avg_sq']"));
+      if (complex) {
+        const at::NoGradGuard no_grad;
+        // The real views are new tensors: the bucket owns them while it borrows them.
+        auto real = [&b](const at::Tensor& t) -> const at::Tensor& {
+          b.owned.push_back(t.is_complex() ? at::view_as_real(t) : t);
+          return b.owned.back();
+        };
+        b.params.push_back(real(param));
+        b.grads.push_back(real(grad));
+        b.exp_avgs.push_back(real(local_tensor(exp_avg_obj, "state['exp_avg']")));
+        b.exp_avg_sqs.push_back(real(local_tensor(exp_avg_sq_obj, "state['exp_avg_sq']")));
+        if (amsgrad) {
+          b.max_exp_avg_sqs.push_back(real(local_tensor(max_obj, "state['max_exp_avg_sq']")));
+        }
+      } else {
+        b.params.push_back(param);
+        b.grads.push_back(grad);
+        b.exp_avgs.push_back(local_tensor(exp_avg_obj, "state['exp_avg']"));
+        b.exp_avg_sqs.push_back(local_tensor(exp_avg_sq_obj, "state['exp_avg_sq']"));
+        if (amsgrad) {
+          b.max_exp_avg_sqs.push_back(local_tensor(max_obj, "state['max_exp_avg_sq']"));
+        }
       }
       b.steps.push_back(THPVariable_Unpack(step_obj));
       b.where.emplace_back(g, j);

@@ -12,7 +12,8 @@ import torch
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, D_MODEL, WARMUP, MAXIMIZE = range(8)
 NUM_HYPER_COLUMNS = 8
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Complex parameters are updated as their real views, as torch.optim.AdamW does.
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
 
 
 def as_float(name: str, value: Any) -> float:

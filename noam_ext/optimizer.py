@@ -102,7 +102,7 @@ class FusedAdamW(Optimizer):
             if p.dtype not in SUPPORTED_DTYPES:
                 self.param_groups.pop()
                 raise ValueError(f"FusedAdamW: {name} has dtype {p.dtype}; supported: float32, "
-                                 "float64, bfloat16, float16")
+                                 "float64, bfloat16, float16, complex64, complex128")
             if p.is_sparse or p.layout != torch.strided:
                 self.param_groups.pop()
                 raise ValueError(f"FusedAdamW: {name} is not a dense strided tensor")

@@ -307,3 +307,27 @@ def test_state_has_torchs_format_and_step_device():
     assert ours["step"].dtype == torch.float32 and ours["step"].shape == ()
     assert ours["exp_avg"].shape == (3, 2)
     twin.assert_same()
+
+
+# ---- complex parameters, as torch.optim.AdamW updates them (view_as_real) -----------------
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=["complex64", "complex128"])
+def test_complex_parameters_match_torch(dtype):
+    generator = torch.Generator().manual_seed(0)
+    base = [torch.randn(4, 3, dtype=dtype, generator=generator), torch.randn(5, dtype=dtype, generator=generator)]
+    ours = [torch.nn.Parameter(t.clone()) for t in base] + [torch.nn.Parameter(torch.randn(3))]
+    theirs = [torch.nn.Parameter(t.detach().clone()) for t in ours]
+    opt = FusedAdamW(ours, amsgrad=True, **KW)
+    ref = torch.optim.AdamW(theirs, amsgrad=True, foreach=False, **KW)
+    for _ in range(5):
+        grads = [torch.randn(p.shape, dtype=p.dtype, generator=generator) for p in ours]
+        for params in (ours, theirs):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-6)
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert opt.state[a][key].dtype == ref.state[b][key].dtype
+            torch.testing.assert_close(opt.state[a][key], ref.state[b][key], rtol=1e-6, atol=1e-7)
