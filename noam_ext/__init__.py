@@ -16,9 +16,15 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-# The names that need the compiled extension (noam_ext._C) are loaded on first use,
-# so that the pure-Python parts (the schedule, its demo, param_groups) also work
-# where the extension is not built, e.g. from a source checkout.
+# Importing the package loads the compiled extension, which registers
+# torch.ops.noam_ext.*. Where it cannot be loaded (e.g. a source checkout that was
+# never built), the pure-Python parts (the schedule, its demo, param_groups) still
+# work, and the names that need it raise the extension's import error when used.
+try:
+    from . import _extension  # noqa: F401
+except ImportError:
+    pass
+
 _COMPILED = {"FusedAdamW": ".optimizer", "Noam": ".optimizer", "build_info": "._extension",
              "cpu_capability": "._extension"}
 

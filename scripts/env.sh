@@ -33,7 +33,7 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install --progress-bar off "${NOAM_EXT_TORCH:-torch}"
 fi
 say "installing build and test tools"
-python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja pytest numpy matplotlib tqdm
+python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja pytest hypothesis numpy matplotlib tqdm
 
 # CUDA_HOME: the toolkit that the nvcc on PATH belongs to (nvcc may be a wrapper script).
 if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null 2>&1; then
