@@ -4,6 +4,7 @@ Switches (environment variables):
   NOAM_EXT_NO_CUDA=1     build the CPU implementation only, even where CUDA could be built.
   NOAM_EXT_FORCE_CUDA=1  fail instead of silently skipping CUDA when it cannot be built
                          (CI sets this so the CUDA code can never land uncompiled).
+  NOAM_EXT_SANITIZE=1    compile the host code with -fsanitize=address,undefined (scripts/sanitize.sh).
   TORCH_CUDA_ARCH_LIST   GPU architectures to build for; when unset and no GPU is visible,
                          "8.0;9.0+PTX" (A100, H100/H200, and PTX for newer cards).
 
@@ -59,6 +60,9 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 # its own libgomp.so.1, which the extension then shares (one OpenMP runtime).
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-fopenmp"]
 LINK_FLAGS = ["-fopenmp"]
+# NOAM_EXT_SANITIZE=1 (scripts/sanitize.sh): AddressSanitizer and UndefinedBehaviorSanitizer
+# in the host code, with frame pointers for readable reports. CPU-only builds.
+SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g"]
 # No --use_fast_math (it replaces IEEE division and sqrt); --fmad=false for the
 # same reason as -ffp-contract=off on the host: identical roundings on CPU and GPU.
 NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
@@ -153,6 +157,11 @@ def make_extension():
             define_macros.append((f"NOAM_EXT_HAVE_{isa}", None))
     depends = sorted(str(p) for p in CSRC.rglob("*.h")) + sorted(str(p) for p in CSRC.rglob("*.cuh"))
     extra_compile_args = {"cxx": list(CXX_FLAGS)}
+    link_flags = list(LINK_FLAGS)
+    if env_flag("NOAM_EXT_SANITIZE"):
+        log("building with -fsanitize=address,undefined (run with libasan preloaded: scripts/sanitize.sh)")
+        extra_compile_args["cxx"] += SANITIZE_FLAGS
+        link_flags += SANITIZE_FLAGS
     if with_cuda:
         sources += cuda_sources()
         define_macros.append(("NOAM_EXT_WITH_CUDA", None))
@@ -166,7 +175,7 @@ def make_extension():
         include_dirs=[str(ROOT / CSRC)],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
-        extra_link_args=list(LINK_FLAGS),
+        extra_link_args=link_flags,
         depends=depends,
     )
     ext.per_source_flags = per_source_flags

@@ -171,6 +171,7 @@ class FusedAdamW(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        _check_loadable(self.param_groups, state_dict)   # everything first: a bad dict changes nothing
         super().load_state_dict(state_dict)
         if self.schedule is not None:
             steps = [float(s["step"]) for s in self.state.values() if isinstance(s, dict) and "step" in s]
@@ -238,6 +239,36 @@ class FusedAdamW(Optimizer):
         self._schedule_steps_done = done
         for counter in self._schedule_counters.values():
             counter[0] = done
+
+
+def _check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None:
+    """The checks torch.optim.Optimizer.load_state_dict makes (with its messages), and
+    those it leaves to the next step (a missing or misshapen moment), made before
+    anything is replaced and naming the parameter."""
+    saved_groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    saved_state = state_dict.get("state") if isinstance(state_dict, dict) else None
+    if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+        raise ValueError("loaded state dict must have 'state' (a dict) and 'param_groups' (a list)")
+    if len(saved_groups) != len(param_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    for g, (group, saved) in enumerate(zip(param_groups, saved_groups)):
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
+                             "optimizer's group")
+        for j, (p, key) in enumerate(zip(group["params"], saved["params"])):
+            state = saved_state.get(key)
+            if not state:
+                continue
+            name = f"parameter {j} of param group {g} (shape {tuple(p.shape)})"
+            needed = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if saved.get("amsgrad") else [])
+            for entry in needed:
+                if entry not in state:
+                    raise ValueError(f"loaded state dict: the state of {name} has no '{entry}'")
+            for entry in needed[1:]:
+                value = state[entry]
+                if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(f"loaded state dict: '{entry}' of {name} has shape {shape}")
 
 
 _DEVICE_TYPES_WITH_KERNEL: dict[str, bool] = {}

@@ -483,3 +483,62 @@ def test_steady_state_step_allocates_no_memory_on_the_cpu():
             opt.step()
     allocations = [e for e in prof.events() if e.name == "[memory]" and e.cpu_memory_usage > 0]
     assert allocations == []
+
+
+def _trained(shapes=((4, 3), (5,)), amsgrad=False, schedule=None):
+    params, _ = twin_params(list(shapes))
+    opt = FusedAdamW(params, lr=1e-2, amsgrad=amsgrad, schedule=schedule)
+    assign(params, [torch.randn(s) for s in shapes])
+    opt.step()
+    return params, opt
+
+
+def _snapshot(params, opt):
+    tensors = [p.detach().clone() for p in params]
+    for state in opt.state.values():
+        tensors += [v.detach().clone() for v in state.values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda sd: sd["state"][1].pop("exp_avg_sq"), r"state of parameter 1 of param group 0 \(shape \(5,\)\) has no 'exp_avg_sq'"),
+    (lambda sd: sd["state"][0].__setitem__("exp_avg", torch.zeros(3, 4)), r"'exp_avg' of parameter 0 of param group 0 \(shape \(4, 3\)\) has shape \(3, 4\)"),
+    (lambda sd: sd["param_groups"].append(dict(sd["param_groups"][0])), "different number of parameter groups"),
+    (lambda sd: sd["param_groups"][0].__setitem__("params", [0]), "doesn't match the size"),
+], ids=["missing-moment", "wrong-shape", "group-count", "group-size"])
+def test_load_state_dict_checks_everything_before_replacing_anything(corrupt, message):
+    params, opt = _trained()
+    other_params, other = _trained()
+    state_dict = copy.deepcopy(other.state_dict())
+    corrupt(state_dict)
+    before = _snapshot(params, opt)
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(state_dict)
+    after = _snapshot(params, opt)
+    assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
+    assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == groups_before
+
+
+def test_state_that_lacks_a_moment_fails_at_the_next_step_like_torch_and_changes_nothing():
+    params, opt = _trained()
+    del opt.state[params[1]]["exp_avg_sq"]
+    assign(params, [torch.ones(4, 3), torch.ones(5)])
+    before = _snapshot(params, opt)
+    with pytest.raises(KeyError, match=r"parameter 1 of param group 0 .* has no 'exp_avg_sq'"):
+        opt.step()
+    after = _snapshot(params, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_load_state_dict_with_a_schedule_tolerates_non_parameter_state_keys():
+    params, opt = _trained(schedule=Noam(d_model=16, warmup_steps=4))
+    state_dict = opt.state_dict()
+    fresh = FusedAdamW(params, lr=1e-2, schedule=Noam(d_model=16, warmup_steps=4))
+    fresh.register_load_state_dict_post_hook(lambda o: o.state.__setitem__("loaded_by_hook", True))
+    fresh.load_state_dict(state_dict)
+    fresh.state["another_flag"] = False
+    fresh.load_state_dict(state_dict)
+    assert fresh.get_last_lr() == opt.get_last_lr()
+    assign(params, [torch.ones(4, 3), torch.ones(5)])
+    fresh.step()
