@@ -144,6 +144,9 @@ class FusedAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            _traceable_step(self)
+            return loss
         hyper = self._hyper.get(self.param_groups, self.schedule)   # checks every group first
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
@@ -239,6 +242,68 @@ class FusedAdamW(Optimizer):
         self._schedule_steps_done = done
         for counter in self._schedule_counters.values():
             counter[0] = done
+
+
+def _traceable_step(opt: FusedAdamW) -> None:
+    """step() as torch.compile traces it: the same reads of param_groups, p.grad and
+    optimizer.state, the same op, but in Python that Dynamo follows (the C++ fast
+    path is opaque to it), so that torch.compile(optimizer.step, fullgraph=True) is
+    one graph. What it leaves out, and the docs say: the host-side lr mirror
+    (group["lr"], get_last_lr()) does not advance inside a compiled step (the device
+    counters do; state_dict() and get_last_lr() re-read them), and parameters that
+    share memory (tied through .data) are not detected."""
+    rows = []
+    for group in opt.param_groups:
+        base_lr = group["initial_lr"] if opt.schedule is not None else group["lr"]
+        beta1, beta2 = group["betas"]
+        rows.append([float(base_lr), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                     float(opt.schedule.d_model) if opt.schedule is not None else 0.0,
+                     float(opt.schedule.warmup_steps) if opt.schedule is not None else 0.0,
+                     1.0 if group["maximize"] else 0.0])
+    hyper = torch.tensor(rows, dtype=torch.float64)
+    calls: dict[tuple, dict[str, list]] = {}
+    for index, group in enumerate(opt.param_groups):
+        amsgrad = bool(group["amsgrad"])
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("FusedAdamW does not support sparse gradients")
+            state = opt.state[p]
+            if len(state) == 0:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
+            if p.is_complex():
+                tensors = [torch.view_as_real(t) for t in tensors]
+            call = calls.setdefault((p.device, tensors[0].dtype, amsgrad),
+                                    {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
+                                     "max_exp_avg_sqs": [], "steps": [], "groups": []})
+            call["params"].append(tensors[0])
+            call["grads"].append(tensors[1])
+            call["exp_avgs"].append(tensors[2])
+            call["exp_avg_sqs"].append(tensors[3])
+            if amsgrad:
+                call["max_exp_avg_sqs"].append(tensors[4])
+            call["steps"].append(state["step"])
+            call["groups"].append(index)
+    grad_scale = getattr(opt, "grad_scale", None)
+    found_inf = getattr(opt, "found_inf", None)
+    devices = [key[0] for key in calls]
+    for k, ((device, _, _), call) in enumerate(calls.items()):
+        counter = opt._schedule_counter(device)
+        torch.ops.noam_ext.fused_adamw_(
+            call["params"], call["grads"], call["exp_avgs"], call["exp_avg_sqs"], call["max_exp_avg_sqs"],
+            call["steps"], counter, hyper, call["groups"],
+            advance_schedule=device not in devices[k + 1:],
+            grad_scale=None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32).reshape(1),
+            found_inf=None if found_inf is None else found_inf.to(device=device, dtype=torch.float32).reshape(1))
+    for device, counter in opt._schedule_counters.items():
+        if device not in devices:
+            counter[:1].add_(1)
 
 
 def _check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None:
