@@ -28,11 +28,22 @@ DEVICE = "cuda"
 TORCH_TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
 
+def _same_alignment_on_device(t):
+    """A copy of t on the GPU that keeps a misaligned view misaligned (a plain .to()
+    would make it a fresh, aligned tensor)."""
+    if t.data_ptr() % 16 == 0:
+        return t.to(DEVICE)
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype, device=DEVICE)
+    view = buffer[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 def to_device(args):
     out = {}
     for key, value in args.items():
         if key in op_args.LIST_KEYS:
-            out[key] = [t.to(DEVICE) for t in value]
+            out[key] = [_same_alignment_on_device(t) for t in value]
         elif isinstance(value, torch.Tensor) and key != "hyper":   # the hyper table stays on the CPU
             out[key] = value.to(DEVICE)
         else:
@@ -52,7 +63,15 @@ def test_kernel_matches_cpu_op_bit_for_bit(layout, dtype):
         torch.ops.noam_ext.fused_adamw_(*op_args.positional(cpu), **scale)
         torch.ops.noam_ext.fused_adamw_(*op_args.positional(gpu), **{k: v.cuda() for k, v in scale.items()})
     for (name, expected), (_, actual) in zip(op_args.tensors_of(cpu), op_args.tensors_of(gpu)):
-        assert torch.equal(actual.cpu(), expected), name
+        actual = actual.cpu()
+        if dtype == torch.float64 and name.startswith("params"):
+            # CUDA's double pow() is accurate to 2 ulp, glibc's to under 1: the float64
+            # coefficients (Noam lr, bias corrections) may differ in their last bits, so
+            # the parameters may differ by an ulp or two. Moments and steps do not use them.
+            ulp = (expected.abs() * 2.0**-52).clamp_min(torch.finfo(torch.float64).tiny)
+            assert ((actual - expected).abs() <= 4 * ulp).all(), name
+        else:
+            assert torch.equal(actual, expected), name
 
 
 def transformer_pair(dtype, torch_kind, amsgrad=False, maximize=False, eps=parity.EPS):
