@@ -65,7 +65,10 @@ LINK_FLAGS = ["-fopenmp"]
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g"]
 # No --use_fast_math (it replaces IEEE division and sqrt); --fmad=false for the
 # same reason as -ffp-contract=off on the host: identical roundings on CPU and GPU.
-NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr"]
+# -Xptxas: print each kernel's registers, spills and stack (the build log shows them),
+# and fail the build on any register spill.
+NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr",
+              "-Xptxas=-v,--warn-on-spills,--warning-as-error"]
 
 # The CPU element loop is compiled once per x86 instruction set and chosen at
 # run time (csrc/cpu/cpu_capability.cpp); no -march=native, so a wheel built

@@ -59,9 +59,33 @@ install_noam_ext() {
   [[ " $* " == *" NOAM_EXT_NO_CUDA=1 "* ]] && variant="CPU only"
   [[ " $* " == *" NOAM_EXT_FORCE_CUDA=1 "* ]] && variant="CPU and CUDA (compiling CUDA takes minutes)"
   say "building noam_ext ($variant) against torch $(python -c 'import torch; print(torch.__version__)')"
-  (cd "$REPO_ROOT" && env "$@" python -m pip install --no-build-isolation --no-deps --force-reinstall -q . )
+  local log="$REPO_ROOT/build/pip-install.log"
+  mkdir -p "$REPO_ROOT/build"
+  if ! (cd "$REPO_ROOT" && env "$@" python -m pip install --no-build-isolation --no-deps --force-reinstall -v . \
+        >"$log" 2>&1); then
+    tail -n 60 "$log" >&2
+    echo "ERROR: building noam_ext failed (full log: $log)" >&2
+    return 1
+  fi
+  ptxas_summary "$log"
   (cd /tmp && python -c "import noam_ext, json; print('noam_ext build:', json.dumps(noam_ext.build_info()))")
   echo "$(source_hash) $(build_variant "$@")" > "$(python -c 'import sys; print(sys.prefix)')/.noam_ext_source_hash"
+}
+
+# The CUDA kernels' resources as ptxas reported them in a build log (setup.py builds
+# with -Xptxas=-v and fails on any spill): one line per kernel and architecture.
+ptxas_summary() {
+  grep -q "ptxas info" "$1" || return 0
+  say "CUDA kernels (ptxas): registers, spills, stack"
+  awk '
+    /Compiling entry function/ { match($0, /kernelI[^E]*E/); kind = substr($0, RSTART + 7, RLENGTH - 8);
+                                 match($0, /for .sm_[0-9]+/); arch = substr($0, RSTART + 5, RLENGTH - 5);
+                                 kind = kind == "f" ? "float" : kind == "d" ? "double" : kind;
+                                 sub(/N3c104Half/, "half", kind); sub(/N3c108BFloat16/, "bfloat16", kind) }
+    /bytes stack frame/        { stack = $0; sub(/^ *ptxas info *: */, "", stack) }
+    /Used [0-9]+ registers/    { match($0, /Used [0-9]+ registers/);
+                                 printf "  %-6s %-9s %s, %s\n", arch, kind, substr($0, RSTART, RLENGTH), stack }
+  ' "$1"
 }
 
 # Which build a set of setup.py switches makes: "cpu" or "cuda".
