@@ -40,3 +40,13 @@ def test_grad_scaler_matches_torch_adamw_and_skips_inf_steps():
     steps = {float(s["step"]) for s in ours.state.values()}
     assert steps == {10.0}   # two of twelve steps were skipped
     assert ours.get_last_lr() == pytest.approx(ref_sched.get_last_lr(), rel=1e-15)
+
+
+def test_gradients_stay_scaled_after_scaler_step_as_documented():
+    m = model()
+    opt = FusedAdamW(m.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    scaler.scale(m(torch.randn(4, 8)).sum()).backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    scaler.step(opt)
+    assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), grads))
