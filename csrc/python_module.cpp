@@ -127,7 +127,11 @@ struct Bucket {
     }
     rows.reserve(rows.size() + n);
     where.reserve(where.size() + n);
+    single_call_rows.reserve(single_call_rows.size() + n);
   }
+  // Rows of the whole bucket as one call, checked as collected.
+  std::vector<TensorRow> single_call_rows;
+  int64_t single_call_total = 0;
   // Filled by StepPlan::check(): per round, the checked rows and their virtual length.
   std::vector<std::vector<TensorRow>> call_rows;
   std::vector<int64_t> call_totals;
@@ -149,6 +153,15 @@ void assign_rounds(Bucket& b) {
       const auto start = reinterpret_cast<uintptr_t>(p.data_ptr());
       spans.emplace_back(start, start + p.numel() * p.element_size(), i);
     }
+  }
+  // Parameters created one after the other usually lie in ascending memory: then one
+  // pass shows that none overlaps, and the sort is not needed.
+  bool disjoint_in_order = true;
+  for (size_t k = 1; k < spans.size() && disjoint_in_order; ++k) {
+    disjoint_in_order = std::get<0>(spans[k]) >= std::get<1>(spans[k - 1]);
+  }
+  if (disjoint_in_order) {
+    return;
   }
   std::sort(spans.begin(), spans.end());
   // Clusters of spans chained by overlap; within one, rounds in list order.
@@ -239,18 +252,14 @@ class StepPlan {
       const auto n_rows = static_cast<int64_t>(b.row_groups.size());
       b.call_rows.clear();
       b.call_totals.assign(b.num_rounds, 0);
-      if (b.num_rounds == 1) {  // the common case: no copies of the lists
-        const TensorNamer name_of = [&b](int64_t i) {
-          return param_name(b.where[i].first, b.where[i].second, b.params[i]);
-        };
-        b.call_rows.push_back(build_tensor_rows({b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.max_exp_avg_sqs,
-                                                 b.steps},
-                                                b.device, n_rows, b.rows, b.call_totals[0], name_of));
+      if (b.num_rounds == 1) {  // the common case: the rows checked while collecting
+        b.call_rows.push_back(std::move(b.single_call_rows));
+        b.call_totals[0] = b.single_call_total;
         continue;
       }
       for (int32_t round = 0; round < b.num_rounds; ++round) {
         const CallLists c = round_lists(b, round);
-        const TensorNamer name_of = [&c](int64_t i) {
+        const auto name_of = [&c](int64_t i) {
           return param_name(c.where[i].first, c.where[i].second, c.params[i]);
         };
         b.call_rows.push_back(build_tensor_rows({c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs,
@@ -428,19 +437,36 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
         plan->stateless.emplace_back(g, j);
         continue;
       }
-      auto required = [&](PyObject* key, const char* name) {
-        PyObject* value = dict_item(st, key);
-        if (value == nullptr) {
+      // The entries, read in one pass over the (small) dict: no hashing, and keys are
+      // usually the interned strings themselves (a loaded state dict's are compared).
+      PyObject* entries_of_state[4] = {nullptr, nullptr, nullptr, nullptr};
+      {
+        static PyObject* const kKeys[4] = {kStep, kExpAvg, kExpAvgSq, kMaxExpAvgSq};
+        static const char* const kKeyNames[4] = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+        Py_ssize_t pos = 0;
+        PyObject *key = nullptr, *value = nullptr;
+        while (PyDict_Next(st, &pos, &key, &value)) {
+          for (int k = 0; k < 4; ++k) {
+            if (key == kKeys[k] ||
+                (PyUnicode_Check(key) && PyUnicode_CompareWithASCIIString(key, kKeyNames[k]) == 0)) {
+              entries_of_state[k] = value;
+              break;
+            }
+          }
+        }
+      }
+      auto required = [&](int k, const char* name) {
+        if (entries_of_state[k] == nullptr) {
           // torch.optim.AdamW fails the same way (a KeyError on the missing entry).
           throw py::key_error("FusedAdamW: the optimizer state of " + param_name(g, j, param) + " has no '" +
                               name + "'");
         }
-        return value;
+        return entries_of_state[k];
       };
-      PyObject* step_obj = required(kStep, "step");
-      PyObject* exp_avg_obj = required(kExpAvg, "exp_avg");
-      PyObject* exp_avg_sq_obj = required(kExpAvgSq, "exp_avg_sq");
-      PyObject* max_obj = amsgrad ? required(kMaxExpAvgSq, "max_exp_avg_sq") : nullptr;
+      PyObject* step_obj = required(0, "step");
+      PyObject* exp_avg_obj = required(1, "exp_avg");
+      PyObject* exp_avg_sq_obj = required(2, "exp_avg_sq");
+      PyObject* max_obj = amsgrad ? required(3, "max_exp_avg_sq") : nullptr;
       const bool step_ok = THPVariable_Check(step_obj) && [&] {
         const at::Tensor& s = THPVariable_Unpack(step_obj);
         return s.scalar_type() == at::kFloat && s.numel() == 1 && s.device() == param.device() &&
@@ -492,6 +518,17 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
       }
       b.steps.push_back(THPVariable_Unpack(step_obj));
       b.where.emplace_back(g, j);
+      // Checked now, while its tensors are in cache, as one call's row; parameters
+      // that share memory (rare) are split into rounds and checked again by check().
+      const size_t i = b.params.size() - 1;
+      const auto name_of = [&](int64_t) { return param_name(g, j, param); };
+      TensorRow row = check_and_make_row(b.params[i], b.grads[i], b.exp_avgs[i], b.exp_avg_sqs[i],
+                                         amsgrad ? &b.max_exp_avg_sqs[i] : nullptr, b.steps[i], b.device, b.dtype,
+                                         b.rows[i], static_cast<int64_t>(b.row_groups.size()),
+                                         static_cast<int64_t>(i), name_of);
+      row.offset = next_row_offset(b.single_call_total);
+      b.single_call_total = row.offset + row.numel;
+      b.single_call_rows.push_back(row);
     }
   }
   return plan;

@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/FunctionRef.h>
 
 #include <algorithm>
 #include <functional>
@@ -21,7 +22,8 @@
 
 namespace noam_ext {
 
-using TensorNamer = std::function<std::string(int64_t)>;
+// Names the i-th tensor of a call in error messages (called only on an error).
+using TensorNamer = c10::function_ref<std::string(int64_t)>;
 
 inline std::string list_element_name(int64_t i) {
   return "params[" + std::to_string(i) + "]";
@@ -56,6 +58,73 @@ inline void check_call_arguments(const at::Tensor& schedule_step, const at::Tens
               "fused_adamw_: hyper must be a contiguous float64 [groups, ", int(kNumHyperColumns), "] CPU tensor");
 }
 
+// Checks the tensors of the i-th parameter of a call and returns its row (offset
+// left for the caller). vmax is null without amsgrad.
+inline TensorRow check_and_make_row(const at::Tensor& p, const at::Tensor& grad, const at::Tensor& exp_avg,
+                                    const at::Tensor& exp_avg_sq, const at::Tensor* vmax, const at::Tensor& step,
+                                    const at::Device& device, at::ScalarType call_dtype, int64_t group,
+                                    int64_t n_groups, int64_t i, const TensorNamer& name_of) {
+  TORCH_CHECK(p.defined() && p.layout() == at::kStrided, "fused_adamw_: ", name_of(i),
+              " must be a dense (strided) tensor");
+  const at::ScalarType dtype = p.scalar_type();
+  TORCH_CHECK(is_supported_dtype(dtype), "fused_adamw_: ", name_of(i),
+              " must be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(p.device() == device, "fused_adamw_: ", name_of(i), " is on ", p.device(), " but this call runs on ",
+              device, " (one call takes one device)");
+  TORCH_CHECK(dtype == call_dtype, "fused_adamw_: ", name_of(i), " has dtype ", dtype, " but this call's "
+              "parameters have ", call_dtype, " (one call takes one dtype)");
+  const bool contiguous = p.is_contiguous();
+  TORCH_CHECK(contiguous || p.is_non_overlapping_and_dense(), "fused_adamw_: ", name_of(i),
+              " must be non-overlapping and dense in memory (e.g. contiguous)");
+  const at::IntArrayRef sizes = p.sizes();
+  const int64_t numel = p.numel();
+  // The common case first, in few reads: same layout, dtype, device, shape and
+  // (for a contiguous parameter) contiguous. Anything else gets the detailed checks.
+  auto like_param = [&](const at::Tensor& x) {
+    return x.defined() && x.layout() == at::kStrided && x.scalar_type() == dtype && x.device() == device &&
+           x.sizes() == sizes && (numel <= 1 || (contiguous ? x.is_contiguous() : x.strides() == p.strides()));
+  };
+  auto check_like_param = [&](const at::Tensor& x, const char* what) {
+    if (like_param(x)) {
+      return;
+    }
+    TORCH_CHECK(x.defined() && x.layout() == at::kStrided, "fused_adamw_: the ", what, " of ", name_of(i),
+                " must be a dense (strided) tensor", x.defined() && x.is_sparse() ? ", got a sparse one" : "");
+    TORCH_CHECK(x.device() == device, "fused_adamw_: the ", what, " of ", name_of(i), " is on ", x.device(),
+                " but the parameter is on ", p.device());
+    TORCH_CHECK(x.scalar_type() == dtype, "fused_adamw_: the ", what, " of ", name_of(i), " has dtype ",
+                x.scalar_type(), " but the parameter has ", dtype);
+    TORCH_CHECK(x.sizes() == sizes, "fused_adamw_: the ", what, " of ", name_of(i), " has shape ", x.sizes(),
+                " but the parameter has ", sizes);
+    // Same strides (or at most one element): element k of each tensor is then
+    // at the same distance from its start, so one linear walk serves all.
+    TORCH_CHECK(false, "fused_adamw_: the ", what, " of ", name_of(i), " has strides ", x.strides(),
+                " but the parameter has ", p.strides());
+  };
+  check_like_param(grad, "gradient");
+  check_like_param(exp_avg, "exp_avg");
+  check_like_param(exp_avg_sq, "exp_avg_sq");
+  if (vmax != nullptr) {
+    check_like_param(*vmax, "max_exp_avg_sq");
+  }
+  TORCH_CHECK(step.defined() && step.scalar_type() == at::kFloat && step.numel() == 1 && step.device() == device,
+              "fused_adamw_: the step of ", name_of(i), " must be a one-element float32 tensor on ", device);
+  TORCH_CHECK(group >= 0 && group < n_groups, "fused_adamw_: ", name_of(i), " names hyperparameter row ", group,
+              " but there are ", n_groups);
+  TensorRow r{};
+  r.numel = numel;
+  r.param = p.data_ptr();
+  r.grad = grad.const_data_ptr();
+  r.exp_avg = exp_avg.data_ptr();
+  r.exp_avg_sq = exp_avg_sq.data_ptr();
+  r.max_exp_avg_sq = vmax != nullptr ? vmax->data_ptr() : nullptr;
+  r.step = step.data_ptr<float>();
+  r.group = static_cast<int32_t>(group);
+  r.vector_ok = is_16_byte_aligned(r.param) && is_16_byte_aligned(r.grad) && is_16_byte_aligned(r.exp_avg) &&
+                is_16_byte_aligned(r.exp_avg_sq) && (vmax == nullptr || is_16_byte_aligned(r.max_exp_avg_sq));
+  return r;
+}
+
 // Checks the tensors of one call (all on `device`, hyper rows 0..n_groups-1) and
 // returns their rows, in list order, with virtual offsets (work_split.h); `total`
 // receives the virtual length.
@@ -78,69 +147,11 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
   int64_t end = 0;
   const at::ScalarType call_dtype = n > 0 ? t.params[0].scalar_type() : at::kFloat;
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = t.params[i];
-    TORCH_CHECK(p.defined() && p.layout() == at::kStrided, "fused_adamw_: ", name_of(i),
-                " must be a dense (strided) tensor");
-    const at::ScalarType dtype = p.scalar_type();
-    TORCH_CHECK(is_supported_dtype(dtype), "fused_adamw_: ", name_of(i),
-                " must be float32, float64, bfloat16 or float16, got ", dtype);
-    TORCH_CHECK(p.device() == device, "fused_adamw_: ", name_of(i), " is on ", p.device(),
-                " but this call runs on ", device, " (one call takes one device)");
-    TORCH_CHECK(dtype == call_dtype, "fused_adamw_: ", name_of(i), " has dtype ", dtype, " but ", name_of(0),
-                " has ", call_dtype, " (one call takes one dtype)");
-    const bool contiguous = p.is_contiguous();
-    TORCH_CHECK(contiguous || p.is_non_overlapping_and_dense(), "fused_adamw_: ", name_of(i),
-                " must be non-overlapping and dense in memory (e.g. contiguous)");
-    const at::IntArrayRef sizes = p.sizes();
-    const int64_t numel = p.numel();
-    // The common case first, in few reads: same layout, dtype, device, shape and
-    // (for a contiguous parameter) contiguous. Anything else gets the detailed checks.
-    auto like_param = [&](const at::Tensor& x) {
-      return x.defined() && x.layout() == at::kStrided && x.scalar_type() == dtype && x.device() == device &&
-             x.sizes() == sizes && (numel <= 1 || (contiguous ? x.is_contiguous() : x.strides() == p.strides()));
-    };
-    auto check_like_param = [&](const at::Tensor& x, const char* what) {
-      if (like_param(x)) {
-        return;
-      }
-      TORCH_CHECK(x.defined() && x.layout() == at::kStrided, "fused_adamw_: the ", what, " of ", name_of(i),
-                  " must be a dense (strided) tensor", x.defined() && x.is_sparse() ? ", got a sparse one" : "");
-      TORCH_CHECK(x.device() == device, "fused_adamw_: the ", what, " of ", name_of(i), " is on ", x.device(),
-                  " but the parameter is on ", p.device());
-      TORCH_CHECK(x.scalar_type() == dtype, "fused_adamw_: the ", what, " of ", name_of(i), " has dtype ",
-                  x.scalar_type(), " but the parameter has ", dtype);
-      TORCH_CHECK(x.sizes() == sizes, "fused_adamw_: the ", what, " of ", name_of(i), " has shape ", x.sizes(),
-                  " but the parameter has ", sizes);
-      // Same strides (or at most one element): element k of each tensor is then
-      // at the same distance from its start, so one linear walk serves all.
-      TORCH_CHECK(false, "fused_adamw_: the ", what, " of ", name_of(i), " has strides ", x.strides(),
-                  " but the parameter has ", p.strides());
-    };
-    check_like_param(t.grads[i], "gradient");
-    check_like_param(t.exp_avgs[i], "exp_avg");
-    check_like_param(t.exp_avg_sqs[i], "exp_avg_sq");
-    if (amsgrad) {
-      check_like_param(t.max_exp_avg_sqs[i], "max_exp_avg_sq");
-    }
-    const at::Tensor& step = t.state_steps[i];
-    TORCH_CHECK(step.defined() && step.scalar_type() == at::kFloat && step.numel() == 1 && step.device() == device,
-                "fused_adamw_: the step of ", name_of(i), " must be a one-element float32 tensor on ", device);
-    TORCH_CHECK(groups[i] >= 0 && groups[i] < n_groups, "fused_adamw_: ", name_of(i), " names hyperparameter row ",
-                groups[i], " but there are ", n_groups);
-
-    TensorRow& r = rows[i];
-    r.offset = next_row_offset(end);
-    r.numel = numel;
-    end = r.offset + r.numel;
-    r.param = p.data_ptr();
-    r.grad = t.grads[i].const_data_ptr();
-    r.exp_avg = t.exp_avgs[i].data_ptr();
-    r.exp_avg_sq = t.exp_avg_sqs[i].data_ptr();
-    r.max_exp_avg_sq = amsgrad ? t.max_exp_avg_sqs[i].data_ptr() : nullptr;
-    r.step = step.data_ptr<float>();
-    r.group = static_cast<int32_t>(groups[i]);
-    r.vector_ok = is_16_byte_aligned(r.param) && is_16_byte_aligned(r.grad) && is_16_byte_aligned(r.exp_avg) &&
-                  is_16_byte_aligned(r.exp_avg_sq) && (!amsgrad || is_16_byte_aligned(r.max_exp_avg_sq));
+    rows[i] = check_and_make_row(t.params[i], t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i],
+                                 amsgrad ? &t.max_exp_avg_sqs[i] : nullptr, t.state_steps[i], device, call_dtype,
+                                 groups[i], n_groups, i, name_of);
+    rows[i].offset = next_row_offset(end);
+    end = rows[i].offset + rows[i].numel;
   }
   total = end;
 
