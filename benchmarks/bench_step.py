@@ -15,7 +15,12 @@ TransformerLRScheduler.step(), which the torch loop needs), side by side in one 
    "fwd+bwd only" candidate (no optimizer, no step) shows what the optimizer adds.
    Reports medians (and the IQR) after warm-up rounds, and each torch variant's median
    over ours: ratio > 1 means ours is faster; "ours vs torch fused" is the target
-   (>= 1.0x).
+   (>= 1.0x). Rows "with clip_grad_norm_" repeat the `optimizer.zero_grad()` iteration
+   with gradient clipping (max_norm 1.0) between backward and step: ours calls
+   `optimizer.clip_grad_norm_(1.0)` (the norm only; its step applies the factor as it
+   reads each gradient), torch `torch.nn.utils.clip_grad_norm_(params, 1.0,
+   foreach=True)` (the norm, then every gradient scaled in place); "fwd+bwd only" does
+   not clip.
 
 2. One optimizer step alone (plus DeepSpeed's CPU Adam when it is installed).
    Layouts: one flat parameter of N elements; transformer-shaped stacks (the weight
@@ -31,9 +36,20 @@ TransformerLRScheduler.step(), which the torch loop needs), side by side in one 
    plain copy undercounts because of write-allocate traffic), and on a GPU a device
    copy.
 
-Prints markdown tables (iterations first, then steps), writes them and JSON to --out
-and, with matplotlib, two PNG charts (<stem>.png for steps, <stem>_iteration.png for
-iterations).
+3. Clip + step: for the flat and transformer-shaped layouts of >= 1e6 parameters (all
+   of them in --quick), gradient clipping followed by one step, timed right after that
+   layout's step alone: ours `optimizer.clip_grad_norm_(1.0); optimizer.step()`, torch
+   `torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True); optimizer.step()` (+ the
+   scheduler) for each AdamW variant, gradients assigned once as above. Effective
+   bandwidth counts 32 bytes per parameter for ours (the norm reads the gradient, 28
+   for the step) and 40 for torch (4 norm + 8 to scale the gradient in place + 28).
+
+If the installed noam_ext has no FusedAdamW.clip_grad_norm_, the clipping rows (and
+only those) are skipped, with a note on stderr, in the tables and in the JSON.
+
+Prints markdown tables (iterations first, then steps, then clip + step), writes them
+and JSON to --out and, with matplotlib, PNG charts (<stem>.png for steps,
+<stem>_iteration.png for iterations, <stem>_clip.png for clip + step).
 
     python benchmarks/bench_step.py            # full run on the CPU (about 10-15 minutes)
     python benchmarks/bench_step.py --quick    # seconds; CI's smoke test
@@ -70,6 +86,31 @@ TORCH_PEERS = (("torch for-loop", dict(foreach=False)), ("torch foreach", dict(f
 FUSED = "torch fused"
 NO_STEP = "fwd+bwd only"
 ZERO_GRADS = ("optimizer.zero_grad()", "model.zero_grad()")
+CLIP_MAX_NORM = 1.0
+CLIP_LABEL = "with clip_grad_norm_"
+CLIP_ZERO_GRAD = "optimizer.zero_grad()"   # the one zeroing variant timed with clipping
+CLIP_BYTES_OURS = 32    # read the gradient for the norm (4) + the step's 28
+CLIP_BYTES_TORCH = 40   # the norm (4) + scale the gradient in place (read + write, 8) + the step's 28
+CLIP_MIN_PARAMS = 10**6  # clip + step layouts in a full run (--quick: every flat and transformer one)
+
+
+def clip_unavailable() -> str | None:
+    """None when the installed noam_ext has FusedAdamW.clip_grad_norm_, else why the
+    clipping rows are skipped."""
+    try:
+        noam_ext.FusedAdamW.clip_grad_norm_
+    except AttributeError:
+        return (f"the installed noam_ext ({Path(noam_ext.__file__).parent}) has no FusedAdamW.clip_grad_norm_ "
+                f"(AttributeError), so the '{CLIP_LABEL}' iteration rows and the 'clip + step' table are skipped")
+    return None
+
+
+def clip_bytes(peer: str) -> int:
+    return CLIP_BYTES_OURS if peer == OURS else CLIP_BYTES_TORCH
+
+
+def torch_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
 
 
 def adamw_kwargs() -> dict:
@@ -134,11 +175,13 @@ class Candidate:
     """One model copy and its optimizer; `iteration()` is the timed training iteration."""
 
     def __init__(self, name: str, model: torch.nn.Module, zero_grad: str, x: torch.Tensor, y: torch.Tensor,
-                 rng: tuple):
+                 rng: tuple, clip: float | None = None):
         self.name, self.model, self.x, self.y = name, model, x, y
         self.rng = rng                       # this candidate's own dropout RNG stream
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
+        self.clip: Callable[[], torch.Tensor] | None = None   # between backward and step
+        self.norm: torch.Tensor | None = None                 # what the last clip returned
         if name == OURS:
             self.optimizer = noam_ext.FusedAdamW(model.parameters(), **adamw_kwargs(),
                                                  schedule=noam_ext.Noam(D_MODEL, WARMUP))
@@ -146,6 +189,10 @@ class Candidate:
             flags = dict(TORCH_PEERS)[name]
             self.optimizer = torch.optim.AdamW(model.parameters(), **adamw_kwargs(), **flags)
             self.scheduler = noam_ext.TransformerLRScheduler(self.optimizer, d_model=D_MODEL, warmup_steps=WARMUP)
+        if clip is not None and name == OURS:
+            self.clip = lambda opt=self.optimizer: opt.clip_grad_norm_(clip)
+        elif clip is not None and name != NO_STEP:
+            self.clip = lambda params=list(model.parameters()): torch_clip(params, clip)
         if zero_grad == "optimizer.zero_grad()" and self.optimizer is not None:
             self.zero_grad = self.optimizer.zero_grad
         else:   # model.zero_grad(), and the reference without an optimizer (same as torch's zero_grad)
@@ -155,6 +202,8 @@ class Candidate:
         self.zero_grad()
         loss = F.mse_loss(self.model(self.x), self.y)
         loss.backward()
+        if self.clip is not None:
+            self.norm = self.clip()   # kept as a tensor: no host sync inside the timed iteration
         if self.optimizer is not None:
             self.optimizer.step()
         if self.scheduler is not None:
@@ -184,6 +233,12 @@ class IterationResult:
     timings: dict = field(default_factory=dict)      # candidate -> Timing
     times_s: dict = field(default_factory=dict)      # candidate -> every measured iteration, in order
     param_gap: dict = field(default_factory=dict)    # candidate -> ||p - p_for_loop|| / ||p_for_loop - p_0||
+    clip_max_norm: float | None = None               # None: no clipping; else every optimizer clipped
+    clip_norms: dict = field(default_factory=dict)   # candidate -> gradient norm its last clip returned
+
+    @property
+    def clipped(self) -> bool:
+        return self.clip_max_norm is not None
 
     def ratio(self, peer: str) -> float:
         """peer's median over ours: > 1 means ours is faster."""
@@ -210,7 +265,7 @@ def parameter_gaps(initial: list[torch.Tensor], candidates: list[Candidate]) -> 
 
 
 def time_training(spec: ModelSpec, zero_grad: str, device: str, warmup: int, iterations: int,
-                  seed: int = 0) -> IterationResult:
+                  seed: int = 0, clip: float | None = None) -> IterationResult:
     torch.manual_seed(seed)
     base = spec.build().to(device)
     x = torch.randn(spec.input_shape, device=device)
@@ -220,10 +275,11 @@ def time_training(spec: ModelSpec, zero_grad: str, device: str, warmup: int, ite
     rng = get_rng(device)
     names = [OURS] + [label for label, _ in TORCH_PEERS] + [NO_STEP]
     # Each candidate trains its own deep copy of the same initial model.
-    candidates = [Candidate(name, copy.deepcopy(base), zero_grad, x, y, rng) for name in names]
+    candidates = [Candidate(name, copy.deepcopy(base), zero_grad, x, y, rng, clip) for name in names]
     del base
     result = IterationResult(spec.kind, spec.name, sum(p.numel() for p in candidates[0].model.parameters()),
-                             len(list(candidates[0].model.parameters())), spec.batch, zero_grad, warmup, iterations)
+                             len(list(candidates[0].model.parameters())), spec.batch, zero_grad, warmup, iterations,
+                             clip_max_norm=clip)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
     gc.collect()
@@ -249,23 +305,31 @@ def time_training(spec: ModelSpec, zero_grad: str, device: str, warmup: int, ite
         result.timings[name] = quartiles(ts)
         result.times_s[name] = ts
     result.param_gap = parameter_gaps(initial, candidates)
+    result.clip_norms = {c.name: float(c.norm) for c in candidates if c.norm is not None}
     return result
 
 
 def run_iterations(args) -> list[IterationResult]:
     results = []
     specs = iteration_models(args.quick)
-    total = len(specs) * len(ZERO_GRADS)
+    variants = [(zero_grad, None) for zero_grad in ZERO_GRADS]
+    if args.clip_skipped is None:
+        variants.append((CLIP_ZERO_GRAD, CLIP_MAX_NORM))
+    total = len(specs) * len(variants)
     index = 0
     for spec in specs:
-        for zero_grad in ZERO_GRADS:
+        for zero_grad, clip in variants:
             index += 1
-            print(f"[iteration {index}/{total}] {spec.name}, batch {spec.batch}, {zero_grad}",
+            what = zero_grad if clip is None else f"{zero_grad}, {CLIP_LABEL}(max_norm={clip:g})"
+            print(f"[iteration {index}/{total}] {spec.name}, batch {spec.batch}, {what}",
                   file=sys.stderr, flush=True)
-            result = time_training(spec, zero_grad, args.device, args.warmup, args.iterations)
+            result = time_training(spec, zero_grad, args.device, args.warmup, args.iterations, clip=clip)
             for name, t in result.timings.items():
                 ratio = f"  ({result.ratio(name):.2f}x ours)" if name not in (OURS, NO_STEP) else ""
                 print(f"    {name:<20} {t.median_s * 1e3:10.2f} ms{ratio}", file=sys.stderr, flush=True)
+            if result.clipped:
+                print("    gradient norm at the last iteration: "
+                      + ", ".join(f"{n} {v:.4g}" for n, v in result.clip_norms.items()), file=sys.stderr, flush=True)
             bad = {n: g for n, g in result.param_gap.items() if not g < 0.05}
             if bad:
                 print(f"    WARNING: parameters far from torch for-loop's after training: {bad}",
@@ -374,6 +438,40 @@ def build_peers(shapes, device, flat_views: bool = False):
     return peers
 
 
+def build_clip_peers(shapes, device, max_norm: float):
+    """name -> zero-argument "clip + step" function, each with its own parameters and
+    gradients (assigned once, as in build_peers). torch's clip scales the gradients in
+    place, so after the first call its gradients have norm ~max_norm and later calls
+    scale them by ~1; that is the same work (torch multiplies by the clamped factor
+    unconditionally). Ours leaves the gradients as they are and its step applies the
+    factor, so every call clips by ~max_norm / sqrt(numel)."""
+    peers = {}
+    params = make_params(shapes, device)
+    give_grads(params)
+    ours = noam_ext.FusedAdamW(params, **adamw_kwargs(), schedule=noam_ext.Noam(D_MODEL, WARMUP))
+
+    def ours_clip_step(opt=ours):
+        opt.clip_grad_norm_(max_norm)
+        opt.step()
+    peers[OURS] = ours_clip_step
+    for label, flags in TORCH_PEERS:
+        params = make_params(shapes, device)
+        give_grads(params)
+        opt = torch.optim.AdamW(params, **adamw_kwargs(), **flags)
+        sched = noam_ext.TransformerLRScheduler(opt, d_model=D_MODEL, warmup_steps=WARMUP)
+
+        def clip_step(params=params, opt=opt, sched=sched):
+            torch_clip(params, max_norm)
+            opt.step()
+            sched.step()
+        peers[label] = clip_step
+    return peers
+
+
+def wants_clip_step(kind: str, params: int, quick: bool) -> bool:
+    return kind in ("flat", "transformer") and (quick or params >= CLIP_MIN_PARAMS)
+
+
 # ---- timing -------------------------------------------------------------------------------
 
 def time_cpu(fn, min_run_time: float) -> Timing:
@@ -422,10 +520,23 @@ class CaseResult:
     tensors: int
     ceiling_gbps: float
     stack: str = ""
-    timings: dict = field(default_factory=dict)   # peer -> Timing
+    timings: dict = field(default_factory=dict)        # peer -> Timing
+    clip_timings: dict = field(default_factory=dict)   # peer -> Timing of clip + step (empty: not measured)
+    clip_max_norm: float | None = None
 
     def gbps(self, peer: str) -> float:
         return BYTES_PER_PARAM * self.params / self.timings[peer].median_s / 1e9
+
+    def clip_gbps(self, peer: str) -> float:
+        return clip_bytes(peer) * self.params / self.clip_timings[peer].median_s / 1e9
+
+    def clip_ratio(self, peer: str) -> float:
+        """peer's clip + step median over ours: > 1 means ours is faster."""
+        return self.clip_timings[peer].median_s / self.clip_timings[OURS].median_s
+
+    def clip_over_step(self, peer: str) -> float:
+        """clip + step over the step alone, same peer and layout: what clipping adds."""
+        return self.clip_timings[peer].median_s / self.timings[peer].median_s
 
 
 def run_steps(args) -> list[CaseResult]:
@@ -441,9 +552,19 @@ def run_steps(args) -> list[CaseResult]:
         n = sum(torch.Size(s).numel() for s in shapes)
         print(f"[step {index}/{len(cases)}] {name}: {n:,} parameters", file=sys.stderr, flush=True)
         result = CaseResult(kind, name, n, len(shapes), ceiling_gbps(n, device, timer, args.min_run_time), stack)
-        for peer, fn in build_peers(shapes, device, flat_views=kind == "flat-view").items():
+        peers = build_peers(shapes, device, flat_views=kind == "flat-view")
+        for peer, fn in peers.items():
             result.timings[peer] = timer(fn, args.min_run_time)
             print(f"    {peer:<20} {result.timings[peer].median_s * 1e6:12.1f} us", file=sys.stderr, flush=True)
+        del peers, fn   # free this layout's optimizers before the clip + step ones are built
+        if args.clip_skipped is None and wants_clip_step(kind, n, args.quick):
+            gc.collect()
+            result.clip_max_norm = CLIP_MAX_NORM
+            for peer, fn in build_clip_peers(shapes, device, CLIP_MAX_NORM).items():
+                result.clip_timings[peer] = timer(fn, args.min_run_time)
+                print(f"    {peer + ' clip+step':<30} {result.clip_timings[peer].median_s * 1e6:12.1f} us",
+                      file=sys.stderr, flush=True)
+            del fn
         results.append(result)
         gc.collect()
         if device == "cuda":
@@ -503,8 +624,9 @@ def iteration_markdown(results: list[IterationResult]) -> str:
     for r in results:
         ours = r.timings[OURS]
         cells = [f"{ms(r.timings[p].median_s)} ({r.ratio(p):.2f}x)" for p in peers]
+        zero_grad = f"`{r.zero_grad}`" + (f", **{CLIP_LABEL}** (max_norm {r.clip_max_norm:g})" if r.clipped else "")
         lines.append(
-            f"| {r.model} | {r.params:,} | {r.tensors} | {r.batch} | `{r.zero_grad}` | "
+            f"| {r.model} | {r.params:,} | {r.tensors} | {r.batch} | {zero_grad} | "
             f"{ms(ours.median_s)} (IQR {ours.iqr_s * 1e3:,.2f}) | " + " | ".join(cells)
             + f" | **{r.ratio(FUSED):.2f}x** | {ms(r.timings[NO_STEP].median_s)} |")
     lines += ["", "Each cell: median time of one whole iteration (torch also runs TransformerLRScheduler.step()); "
@@ -512,6 +634,50 @@ def iteration_markdown(results: list[IterationResult]) -> str:
               f"'{NO_STEP}': the same iteration (zeroing with model.zero_grad()) without optimizer or step, for scale. "
               "Every optimizer trains its own copy of the model from the same initial weights with AdamW "
               "(lr 1.0 x Noam(512, 4000), betas (0.9, 0.98), eps 1e-9, weight decay 0.01)."]
+    clipped = [r for r in results if r.clipped]
+    if clipped:
+        norms = "; ".join(f"{r.kind}: ours {r.clip_norms.get(OURS, float('nan')):.4g}, torch for-loop "
+                          f"{r.clip_norms.get('torch for-loop', float('nan')):.4g}" for r in clipped)
+        lines += ["", f"Rows '{CLIP_LABEL}': gradient clipping between backward and step, for every optimizer: ours "
+                  f"`optimizer.clip_grad_norm_(max_norm)` (computes the norm; the step applies "
+                  f"min(1, max_norm / (norm + 1e-6)) as it reads each gradient), torch "
+                  f"`torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)` (the norm, then every gradient "
+                  f"scaled in place) before `optimizer.step()`; '{NO_STEP}' does not clip. Gradient norm returned at "
+                  f"the last measured iteration (clipping is active when it exceeds max_norm): {norms}."]
+    return "\n".join(lines)
+
+
+def clip_markdown(info: dict, results: list[CaseResult]) -> str:
+    rows = [r for r in results if r.clip_timings]
+    peers = [p for p, _ in TORCH_PEERS]
+    lines = [
+        f"### Clip + step (gradient clipping to max_norm {rows[0].clip_max_norm:g}, then one optimizer step)",
+        "",
+        f"| layout | params | tensors | noam_ext clip + step | GB/s ({CLIP_BYTES_OURS} B) | % of ceiling | "
+        + " | ".join(f"{p} (x slower)" for p in peers)
+        + f" | {FUSED} GB/s ({CLIP_BYTES_TORCH} B) | clip + step over step alone: ours / {FUSED} |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(peers) + "---:|---:|",
+    ]
+    for r in rows:
+        ours = r.clip_timings[OURS]
+        cells = [f"{r.clip_timings[p].median_s * 1e6:,.0f} us ({r.clip_ratio(p):.2f}x)" for p in peers]
+        lines.append(
+            f"| {r.name} | {r.params:,} | {r.tensors} | {ours.median_s * 1e6:,.1f} us (IQR {ours.iqr_s * 1e6:,.1f}) | "
+            f"{r.clip_gbps(OURS):.1f} | {100 * r.clip_gbps(OURS) / r.ceiling_gbps:.0f}% of {r.ceiling_gbps:.1f} | "
+            + " | ".join(cells)
+            + f" | {r.clip_gbps(FUSED):.1f} | {r.clip_over_step(OURS):.2f}x / {r.clip_over_step(FUSED):.2f}x |")
+    lines += ["", "Ours: `optimizer.clip_grad_norm_(max_norm); optimizer.step()` (the step applies the clipping "
+              "factor as it reads each gradient; the gradients are not modified). Torch: "
+              "`torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True); optimizer.step()` (+ "
+              "TransformerLRScheduler.step()) for each AdamW variant. Gradients are assigned once as "
+              "`p.grad = tensor` (randn, norm ~ sqrt(params) >> max_norm, so clipping is active) and left in place: "
+              "torch's clip scales them in place, so after its first call their norm is ~max_norm and later calls "
+              "scale by ~1, which is the same work (torch multiplies by the clamped factor unconditionally). "
+              f"Effective GB/s counts {CLIP_BYTES_OURS} bytes per float32 parameter for ours (4 to read the gradient "
+              f"for the norm + the step's 28) and {CLIP_BYTES_TORCH} for torch (4 for the norm + 8 to scale the "
+              "gradient in place + 28); the ceiling is the one measured for the same layout in the step table. "
+              "Last column: each optimizer's clip + step median over its own step-alone median in the step table "
+              "(same layout, same run): what clipping adds."]
     return "\n".join(lines)
 
 
@@ -552,12 +718,17 @@ def step_markdown(info: dict, results: list[CaseResult]) -> str:
     return "\n".join(lines)
 
 
-def markdown(info: dict, iterations: list[IterationResult], steps: list[CaseResult]) -> str:
+def markdown(info: dict, iterations: list[IterationResult], steps: list[CaseResult],
+             clip_skipped: str | None = None) -> str:
     parts = [machine_line(info)]
+    if clip_skipped is not None:
+        parts.append(f"**Gradient-clipping rows skipped:** {clip_skipped}.")
     if iterations:
         parts.append(iteration_markdown(iterations))
     if steps:
         parts.append(step_markdown(info, steps))
+    if any(r.clip_timings for r in steps):
+        parts.append(clip_markdown(info, steps))
     return "\n\n".join(parts)
 
 
@@ -605,7 +776,8 @@ def plot_iterations(results: list[IterationResult], path: Path) -> bool:
     plt = _pyplot()
     if plt is None or not results:
         return False
-    labels = [f"{r.kind} {r.params / 1e6:.1f}M\n{r.zero_grad}" for r in results]
+    labels = [f"{r.kind} {r.params / 1e6:.1f}M\n{r.zero_grad}" + ("\n+ clip_grad_norm_" if r.clipped else "")
+              for r in results]
     peers = [label for label, _ in TORCH_PEERS]
     names = [OURS] + peers + [NO_STEP]
     colors = {name: f"C{i}" for i, name in enumerate(names)}
@@ -647,6 +819,38 @@ def plot_iterations(results: list[IterationResult], path: Path) -> bool:
     return True
 
 
+def plot_clip(results: list[CaseResult], path: Path) -> bool:
+    """Clip + step: each torch variant's time over ours per layout (bars), with the same
+    ratio for the step alone (black ticks) for comparison."""
+    plt = _pyplot()
+    rows = [r for r in results if r.clip_timings]
+    if plt is None or not rows:
+        return False
+    peers = [p for p, _ in TORCH_PEERS]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 2), 4.5))
+    width = 0.8 / len(peers)
+    for j, peer in enumerate(peers):
+        xs = [i + (j - (len(peers) - 1) / 2) * width for i in range(len(rows))]
+        ratios = [r.clip_ratio(peer) for r in rows]
+        bars = ax.bar(xs, ratios, width, label=f"{peer} / noam_ext, clip + step", color=f"C{j + 1}",
+                      edgecolor="black" if peer == FUSED else None, linewidth=1.2 if peer == FUSED else 0)
+        ax.scatter(xs, [r.timings[peer].median_s / r.timings[OURS].median_s for r in rows], marker="_", s=200,
+                   color="black", zorder=3, label="same, step alone" if j == 0 else None)
+        if peer == FUSED:
+            for bar, ratio in zip(bars, ratios):
+                ax.annotate(f"{ratio:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=7, fontweight="bold")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [r.name.replace(" (", "\n(") for r in rows], fontsize=7)
+    ax.set(yscale="log", ylabel="torch median / noam_ext median (> 1: ours faster)",
+           title=f"clip_grad_norm_(max_norm={rows[0].clip_max_norm:g}) + step: how much slower each torch AdamW is")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -670,15 +874,19 @@ def main(argv=None) -> None:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
+    args.clip_skipped = clip_unavailable()
+    if args.clip_skipped is not None:
+        print(f"NOTE: {args.clip_skipped}.", file=sys.stderr, flush=True)
     iterations = run_iterations(args) if args.only != "step" else []
     steps = run_steps(args) if args.only != "iteration" else []
     info = machine_info(args.device)
-    table = markdown(info, iterations, steps)
+    table = markdown(info, iterations, steps, args.clip_skipped)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench_{args.device}{'_quick' if args.quick else ''}"
     payload = {
         "machine": info,
+        "clip_skipped": args.clip_skipped,   # None when the clipping rows were measured
         "iteration": [
             {**{k: v for k, v in asdict(r).items() if k not in ("timings", "times_s")},
              "timings": {p: asdict(t) for p, t in r.timings.items()},
@@ -687,18 +895,32 @@ def main(argv=None) -> None:
              "paired_ratios_over_ours": {p: r.paired_ratio(p) for p, _ in TORCH_PEERS},
              "times_s": r.times_s} for r in iterations],
         "results": [
-            {**{k: v for k, v in asdict(r).items() if k != "timings"},
+            {**{k: v for k, v in asdict(r).items() if k not in ("timings", "clip_timings", "clip_max_norm")},
              "timings": {p: asdict(t) for p, t in r.timings.items()},
              "noam_ext_gbps": r.gbps(OURS)} for r in steps],
+        "clip_step": [
+            {"kind": r.kind, "name": r.name, "params": r.params, "tensors": r.tensors, "stack": r.stack,
+             "max_norm": r.clip_max_norm, "ceiling_gbps": r.ceiling_gbps,
+             "timings": {p: asdict(t) for p, t in r.clip_timings.items()},
+             "ratios_over_ours": {p: r.clip_ratio(p) for p, _ in TORCH_PEERS},
+             "bytes_per_param": {p: clip_bytes(p) for p in r.clip_timings},
+             "gbps": {p: r.clip_gbps(p) for p in r.clip_timings},
+             "over_step_alone": {p: r.clip_over_step(p) for p in r.clip_timings}}
+            for r in steps if r.clip_timings],
     }
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     (args.out / f"{stem}.md").write_text(table + "\n")
     for plotted, path in ((plot_iterations(iterations, args.out / f"{stem}_iteration.png"),
                            args.out / f"{stem}_iteration.png"),
-                          (plot_steps(steps, args.out / f"{stem}.png"), args.out / f"{stem}.png")):
+                          (plot_steps(steps, args.out / f"{stem}.png"), args.out / f"{stem}.png"),
+                          (plot_clip(steps, args.out / f"{stem}_clip.png"), args.out / f"{stem}_clip.png")):
         if plotted:
             print(f"chart: {path}", file=sys.stderr)
+        elif path.name.endswith("_clip.png"):
+            path.unlink(missing_ok=True)   # no clip + step rows this run: no stale chart from an earlier one
     print(f"results: {args.out / f'{stem}.json'}", file=sys.stderr)
+    if args.clip_skipped is not None:
+        print(f"NOTE: {args.clip_skipped}.", file=sys.stderr)
 
 
 if __name__ == "__main__":

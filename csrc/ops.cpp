@@ -23,10 +23,14 @@ TORCH_LIBRARY(noam_ext, m) {
   //                   (false for all but the last call of an optimizer step)
   //   grad_scale, found_inf: torch.amp.GradScaler's tensors; when found_inf is
   //                   non-zero the step changes no parameter, moment or step.
+  //   grad_clip:      float64 [1] on the device, or None: every gradient is multiplied
+  //                   by it (after the unscaling) as it is read, so that clipping by
+  //                   global norm costs no pass of its own (FusedAdamW.clip_grad_norm_)
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor(f!) schedule_step, Tensor hyper, "
-      "int[] groups, *, bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "int[] groups, *, bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_clip=None) -> ()");
   // The CUDA kernel's work split and math, run on the host over an emulated
   // grid of num_blocks x threads_per_block (same arguments, CPU tensors), so
   // that CI tests the kernel's indexing without a GPU (csrc/cpu/cuda_emulation.cpp).
@@ -34,7 +38,8 @@ TORCH_LIBRARY(noam_ext, m) {
       "emulate_cuda_fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
       "Tensor(f!) schedule_step, Tensor hyper, int[] groups, *, int num_blocks, int threads_per_block, "
-      "bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_clip=None) -> ()");
   // The row walk alone (work_split.h) for tensors of the given sizes over the
   // virtual range [begin, end): (row, lo, hi) triples, flattened. Lets tests check
   // 64-bit offsets past 2**31 elements without allocating such tensors.

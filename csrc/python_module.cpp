@@ -274,7 +274,8 @@ class StepPlan {
   // call advances the schedule.
   void run(const at::Tensor& hyper, const std::vector<at::Tensor>& counters,
            const std::vector<std::optional<at::Tensor>>& grad_scales,
-           const std::vector<std::optional<at::Tensor>>& found_infs) const {
+           const std::vector<std::optional<at::Tensor>>& found_infs,
+           const std::vector<std::optional<at::Tensor>>& grad_clips) const {
     const std::vector<at::Device> devs = devices();
     std::vector<size_t> last_call_of_device(devs.size(), 0);
     for (size_t k = 0; k < buckets.size(); ++k) {
@@ -302,7 +303,8 @@ class StepPlan {
         // The device implementations behind torch.ops.noam_ext.fused_adamw_, given
         // the rows check() built: no second check, no dispatcher round trip.
         const RowsCall call{b.call_rows[round], b.call_totals[round], b.dtype, b.amsgrad, counters[d], table,
-                            last_call_of_device[d] == k && round == b.num_rounds - 1, grad_scales[d], found_infs[d]};
+                            last_call_of_device[d] == k && round == b.num_rounds - 1, grad_scales[d], found_infs[d],
+                            grad_clips[d]};
         if (b.device.is_cpu()) {
           cpu::run_rows(call);
 #if defined(NOAM_EXT_WITH_CUDA)
@@ -542,8 +544,10 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
 //   counters:   {torch.device: int64 [2] schedule counter}; a counter whose
 //               device takes no part in this step is advanced all the same
 //   grad_scale, found_inf: torch.amp.GradScaler's tensors or None
+//   grad_clip:  the clipping factor (FusedAdamW.clip_grad_norm_) or None
 py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& hyper, py::dict counters,
-                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      const std::optional<at::Tensor>& grad_clip) {
   const std::unique_ptr<StepPlan> plan = collect(param_groups, state);
   const std::vector<at::Device> devices = plan->devices();
   std::vector<at::Tensor> device_counters;
@@ -571,7 +575,7 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
   for (const at::Tensor& counter : device_counters) {
     check_call_arguments(counter, hyper);
   }
-  std::vector<std::optional<at::Tensor>> scales, infs;
+  std::vector<std::optional<at::Tensor>> scales, infs, clips;
   for (const at::Device& device : devices) {
     auto on_device = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
       if (!t) {
@@ -581,9 +585,12 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
     };
     scales.push_back(on_device(grad_scale));
     infs.push_back(on_device(found_inf));
-    check_scaler_tensors(scales.back(), infs.back(), device);
+    clips.push_back(grad_clip ? std::optional<at::Tensor>(grad_clip->to(device, at::kDouble, /*non_blocking=*/true)
+                                                              .reshape({1}))
+                              : std::nullopt);
+    check_scaler_tensors(scales.back(), infs.back(), device, clips.back());
   }
-  plan->run(hyper, device_counters, scales, infs);
+  plan->run(hyper, device_counters, scales, infs, clips);
   // The schedule counts optimizer steps: devices that took no part advance too.
   Py_ssize_t pos = 0;
   PyObject *key = nullptr, *value = nullptr;
@@ -611,7 +618,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_capability", [] { return noam_ext::cpu::active_cpu_capability(); },
         "Instruction set the CPU op runs with: default, avx2 or avx512.");
   m.def("fused_step", &noam_ext::fused_step, py::arg("param_groups"), py::arg("state"), py::arg("hyper"),
-        py::arg("counters"), py::arg("grad_scale"), py::arg("found_inf"),
+        py::arg("counters"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("grad_clip") = py::none(),
         "FusedAdamW.step()'s work: reads param_groups, every p.grad and optimizer.state as they are now, "
         "checks everything, then calls the op once per (device, dtype, amsgrad), more where parameters share "
         "memory. Returns None, or what must be prepared first (nothing is changed then).");

@@ -80,6 +80,7 @@ class FusedAdamW(Optimizer):
         self._schedule_steps_done = 0   # host mirror of the device counters, for logging
         self._schedule_counters: dict[torch.device, torch.Tensor] = {}
         self._hyper = HyperTable()
+        self._pending_clip: tuple[torch.Tensor, torch.Tensor | None] | None = None
         super().__init__(params, defaults)
         if schedule is not None:
             for group in self.param_groups:
@@ -126,6 +127,7 @@ class FusedAdamW(Optimizer):
         self._schedule_steps_done = getattr(self, "_schedule_steps_done", done)
         self._schedule_counters = {}
         self._hyper = HyperTable()
+        self._pending_clip = None
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -150,13 +152,14 @@ class FusedAdamW(Optimizer):
         hyper = self._hyper.get(self.param_groups, self.schedule)   # checks every group first
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        grad_clip, found_inf = self._take_pending_clip(found_inf)
         # One C++ call reads the parameters, gradients and state where torch keeps
         # them, checks them all, and makes the step. It changes nothing and says what
         # is missing when a parameter takes its first step (its state is created
         # here, as torch creates it lazily) or a device has no schedule counter yet.
         for _ in range(3):   # state first, then the counters of the devices it is on
             missing = _C.fused_step(self.param_groups, self.state, hyper, self._schedule_counters,
-                                    grad_scale, found_inf)
+                                    grad_scale, found_inf, grad_clip)
             if missing is None:
                 break
             self._prepare(*missing)
@@ -183,6 +186,56 @@ class FusedAdamW(Optimizer):
             for group in self.param_groups:
                 group.setdefault("initial_lr", group["lr"])
             self._refresh_scheduled_lrs()
+
+    # ---- gradient clipping ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False, *,
+                        scaler: torch.amp.GradScaler | None = None,
+                        skip_if_nonfinite: bool = False) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over every gradient of every group, fused into
+        the next step(): returns the total norm (a tensor on the gradients' device, no
+        host sync), and the next step() multiplies each gradient by
+        min(1, max_norm / (norm + 1e-6)) as it reads it. The gradients themselves are
+        left as they are (torch's function scales them in place).
+
+        scaler: the torch.amp.GradScaler whose scaler.step(optimizer) follows: the norm is
+          then that of the unscaled gradients, as after scaler.unscale_(optimizer).
+        skip_if_nonfinite: the next step() changes nothing (as on GradScaler's found-inf
+          path) when the norm is inf or NaN.
+        """
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            self._pending_clip = None
+            return torch.tensor(0.0)
+        # torch.nn.utils.clip_grad_norm_'s own computation (per device and dtype, then across).
+        total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite=False)
+        if scaler is not None and scaler.is_enabled():
+            # The norm of the unscaled gradients: GradScaler unscales by multiplying with
+            # this reciprocal (exact for its power-of-two scales).
+            inv_scale = scaler._get_scale_async().double().reciprocal().float()
+            total_norm = total_norm * inv_scale.to(total_norm.device)
+        if error_if_nonfinite and torch.logical_or(total_norm.isnan(), total_norm.isinf()):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot "
+                "be clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+                "`error_if_nonfinite=False`")
+        clip_coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        skip = (~torch.isfinite(total_norm)).float() if skip_if_nonfinite else None
+        self._pending_clip = (clip_coef.double(), skip)
+        return total_norm
+
+    def _take_pending_clip(self, found_inf: torch.Tensor | None):
+        """The clipping factor for this step (used once), and found_inf with the
+        non-finite-norm skip folded in."""
+        pending, self._pending_clip = self._pending_clip, None
+        if pending is None:
+            return None, found_inf
+        coef, skip = pending
+        if skip is not None:
+            found_inf = skip if found_inf is None else found_inf.float() + skip.to(found_inf.device)
+        return coef, found_inf
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -292,6 +345,7 @@ def _traceable_step(opt: FusedAdamW) -> None:
             call["groups"].append(index)
     grad_scale = getattr(opt, "grad_scale", None)
     found_inf = getattr(opt, "found_inf", None)
+    grad_clip, found_inf = opt._take_pending_clip(found_inf)
     devices = [key[0] for key in calls]
     for k, ((device, _, _), call) in enumerate(calls.items()):
         counter = opt._schedule_counter(device)
@@ -300,7 +354,8 @@ def _traceable_step(opt: FusedAdamW) -> None:
             call["steps"], counter, hyper, call["groups"],
             advance_schedule=device not in devices[k + 1:],
             grad_scale=None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32).reshape(1),
-            found_inf=None if found_inf is None else found_inf.to(device=device, dtype=torch.float32).reshape(1))
+            found_inf=None if found_inf is None else found_inf.to(device=device, dtype=torch.float32).reshape(1),
+            grad_clip=None if grad_clip is None else grad_clip.to(device=device, dtype=torch.float64).reshape(1))
     for device, counter in opt._schedule_counters.items():
         if device not in devices:
             counter[:1].add_(1)

@@ -59,7 +59,8 @@ def test_kernel_matches_cpu_op_bit_for_bit(layout, dtype):
     cpu = op_args.make_args(numels, dtype, amsgrad=True, seed=3, misaligned_every=3 if len(numels) > 1 else 0)
     gpu = to_device(op_args.clone(cpu))
     for step in range(3):
-        scale = {"grad_scale": torch.tensor([2.0]), "found_inf": torch.tensor([0.0])} if step == 1 else {}
+        scale = {"grad_scale": torch.tensor([2.0]), "found_inf": torch.tensor([0.0]),
+                 "grad_clip": torch.tensor([0.3], dtype=torch.float64)} if step == 1 else {}
         torch.ops.noam_ext.fused_adamw_(*op_args.positional(cpu), **scale)
         torch.ops.noam_ext.fused_adamw_(*op_args.positional(gpu), **{k: v.cuda() for k, v in scale.items()})
     for (name, expected), (_, actual) in zip(op_args.tensors_of(cpu), op_args.tensors_of(gpu)):

@@ -39,7 +39,8 @@ def test_emulated_kernel_matches_cpu_op_bit_for_bit(layout, dtype, grid):
     cpu = make_args(numels, dtype, amsgrad, seed=len(numels), misaligned_every=3 if len(numels) > 1 else 0)
     emulated = clone(cpu)
     for step in range(2):
-        scale = {"grad_scale": torch.tensor([2.0]), "found_inf": torch.tensor([0.0])} if step == 1 else {}
+        scale = {"grad_scale": torch.tensor([2.0]), "found_inf": torch.tensor([0.0]),
+                 "grad_clip": torch.tensor([0.3], dtype=torch.float64)} if step == 1 else {}
         torch.ops.noam_ext.fused_adamw_(*positional(cpu), **scale)
         torch.ops.noam_ext.emulate_cuda_fused_adamw_(*positional(emulated), num_blocks=grid[0],
                                                      threads_per_block=grid[1], **scale)

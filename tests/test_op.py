@@ -24,7 +24,7 @@ def test_opcheck(amsgrad):
     a = make_args([5, 0, 130, 3], amsgrad=amsgrad)
     torch.library.opcheck(torch.ops.noam_ext.fused_adamw_.default, positional(a),
                           {"advance_schedule": True, "grad_scale": torch.tensor([2.0]),
-                           "found_inf": torch.tensor([0.0])})
+                           "found_inf": torch.tensor([0.0]), "grad_clip": torch.tensor([0.5], dtype=torch.float64)})
 
 
 def test_every_tensor_is_updated_and_counted():
@@ -53,6 +53,15 @@ def test_grad_scale_divides_the_gradient():
     call(scaled, grad_scale=torch.tensor([256.0]), found_inf=torch.tensor([0.0]))
     call(plain)
     for a, b in zip(scaled["params"], plain["params"]):
+        assert torch.equal(a, b)
+
+
+def test_grad_clip_multiplies_the_unscaled_gradient():
+    clipped, plain = make_args([5, 33], seed=2), make_args([5, 33], seed=2)
+    plain["grads"] = [g * 0.125 for g in plain["grads"]]   # powers of two: every product is exact
+    call(clipped, grad_scale=torch.tensor([4.0]), grad_clip=torch.tensor([0.5], dtype=torch.float64))
+    call(plain)   # (g / 4) * 0.5 == g * 0.125
+    for a, b in zip(clipped["params"], plain["params"]):
         assert torch.equal(a, b)
 
 

@@ -42,17 +42,17 @@ void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                      const at::Tensor& schedule_step, const at::Tensor& hyper, at::IntArrayRef groups,
                      bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip) {
   check_call_arguments(schedule_step, hyper);
   int64_t total = 0;
   const std::vector<TensorRow> rows = build_tensor_rows(
       {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps}, schedule_step.device(), hyper.size(0),
       groups, total);
   check_no_shared_memory(rows, params.empty() ? 1 : params[0].element_size());
-  check_scaler_tensors(grad_scale, found_inf, schedule_step.device());
+  check_scaler_tensors(grad_scale, found_inf, schedule_step.device(), grad_clip);
   const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
   run_rows({rows, total, dtype, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule, grad_scale,
-            found_inf});
+            found_inf, grad_clip});
 }
 
 }  // namespace
@@ -76,6 +76,7 @@ void run_rows(const RowsCall& call) {
     return;
   }
   const double grad_divisor = call.grad_scale ? static_cast<double>(call.grad_scale->item<float>()) : 1.0;
+  const double grad_multiplier = call.grad_clip ? call.grad_clip->item<double>() : 1.0;
   const double* hyper = call.hyper.const_data_ptr<double>();
 
   thread_local std::vector<SegmentCoefficients> coefficients;
@@ -93,7 +94,8 @@ void run_rows(const RowsCall& call) {
     for_each_row_in_range(table, n, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
       const TensorRow& r = table[i];
       const FlatPointers pointers{r.param, r.grad, r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq};
-      kernel(pointers, lo, hi, coeffs[i], hyper[r.group * kNumHyperColumns + kMaximize] != 0.0, grad_divisor);
+      kernel(pointers, lo, hi, coeffs[i], hyper[r.group * kNumHyperColumns + kMaximize] != 0.0, grad_divisor,
+             grad_multiplier);
     });
   });
 

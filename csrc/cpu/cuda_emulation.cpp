@@ -37,20 +37,21 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
                               at::TensorList state_steps, const at::Tensor& schedule_step, const at::Tensor& hyper,
                               at::IntArrayRef groups, int64_t num_blocks, int64_t threads_per_block,
                               bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
-                              const std::optional<at::Tensor>& found_inf) {
+                              const std::optional<at::Tensor>& found_inf,
+                              const std::optional<at::Tensor>& grad_clip) {
   check_call_arguments(schedule_step, hyper);
   int64_t total = 0;
   const std::vector<TensorRow> rows = build_tensor_rows({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps},
                                                      schedule_step.device(), hyper.size(0), groups, total);
   check_no_shared_memory(rows, params.empty() ? 1 : params[0].element_size());
-  check_scaler_tensors(grad_scale, found_inf, schedule_step.device());
+  check_scaler_tensors(grad_scale, found_inf, schedule_step.device(), grad_clip);
   TORCH_CHECK(num_blocks >= 1 && threads_per_block >= 1, "emulate_cuda_fused_adamw_: empty grid");
   const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
   dispatch_storage_type(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     const KernelArgs args = make_kernel_args(rows.data(), static_cast<int64_t>(rows.size()), total,
                                              !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule,
-                                             grad_scale, found_inf);
+                                             grad_scale, found_inf, grad_clip);
     for (int64_t b = 0; b < num_blocks; ++b) {  // the fused_adamw_kernel launch
       HostExec exec{b, num_blocks, static_cast<int>(threads_per_block)};
       SegmentShared<typename MathType<scalar_t>::type> shared;

@@ -30,11 +30,13 @@ struct SegmentCoefficients {
   AdamWCoefficients<double> f64;
 };
 
-// grad_divisor is the AMP grad scale (1 when there is none); the kernel
-// divides every gradient by it in the math type before the update.
+// grad_divisor is the AMP grad scale (1 when there is none) and grad_multiplier
+// the gradient-clipping factor (1 when not clipping); the kernel divides every
+// gradient by the first, then multiplies it by the second, in the math type,
+// before the update (torch unscales, then clips, in that order).
 using SegmentKernel = void (*)(
     const FlatPointers& buffers, int64_t begin, int64_t end,
-    const SegmentCoefficients& coefficients, bool maximize, double grad_divisor);
+    const SegmentCoefficients& coefficients, bool maximize, double grad_divisor, double grad_multiplier);
 
 // One selector per instruction set this build compiled; each returns the
 // kernel for a storage dtype and amsgrad flag.

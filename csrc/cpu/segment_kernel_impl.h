@@ -54,7 +54,7 @@ using at::vec::Vectorized;
 template <typename scalar_t, bool amsgrad>
 void update_full_precision(
     const FlatPointers& b, int64_t begin, int64_t end,
-    const AdamWCoefficients<scalar_t>& c, bool maximize, double grad_divisor) {
+    const AdamWCoefficients<scalar_t>& c, bool maximize, double grad_divisor, double grad_multiplier) {
   using V = Vectorized<scalar_t>;
   auto* param = static_cast<scalar_t*>(b.param);
   const auto* grad = static_cast<const scalar_t*>(b.grad);
@@ -63,6 +63,8 @@ void update_full_precision(
   auto* max_exp_avg_sq = static_cast<scalar_t*>(b.max_exp_avg_sq);
   const bool unscale = grad_divisor != 1.0;
   const V divisor(static_cast<scalar_t>(grad_divisor));
+  const bool clip = grad_multiplier != 1.0;
+  const V multiplier(static_cast<scalar_t>(grad_multiplier));
   for (int64_t i = begin; i < end; i += V::size()) {
     const int64_t count = std::min<int64_t>(V::size(), end - i);
     V p = V::loadu(param + i, count);
@@ -75,6 +77,9 @@ void update_full_precision(
     }
     if (unscale) {
       g = g / divisor;
+    }
+    if (clip) {
+      g = g * multiplier;
     }
     adamw_update<amsgrad>(p, g, m, v, &vmax, c, maximize);
     p.store(param + i, count);
@@ -90,7 +95,7 @@ void update_full_precision(
 template <typename scalar_t, bool amsgrad>
 void update_reduced_precision(
     const FlatPointers& b, int64_t begin, int64_t end,
-    const AdamWCoefficients<float>& c, bool maximize, double grad_divisor) {
+    const AdamWCoefficients<float>& c, bool maximize, double grad_divisor, double grad_multiplier) {
   using V = Vectorized<scalar_t>;
   using F = Vectorized<float>;
   auto* param = static_cast<scalar_t*>(b.param);
@@ -100,6 +105,8 @@ void update_reduced_precision(
   auto* max_exp_avg_sq = static_cast<scalar_t*>(b.max_exp_avg_sq);
   const bool unscale = grad_divisor != 1.0;
   const F divisor(static_cast<float>(grad_divisor));
+  const bool clip = grad_multiplier != 1.0;
+  const F multiplier(static_cast<float>(grad_multiplier));
   for (int64_t i = begin; i < end; i += V::size()) {
     const int count = static_cast<int>(std::min<int64_t>(V::size(), end - i));
     auto [p0, p1] = at::vec::convert_to_float<scalar_t>(V::loadu(param + i, count));
@@ -113,6 +120,10 @@ void update_reduced_precision(
     if (unscale) {
       g0 = g0 / divisor;
       g1 = g1 / divisor;
+    }
+    if (clip) {
+      g0 = g0 * multiplier;
+      g1 = g1 * multiplier;
     }
     adamw_update<amsgrad>(p0, g0, m0, v0, &x0, c, maximize);
     adamw_update<amsgrad>(p1, g1, m1, v1, &x1, c, maximize);
@@ -128,13 +139,16 @@ void update_reduced_precision(
 template <typename scalar_t, bool amsgrad>
 void segment_kernel(
     const FlatPointers& buffers, int64_t begin, int64_t end,
-    const SegmentCoefficients& coefficients, bool maximize, double grad_divisor) {
+    const SegmentCoefficients& coefficients, bool maximize, double grad_divisor, double grad_multiplier) {
   if constexpr (std::is_same_v<scalar_t, double>) {
-    update_full_precision<double, amsgrad>(buffers, begin, end, coefficients.f64, maximize, grad_divisor);
+    update_full_precision<double, amsgrad>(buffers, begin, end, coefficients.f64, maximize, grad_divisor,
+                                           grad_multiplier);
   } else if constexpr (std::is_same_v<scalar_t, float>) {
-    update_full_precision<float, amsgrad>(buffers, begin, end, coefficients.f32, maximize, grad_divisor);
+    update_full_precision<float, amsgrad>(buffers, begin, end, coefficients.f32, maximize, grad_divisor,
+                                          grad_multiplier);
   } else {
-    update_reduced_precision<scalar_t, amsgrad>(buffers, begin, end, coefficients.f32, maximize, grad_divisor);
+    update_reduced_precision<scalar_t, amsgrad>(buffers, begin, end, coefficients.f32, maximize, grad_divisor,
+                                                grad_multiplier);
   }
 }
 

@@ -133,17 +133,17 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                       const at::Tensor& schedule_step, const at::Tensor& hyper, at::IntArrayRef groups,
                       bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf) {
+                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip) {
   check_call_arguments(schedule_step, hyper);
   int64_t total = 0;
   const std::vector<TensorRow> rows = build_tensor_rows(
       {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps}, schedule_step.device(), hyper.size(0),
       groups, total);
   check_no_shared_memory(rows, params.empty() ? 1 : params[0].element_size());
-  check_scaler_tensors(grad_scale, found_inf, schedule_step.device());
+  check_scaler_tensors(grad_scale, found_inf, schedule_step.device(), grad_clip);
   const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
   run_rows({rows, total, dtype, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule, grad_scale,
-            found_inf});
+            found_inf, grad_clip});
 }
 
 }  // namespace
@@ -161,7 +161,7 @@ void run_rows(const RowsCall& call) {
     using scalar_t = decltype(type_tag);
     const KernelArgs args = make_kernel_args(table, static_cast<int64_t>(call.rows.size()), call.total, call.amsgrad,
                                              call.schedule_step, call.hyper, call.advance_schedule, call.grad_scale,
-                                             call.found_inf);
+                                             call.found_inf, call.grad_clip);
     fused_adamw_kernel<scalar_t>
         <<<blocks, kThreadsPerBlock, 0, stream>>>(args, call.schedule_step.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -54,6 +54,7 @@ struct KernelArgs {
   const int64_t* schedule_step;  // [0] completed steps (read here; advanced at the end)
   const float* grad_scale;       // null: no AMP scaling
   const float* found_inf;        // null: never skip
+  const double* grad_clip;       // null: no clipping factor
   bool amsgrad;
   bool advance_schedule;
   HyperTable hyper;
@@ -100,7 +101,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(scalar_t* p, const Vec<scalar_t
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
     scalar_t& p, scalar_t g, scalar_t& m, scalar_t& v, scalar_t* vmax,
-    const SegmentShared<opmath_t>& s, const float* grad_scale) {
+    const SegmentShared<opmath_t>& s, const float* grad_scale, const double* grad_clip) {
   opmath_t param = static_cast<opmath_t>(p);
   opmath_t grad = static_cast<opmath_t>(g);
   opmath_t exp_avg = static_cast<opmath_t>(m);
@@ -108,6 +109,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
   opmath_t max_sq = amsgrad ? static_cast<opmath_t>(*vmax) : opmath_t(0);
   if (grad_scale != nullptr) {
     grad = grad / static_cast<opmath_t>(*grad_scale);
+  }
+  if (grad_clip != nullptr) {
+    grad = grad * static_cast<opmath_t>(*grad_clip);
   }
   adamw_update<amsgrad>(param, grad, exp_avg, exp_avg_sq, &max_sq, s.coefficients, s.maximize);
   p = static_cast<scalar_t>(param);
@@ -138,7 +142,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE RowPointers<scalar_t> typed(const TensorRow& r
 // tensor whose pointers are all 16-byte aligned (lo is a multiple of the width).
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
-                                             const float* grad_scale, int64_t lo, int64_t hi, int t,
+                                             const float* grad_scale, const double* grad_clip, int64_t lo,
+                                             int64_t hi, int t,
                                              int num_threads) {
   constexpr int W = Vec<scalar_t>::kWidth;
   const int64_t stride = static_cast<int64_t>(num_threads) * W;
@@ -161,7 +166,7 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        update_element<amsgrad>(p[u].v[k], g[u].v[k], m[u].v[k], v[u].v[k], &x[u].v[k], s, grad_scale);
+        update_element<amsgrad>(p[u].v[k], g[u].v[k], m[u].v[k], v[u].v[k], &x[u].v[k], s, grad_scale, grad_clip);
       }
       const int64_t i = base + u * stride;
       store_vec(a.param + i, p[u]);
@@ -182,7 +187,7 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
       }
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        update_element<amsgrad>(p.v[k], g.v[k], m.v[k], v.v[k], &x.v[k], s, grad_scale);
+        update_element<amsgrad>(p.v[k], g.v[k], m.v[k], v.v[k], &x.v[k], s, grad_scale, grad_clip);
       }
       store_vec(a.param + base, p);
       store_vec(a.exp_avg + base, m);
@@ -193,7 +198,7 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
     } else {
       for (int64_t i = base; i < hi; ++i) {
         update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                                amsgrad ? a.max_exp_avg_sq + i : nullptr, s, grad_scale);
+                                amsgrad ? a.max_exp_avg_sq + i : nullptr, s, grad_scale, grad_clip);
       }
     }
   }
@@ -203,21 +208,23 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
 // taking every num_threads-th element (adjacent threads, adjacent elements).
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE void update_range_elementwise(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
-                                              const float* grad_scale, int64_t lo, int64_t hi, int t,
+                                              const float* grad_scale, const double* grad_clip, int64_t lo,
+                                             int64_t hi, int t,
                                               int num_threads) {
   for (int64_t i = lo + t; i < hi; i += num_threads) {
     update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                            amsgrad ? a.max_exp_avg_sq + i : nullptr, s, grad_scale);
+                            amsgrad ? a.max_exp_avg_sq + i : nullptr, s, grad_scale, grad_clip);
   }
 }
 
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE void update_range(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
-                                  const float* grad_scale, int64_t lo, int64_t hi, int t, int num_threads) {
+                                  const float* grad_scale, const double* grad_clip, int64_t lo, int64_t hi, int t,
+                                  int num_threads) {
   if (s.vector_ok) {
-    update_range_vectorized<amsgrad>(a, s, grad_scale, lo, hi, t, num_threads);
+    update_range_vectorized<amsgrad>(a, s, grad_scale, grad_clip, lo, hi, t, num_threads);
   } else {
-    update_range_elementwise<amsgrad>(a, s, grad_scale, lo, hi, t, num_threads);
+    update_range_elementwise<amsgrad>(a, s, grad_scale, grad_clip, lo, hi, t, num_threads);
   }
 }
 
@@ -256,9 +263,9 @@ C10_HOST_DEVICE void run_block(const KernelArgs& a, Exec& exec,
       const RowPointers<scalar_t> pointers = typed<scalar_t>(a.rows[i]);
       exec.for_my_threads([&](int t, int n) {
         if (a.amsgrad) {
-          update_range<true>(pointers, s, a.grad_scale, lo, hi, t, n);
+          update_range<true>(pointers, s, a.grad_scale, a.grad_clip, lo, hi, t, n);
         } else {
-          update_range<false>(pointers, s, a.grad_scale, lo, hi, t, n);
+          update_range<false>(pointers, s, a.grad_scale, a.grad_clip, lo, hi, t, n);
         }
       });
       exec.sync();  // shared is rewritten for the next row

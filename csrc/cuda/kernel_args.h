@@ -18,7 +18,8 @@ namespace noam_ext::cuda_plan {
 inline KernelArgs make_kernel_args(const TensorRow* rows, int64_t num_rows, int64_t total, bool amsgrad,
                                    const at::Tensor& schedule_step, const at::Tensor& hyper,
                                    bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
-                                   const std::optional<at::Tensor>& found_inf) {
+                                   const std::optional<at::Tensor>& found_inf,
+                                   const std::optional<at::Tensor>& grad_clip) {
   TORCH_CHECK(hyper.size(0) <= kMaxGroups, "fused_adamw_: the CUDA kernel takes at most ", kMaxGroups,
               " param groups per (device, dtype), got ", hyper.size(0));
   KernelArgs a{};
@@ -28,6 +29,7 @@ inline KernelArgs make_kernel_args(const TensorRow* rows, int64_t num_rows, int6
   a.schedule_step = schedule_step.data_ptr<int64_t>();
   a.grad_scale = grad_scale ? grad_scale->data_ptr<float>() : nullptr;
   a.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
+  a.grad_clip = grad_clip ? grad_clip->data_ptr<double>() : nullptr;
   a.amsgrad = amsgrad;
   a.advance_schedule = advance_schedule;
   const double* values = hyper.data_ptr<double>();

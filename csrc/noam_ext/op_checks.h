@@ -184,7 +184,12 @@ inline void check_no_shared_memory(const std::vector<TensorRow>& rows, int64_t e
 }
 
 inline void check_scaler_tensors(const std::optional<at::Tensor>& grad_scale,
-                                 const std::optional<at::Tensor>& found_inf, const at::Device& device) {
+                                 const std::optional<at::Tensor>& found_inf, const at::Device& device,
+                                 const std::optional<at::Tensor>& grad_clip = std::nullopt) {
+  if (grad_clip) {
+    TORCH_CHECK(grad_clip->numel() == 1 && grad_clip->scalar_type() == at::kDouble && grad_clip->device() == device,
+                "fused_adamw_: grad_clip must be a one-element float64 tensor on ", device);
+  }
   for (const auto* t : {&grad_scale, &found_inf}) {
     if (t->has_value()) {
       TORCH_CHECK((*t)->numel() == 1 && (*t)->scalar_type() == at::kFloat && (*t)->device() == device,

@@ -25,6 +25,7 @@ struct RowsCall {
   bool advance_schedule;
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
+  const std::optional<at::Tensor>& grad_clip;   // float64 [1]: multiplies every gradient
 };
 
 namespace cpu {
