@@ -182,6 +182,7 @@ class Candidate:
         self.scheduler = None
         self.clip: Callable[[], torch.Tensor] | None = None   # between backward and step
         self.norm: torch.Tensor | None = None                 # what the last clip returned
+        self.norms: list[torch.Tensor] = []                   # ... in every measured iteration
         if name == OURS:
             self.optimizer = noam_ext.FusedAdamW(model.parameters(), **adamw_kwargs(),
                                                  schedule=noam_ext.Noam(D_MODEL, WARMUP))
@@ -235,6 +236,13 @@ class IterationResult:
     param_gap: dict = field(default_factory=dict)    # candidate -> ||p - p_for_loop|| / ||p_for_loop - p_0||
     clip_max_norm: float | None = None               # None: no clipping; else every optimizer clipped
     clip_norms: dict = field(default_factory=dict)   # candidate -> gradient norm its last clip returned
+    clip_active: dict = field(default_factory=dict)  # candidate -> fraction of measured iterations with norm > max_norm
+
+    def clip_state(self) -> str:
+        """Whether clipping changed the gradients (by ours' norms), in words."""
+        active, norm = self.clip_active.get(OURS, float("nan")), self.clip_norms.get(OURS, float("nan"))
+        state = "active" if active == 1 else "**inactive**" if active == 0 else f"active in {100 * active:.0f}%"
+        return f"max_norm {self.clip_max_norm}, norm {norm:.3g}: {state}"
 
     @property
     def clipped(self) -> bool:
@@ -298,6 +306,8 @@ def time_training(spec: ModelSpec, zero_grad: str, device: str, warmup: int, ite
                 c.rng = get_rng(device)
                 if r >= warmup:
                     times[c.name].append(elapsed)
+                    if c.norm is not None:
+                        c.norms.append(c.norm)
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -306,6 +316,8 @@ def time_training(spec: ModelSpec, zero_grad: str, device: str, warmup: int, ite
         result.times_s[name] = ts
     result.param_gap = parameter_gaps(initial, candidates)
     result.clip_norms = {c.name: float(c.norm) for c in candidates if c.norm is not None}
+    result.clip_active = {c.name: sum(float(n) > clip for n in c.norms) / len(c.norms)
+                          for c in candidates if c.norms}
     return result
 
 
@@ -314,13 +326,13 @@ def run_iterations(args) -> list[IterationResult]:
     specs = iteration_models(args.quick)
     variants = [(zero_grad, None) for zero_grad in ZERO_GRADS]
     if args.clip_skipped is None:
-        variants.append((CLIP_ZERO_GRAD, CLIP_MAX_NORM))
+        variants.append((CLIP_ZERO_GRAD, args.clip_max_norm))
     total = len(specs) * len(variants)
     index = 0
     for spec in specs:
         for zero_grad, clip in variants:
             index += 1
-            what = zero_grad if clip is None else f"{zero_grad}, {CLIP_LABEL}(max_norm={clip:g})"
+            what = zero_grad if clip is None else f"{zero_grad}, {CLIP_LABEL}(max_norm={clip})"
             print(f"[iteration {index}/{total}] {spec.name}, batch {spec.batch}, {what}",
                   file=sys.stderr, flush=True)
             result = time_training(spec, zero_grad, args.device, args.warmup, args.iterations, clip=clip)
@@ -330,6 +342,10 @@ def run_iterations(args) -> list[IterationResult]:
             if result.clipped:
                 print("    gradient norm at the last iteration: "
                       + ", ".join(f"{n} {v:.4g}" for n, v in result.clip_norms.items()), file=sys.stderr, flush=True)
+                if result.clip_active.get(OURS, 0) < 1:
+                    print(f"    NOTE: clipping {result.clip_state().split(': ')[1].strip('*')} here (gradient norm "
+                          f"{result.clip_norms.get(OURS, float('nan')):.3g} vs max_norm {clip}): the factor is 1 in "
+                          "those iterations; a smaller --clip-max-norm makes it active", file=sys.stderr, flush=True)
             bad = {n: g for n, g in result.param_gap.items() if not g < 0.05}
             if bad:
                 print(f"    WARNING: parameters far from torch for-loop's after training: {bad}",
@@ -559,8 +575,8 @@ def run_steps(args) -> list[CaseResult]:
         del peers, fn   # free this layout's optimizers before the clip + step ones are built
         if args.clip_skipped is None and wants_clip_step(kind, n, args.quick):
             gc.collect()
-            result.clip_max_norm = CLIP_MAX_NORM
-            for peer, fn in build_clip_peers(shapes, device, CLIP_MAX_NORM).items():
+            result.clip_max_norm = args.clip_max_norm
+            for peer, fn in build_clip_peers(shapes, device, args.clip_max_norm).items():
                 result.clip_timings[peer] = timer(fn, args.min_run_time)
                 print(f"    {peer + ' clip+step':<30} {result.clip_timings[peer].median_s * 1e6:12.1f} us",
                       file=sys.stderr, flush=True)
@@ -624,7 +640,7 @@ def iteration_markdown(results: list[IterationResult]) -> str:
     for r in results:
         ours = r.timings[OURS]
         cells = [f"{ms(r.timings[p].median_s)} ({r.ratio(p):.2f}x)" for p in peers]
-        zero_grad = f"`{r.zero_grad}`" + (f", **{CLIP_LABEL}** (max_norm {r.clip_max_norm:g})" if r.clipped else "")
+        zero_grad = f"`{r.zero_grad}`" + (f", **{CLIP_LABEL}** ({r.clip_state()})" if r.clipped else "")
         lines.append(
             f"| {r.model} | {r.params:,} | {r.tensors} | {r.batch} | {zero_grad} | "
             f"{ms(ours.median_s)} (IQR {ours.iqr_s * 1e3:,.2f}) | " + " | ".join(cells)
@@ -642,8 +658,9 @@ def iteration_markdown(results: list[IterationResult]) -> str:
                   f"`optimizer.clip_grad_norm_(max_norm)` (computes the norm; the step applies "
                   f"min(1, max_norm / (norm + 1e-6)) as it reads each gradient), torch "
                   f"`torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)` (the norm, then every gradient "
-                  f"scaled in place) before `optimizer.step()`; '{NO_STEP}' does not clip. Gradient norm returned at "
-                  f"the last measured iteration (clipping is active when it exceeds max_norm): {norms}."]
+                  f"scaled in place) before `optimizer.step()`; '{NO_STEP}' does not clip. Clipping is active when the "
+                  "norm exceeds max_norm; when it does not, the factor is 1 (torch still multiplies every gradient "
+                  f"by it). Gradient norm returned at the last measured iteration: {norms}."]
     return "\n".join(lines)
 
 
@@ -651,7 +668,7 @@ def clip_markdown(info: dict, results: list[CaseResult]) -> str:
     rows = [r for r in results if r.clip_timings]
     peers = [p for p, _ in TORCH_PEERS]
     lines = [
-        f"### Clip + step (gradient clipping to max_norm {rows[0].clip_max_norm:g}, then one optimizer step)",
+        f"### Clip + step (gradient clipping to max_norm {rows[0].clip_max_norm}, then one optimizer step)",
         "",
         f"| layout | params | tensors | noam_ext clip + step | GB/s ({CLIP_BYTES_OURS} B) | % of ceiling | "
         + " | ".join(f"{p} (x slower)" for p in peers)
@@ -843,7 +860,7 @@ def plot_clip(results: list[CaseResult], path: Path) -> bool:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), [r.name.replace(" (", "\n(") for r in rows], fontsize=7)
     ax.set(yscale="log", ylabel="torch median / noam_ext median (> 1: ours faster)",
-           title=f"clip_grad_norm_(max_norm={rows[0].clip_max_norm:g}) + step: how much slower each torch AdamW is")
+           title=f"clip_grad_norm_(max_norm={rows[0].clip_max_norm}) + step: how much slower each torch AdamW is")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -862,6 +879,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=None,
                         help="warm-up iterations per candidate, not measured (default 5; 3 with --quick)")
     parser.add_argument("--min-run-time", type=float, default=None, help="seconds per step measurement")
+    parser.add_argument("--clip-max-norm", type=float, default=CLIP_MAX_NORM,
+                        help=f"max_norm of the gradient-clipping rows (default {CLIP_MAX_NORM}; the iteration "
+                             "models' gradient norms are below 1, so clipping is active there only below them)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args(argv)
     if args.min_run_time is None:
@@ -872,6 +892,8 @@ def main(argv=None) -> None:
         args.warmup = 3 if args.quick else 5
     if args.iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
+    if not args.clip_max_norm > 0:
+        parser.error("--clip-max-norm must be > 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
     args.clip_skipped = clip_unavailable()

@@ -173,12 +173,19 @@ def loss_floor(vocab: int) -> float:
     return -p_true * math.log(p_true) - (vocab - 1) * p_other * math.log(p_other) if eps else 0.0
 
 
+# Both runs clip gradients by global norm, as transformer recipes do.
+MAX_GRAD_NORM = 1.0
+
+
 def fused_step(model: nn.Module, optimizer: FusedAdamW, batch) -> tuple[torch.Tensor, float]:
     """One step of the fused run; returns (loss, lr used by this step)."""
     lr = optimizer.get_last_lr()[0]  # the lr the coming step() uses, known on the host (no sync)
     optimizer.zero_grad()
     loss = loss_on_batch(model, *batch)
     loss.backward()
+    # Clipping by global norm, fused into the step: the norm now (no sync), the factor
+    # applied as the step reads each gradient (no pass over the gradients of its own).
+    optimizer.clip_grad_norm_(MAX_GRAD_NORM)
     optimizer.step()
     return loss.detach(), lr
 
@@ -190,6 +197,7 @@ def torch_step(model: nn.Module, optimizer: torch.optim.AdamW, scheduler: Transf
     optimizer.zero_grad()
     loss = loss_on_batch(model, *batch)
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
     optimizer.step()
     scheduler.step()
     return loss.detach(), lr
