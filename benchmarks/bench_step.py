@@ -16,11 +16,12 @@ TransformerLRScheduler.step(), which the torch loop needs), side by side in one 
    Reports medians (and the IQR) after warm-up rounds, and each torch variant's median
    over ours: ratio > 1 means ours is faster; "ours vs torch fused" is the target
    (>= 1.0x). Rows "with clip_grad_norm_" repeat the `optimizer.zero_grad()` iteration
-   with gradient clipping (max_norm 1.0) between backward and step: ours calls
-   `optimizer.clip_grad_norm_(1.0)` (the norm only; its step applies the factor as it
-   reads each gradient), torch `torch.nn.utils.clip_grad_norm_(params, 1.0,
-   foreach=True)` (the norm, then every gradient scaled in place); "fwd+bwd only" does
-   not clip.
+   with gradient clipping (max_norm 1.0, or --clip-max-norm) between backward and step:
+   ours calls `optimizer.clip_grad_norm_(max_norm)` (the norm only; its step applies the
+   factor as it reads each gradient), torch `torch.nn.utils.clip_grad_norm_(params,
+   max_norm, foreach=True)` (the norm, then every gradient scaled in place); "fwd+bwd
+   only" does not clip. These models' gradient norms are below 1 (about 0.01-0.5), so
+   at max_norm 1.0 the factor is 1 (clipping inactive; the table says which).
 
 2. One optimizer step alone (plus DeepSpeed's CPU Adam when it is installed).
    Layouts: one flat parameter of N elements; transformer-shaped stacks (the weight
@@ -40,7 +41,9 @@ TransformerLRScheduler.step(), which the torch loop needs), side by side in one 
    of them in --quick), gradient clipping followed by one step, timed right after that
    layout's step alone: ours `optimizer.clip_grad_norm_(1.0); optimizer.step()`, torch
    `torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True); optimizer.step()` (+ the
-   scheduler) for each AdamW variant, gradients assigned once as above. Effective
+   scheduler) for each AdamW variant, gradients assigned once as above (randn: norm
+   ~sqrt(params), so clipping is active; torch's in-place scaling leaves its gradients
+   at norm ~1 after the first call, which does not change its work). Effective
    bandwidth counts 32 bytes per parameter for ours (the norm reads the gradient, 28
    for the step) and 40 for torch (4 norm + 8 to scale the gradient in place + 28).
 
@@ -238,11 +241,15 @@ class IterationResult:
     clip_norms: dict = field(default_factory=dict)   # candidate -> gradient norm its last clip returned
     clip_active: dict = field(default_factory=dict)  # candidate -> fraction of measured iterations with norm > max_norm
 
+    def clip_activity(self) -> str:
+        """Whether clipping changed the gradients in the measured iterations (by ours' norms)."""
+        active = self.clip_active.get(OURS, float("nan"))
+        return "active" if active == 1 else "inactive" if active == 0 else f"active in {100 * active:.0f}%"
+
     def clip_state(self) -> str:
-        """Whether clipping changed the gradients (by ours' norms), in words."""
-        active, norm = self.clip_active.get(OURS, float("nan")), self.clip_norms.get(OURS, float("nan"))
-        state = "active" if active == 1 else "**inactive**" if active == 0 else f"active in {100 * active:.0f}%"
-        return f"max_norm {self.clip_max_norm}, norm {norm:.3g}: {state}"
+        activity = self.clip_activity()
+        return (f"max_norm {self.clip_max_norm}, norm {self.clip_norms.get(OURS, float('nan')):.3g}: "
+                + (activity if activity == "active" else f"**{activity}**"))
 
     @property
     def clipped(self) -> bool:
@@ -343,7 +350,7 @@ def run_iterations(args) -> list[IterationResult]:
                 print("    gradient norm at the last iteration: "
                       + ", ".join(f"{n} {v:.4g}" for n, v in result.clip_norms.items()), file=sys.stderr, flush=True)
                 if result.clip_active.get(OURS, 0) < 1:
-                    print(f"    NOTE: clipping {result.clip_state().split(': ')[1].strip('*')} here (gradient norm "
+                    print(f"    NOTE: clipping {result.clip_activity()} here (gradient norm "
                           f"{result.clip_norms.get(OURS, float('nan')):.3g} vs max_norm {clip}): the factor is 1 in "
                           "those iterations; a smaller --clip-max-norm makes it active", file=sys.stderr, flush=True)
             bad = {n: g for n, g in result.param_gap.items() if not g < 0.05}
