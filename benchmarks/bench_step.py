@@ -850,6 +850,7 @@ def plot_clip(results: list[CaseResult], path: Path) -> bool:
     rows = [r for r in results if r.clip_timings]
     if plt is None or not rows:
         return False
+    from matplotlib.ticker import FuncFormatter
     peers = [p for p, _ in TORCH_PEERS]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(rows) + 2), 4.5))
     width = 0.8 / len(peers)
@@ -867,7 +868,11 @@ def plot_clip(results: list[CaseResult], path: Path) -> bool:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), [r.name.replace(" (", "\n(") for r in rows], fontsize=7)
     ax.set(yscale="log", ylabel="torch median / noam_ext median (> 1: ours faster)",
-           title=f"clip_grad_norm_(max_norm={rows[0].clip_max_norm}) + step: how much slower each torch AdamW is")
+           title=f"clip_grad_norm_(max_norm={rows[0].clip_max_norm}) + step:\nhow much slower each torch AdamW is")
+    ratio_labels = FuncFormatter(lambda v, _: f"{v:g}x")
+    ax.yaxis.set_major_formatter(ratio_labels)
+    ax.yaxis.set_minor_formatter(ratio_labels)
+    ax.tick_params(axis="y", which="both", labelsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -19,8 +19,7 @@
 #include <utility>
 #include <vector>
 
-#include "../noam_ext/op_checks.h"
-#include "../noam_ext/run_rows.h"
+#include "../noam_ext/op_entry.h"
 #include "kernel_args.h"
 
 namespace noam_ext::cuda {
@@ -134,16 +133,8 @@ void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLis
                       const at::Tensor& schedule_step, const at::Tensor& hyper, at::IntArrayRef groups,
                       bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
                       const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip) {
-  check_call_arguments(schedule_step, hyper);
-  int64_t total = 0;
-  const std::vector<TensorRow> rows = build_tensor_rows(
-      {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps}, schedule_step.device(), hyper.size(0),
-      groups, total);
-  check_no_shared_memory(rows, params.empty() ? 1 : params[0].element_size());
-  check_scaler_tensors(grad_scale, found_inf, schedule_step.device(), grad_clip);
-  const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
-  run_rows({rows, total, dtype, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule, grad_scale,
-            found_inf, grad_clip});
+  checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper, groups,
+                      advance_schedule, grad_scale, found_inf, grad_clip, &run_rows);
 }
 
 }  // namespace
