@@ -6,7 +6,7 @@
 // Split: the virtual index space of the call's tensors (work_split.h) is cut
 // into chunks of kChunkElements; blocks take chunks grid-stride; within a chunk
 // the rows it overlaps are walked in order; within a row's part, each thread
-// takes vectors of 16 bytes (kVecBytes), kUnroll of them in flight, and the
+// takes vectors of 16 bytes (kVecBytes), unroll_for<scalar_t>() of them in flight, and the
 // last partial vector element by element. Virtual offsets are multiples of
 // kRowAlignElements and chunk starts multiples of kChunkElements, so a vector
 // never straddles two tensors and, for a row whose pointers are all 16-byte
@@ -29,7 +29,13 @@
 namespace noam_ext::cuda_plan {
 
 constexpr int kVecBytes = 16;
-constexpr int kUnroll = 4;
+// 16-byte vectors in flight per thread: 4 (64 bytes of each tensor), but 2 for the
+// 16-bit types, whose vectors hold 8 elements each and would spill registers at 4
+// (CI fails the build on any spill).
+template <typename scalar_t>
+constexpr int unroll_for() {
+  return sizeof(scalar_t) == 2 ? 2 : 4;
+}
 constexpr int kThreadsPerBlock = 256;
 constexpr int64_t kChunkElements = 16384;
 // Groups passed by value with the launch (kernel parameters are limited to 4 KiB).
@@ -68,6 +74,26 @@ struct SegmentShared {
   bool vector_ok;
 };
 
+// What every gradient is divided by (GradScaler's scale) and then multiplied by
+// (the clipping factor), in the math type; the flags say whether to at all.
+template <typename opmath_t>
+struct GradFactors {
+  opmath_t divisor;
+  opmath_t multiplier;
+  bool unscale;
+  bool clip;
+};
+
+template <typename opmath_t>
+C10_HOST_DEVICE inline GradFactors<opmath_t> grad_factors(const KernelArgs& a) {
+  GradFactors<opmath_t> f;
+  f.unscale = a.grad_scale != nullptr;
+  f.divisor = f.unscale ? static_cast<opmath_t>(*a.grad_scale) : opmath_t(1);
+  f.clip = a.grad_clip != nullptr;
+  f.multiplier = f.clip ? static_cast<opmath_t>(*a.grad_clip) : opmath_t(1);
+  return f;
+}
+
 template <typename scalar_t>
 struct alignas(kVecBytes) Vec {
   static constexpr int kWidth = kVecBytes / sizeof(scalar_t);
@@ -101,17 +127,17 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(scalar_t* p, const Vec<scalar_t
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
     scalar_t& p, scalar_t g, scalar_t& m, scalar_t& v, scalar_t* vmax,
-    const SegmentShared<opmath_t>& s, const float* grad_scale, const double* grad_clip) {
+    const SegmentShared<opmath_t>& s, const GradFactors<opmath_t>& f) {
   opmath_t param = static_cast<opmath_t>(p);
   opmath_t grad = static_cast<opmath_t>(g);
   opmath_t exp_avg = static_cast<opmath_t>(m);
   opmath_t exp_avg_sq = static_cast<opmath_t>(v);
   opmath_t max_sq = amsgrad ? static_cast<opmath_t>(*vmax) : opmath_t(0);
-  if (grad_scale != nullptr) {
-    grad = grad / static_cast<opmath_t>(*grad_scale);
+  if (f.unscale) {
+    grad = grad / f.divisor;
   }
-  if (grad_clip != nullptr) {
-    grad = grad * static_cast<opmath_t>(*grad_clip);
+  if (f.clip) {
+    grad = grad * f.multiplier;
   }
   adamw_update<amsgrad>(param, grad, exp_avg, exp_avg_sq, &max_sq, s.coefficients, s.maximize);
   p = static_cast<scalar_t>(param);
@@ -142,12 +168,12 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE RowPointers<scalar_t> typed(const TensorRow& r
 // tensor whose pointers are all 16-byte aligned (lo is a multiple of the width).
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
-                                             const float* grad_scale, const double* grad_clip, int64_t lo,
-                                             int64_t hi, int t,
+                                             const GradFactors<opmath_t>& f, int64_t lo, int64_t hi, int t,
                                              int num_threads) {
   constexpr int W = Vec<scalar_t>::kWidth;
   const int64_t stride = static_cast<int64_t>(num_threads) * W;
   int64_t base = lo + static_cast<int64_t>(t) * W;
+  constexpr int kUnroll = unroll_for<scalar_t>();
   // Full vectors, kUnroll independent ones loaded before any is computed.
   for (; base + (kUnroll - 1) * stride + W <= hi; base += kUnroll * stride) {
     Vec<scalar_t> p[kUnroll], g[kUnroll], m[kUnroll], v[kUnroll], x[kUnroll];
@@ -166,7 +192,7 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        update_element<amsgrad>(p[u].v[k], g[u].v[k], m[u].v[k], v[u].v[k], &x[u].v[k], s, grad_scale, grad_clip);
+        update_element<amsgrad>(p[u].v[k], g[u].v[k], m[u].v[k], v[u].v[k], &x[u].v[k], s, f);
       }
       const int64_t i = base + u * stride;
       store_vec(a.param + i, p[u]);
@@ -187,7 +213,7 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
       }
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        update_element<amsgrad>(p.v[k], g.v[k], m.v[k], v.v[k], &x.v[k], s, grad_scale, grad_clip);
+        update_element<amsgrad>(p.v[k], g.v[k], m.v[k], v.v[k], &x.v[k], s, f);
       }
       store_vec(a.param + base, p);
       store_vec(a.exp_avg + base, m);
@@ -198,7 +224,7 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
     } else {
       for (int64_t i = base; i < hi; ++i) {
         update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                                amsgrad ? a.max_exp_avg_sq + i : nullptr, s, grad_scale, grad_clip);
+                                amsgrad ? a.max_exp_avg_sq + i : nullptr, s, f);
       }
     }
   }
@@ -208,23 +234,21 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
 // taking every num_threads-th element (adjacent threads, adjacent elements).
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE void update_range_elementwise(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
-                                              const float* grad_scale, const double* grad_clip, int64_t lo,
-                                             int64_t hi, int t,
+                                              const GradFactors<opmath_t>& f, int64_t lo, int64_t hi, int t,
                                               int num_threads) {
   for (int64_t i = lo + t; i < hi; i += num_threads) {
     update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                            amsgrad ? a.max_exp_avg_sq + i : nullptr, s, grad_scale, grad_clip);
+                            amsgrad ? a.max_exp_avg_sq + i : nullptr, s, f);
   }
 }
 
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE void update_range(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
-                                  const float* grad_scale, const double* grad_clip, int64_t lo, int64_t hi, int t,
-                                  int num_threads) {
+                                  const GradFactors<opmath_t>& f, int64_t lo, int64_t hi, int t, int num_threads) {
   if (s.vector_ok) {
-    update_range_vectorized<amsgrad>(a, s, grad_scale, grad_clip, lo, hi, t, num_threads);
+    update_range_vectorized<amsgrad>(a, s, f, lo, hi, t, num_threads);
   } else {
-    update_range_elementwise<amsgrad>(a, s, grad_scale, grad_clip, lo, hi, t, num_threads);
+    update_range_elementwise<amsgrad>(a, s, f, lo, hi, t, num_threads);
   }
 }
 
@@ -250,6 +274,9 @@ C10_HOST_DEVICE void run_block(const KernelArgs& a, Exec& exec,
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
     return;  // GradScaler skipped this step: nothing changes
   }
+  // Read once, held in registers (through the pointers the compiler would reload
+  // them after every store, since they might alias the tensors).
+  const GradFactors<opmath_t> factors = grad_factors<opmath_t>(a);
   const int64_t num_chunks = (a.total + kChunkElements - 1) / kChunkElements;
   for (int64_t chunk = exec.block(); chunk < num_chunks; chunk += exec.num_blocks()) {
     const int64_t begin = chunk * kChunkElements;
@@ -263,9 +290,9 @@ C10_HOST_DEVICE void run_block(const KernelArgs& a, Exec& exec,
       const RowPointers<scalar_t> pointers = typed<scalar_t>(a.rows[i]);
       exec.for_my_threads([&](int t, int n) {
         if (a.amsgrad) {
-          update_range<true>(pointers, s, a.grad_scale, a.grad_clip, lo, hi, t, n);
+          update_range<true>(pointers, s, factors, lo, hi, t, n);
         } else {
-          update_range<false>(pointers, s, a.grad_scale, a.grad_clip, lo, hi, t, n);
+          update_range<false>(pointers, s, factors, lo, hi, t, n);
         }
       });
       exec.sync();  // shared is rewritten for the next row
