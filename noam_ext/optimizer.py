@@ -209,8 +209,7 @@ class FusedAdamW(Optimizer):
         if not grads:
             self._pending_clip = None
             return torch.tensor(0.0)
-        # torch.nn.utils.clip_grad_norm_'s own computation (per device and dtype, then across).
-        total_norm = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite=False)
+        total_norm = _total_norm(grads, norm_type)
         if scaler is not None and scaler.is_enabled():
             # The norm of the unscaled gradients: GradScaler unscales by multiplying with
             # this reciprocal (exact for its power-of-two scales).
@@ -389,6 +388,20 @@ def _check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> Non
                 if not isinstance(value, torch.Tensor) or value.shape != p.shape:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(f"loaded state dict: '{entry}' of {name} has shape {shape}")
+
+
+def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The global norm of the gradients, as torch.nn.utils.clip_grad_norm_ defines it.
+    On the CPU the 2-norm of float32/float64 gradients is sqrt(sum of dot(g, g)): BLAS's
+    dot streams at memory speed, torch's vector_norm there at about half of it (so the
+    clip's one pass would cost as much as torch's norm and scaling together). Its
+    summation order differs from vector_norm's, so the norm agrees with torch's to
+    rounding, not bit for bit. Elsewhere (CUDA, other dtypes and norm types) it is
+    torch's own get_total_norm, the computation clip_grad_norm_ makes."""
+    if norm_type == 2.0 and all(g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) for g in grads):
+        squares = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)).double() for g in grads])
+        return squares.sum().sqrt().to(grads[0].dtype)
+    return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite=False)
 
 
 _DEVICE_TYPES_WITH_KERNEL: dict[str, bool] = {}

@@ -3,10 +3,13 @@ step(), checked against clip_grad_norm_ + torch.optim.AdamW(foreach=False) every
 step: several groups, dtypes, None gradients, clipping active and inactive, norm
 types 2 and inf, and torch.amp.GradScaler.
 
-Tolerances. The norm is computed with torch's own get_total_norm, as
-clip_grad_norm_ computes it, so it is the same number (exactly; with a GradScaler
-ours is the scaled gradients' norm times the power-of-two inverse scale, which is
-exact too). The step then multiplies each gradient by the factor as it reads it,
+Tolerances. On the CPU the 2-norm of float32/float64 gradients is sqrt(sum of
+dot(g, g)) (BLAS's dot runs at memory speed, torch's vector_norm at about half):
+its summation order differs from torch's, so the norm agrees to rounding (rtol
+1e-6 in float32, 1e-12 in float64), not bit for bit; other norms and dtypes use
+torch's own get_total_norm and agree exactly. (With a GradScaler, ours is the
+scaled gradients' norm times the power-of-two inverse scale, exact.) The
+clipping factor inherits the norm's rounding; the step then multiplies each gradient by the factor as it reads it,
 in the math type: in float32 and float64 that is torch's `grad * coef` rounded
 once, so parameters differ only by the square root's last bits as in the parity
 tests (1e-6 / 1e-12). In bfloat16 torch rounds `grad * coef` to bfloat16 before the
@@ -47,7 +50,8 @@ def test_matches_clip_grad_norm_and_torch_adamw_every_step(dtype, max_norm, norm
         before = [p.grad.clone() for p in ours if p.grad is not None]
         norm = opt.clip_grad_norm_(max_norm, norm_type)
         expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type)
-        torch.testing.assert_close(norm, expected, rtol=0, atol=0)
+        exact = norm_type != 2.0 or dtype == torch.bfloat16
+        torch.testing.assert_close(norm, expected, rtol=0 if exact else TOL[dtype], atol=0)
         assert all(torch.equal(p.grad, b) for p, b in zip([p for p in ours if p.grad is not None], before))
         opt.step()
         ref.step()
@@ -93,7 +97,7 @@ def test_with_grad_scaler_equals_unscale_clip_step_and_skips_inf_steps():
             scaler.step(o)
             scaler.update()
         if step != 4:
-            torch.testing.assert_close(norm, expected, rtol=0, atol=0)
+            torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-6)
     assert scalers[0].get_scale() == scalers[1].get_scale()
