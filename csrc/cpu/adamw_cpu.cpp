@@ -37,15 +37,6 @@ void compute_coefficients(const std::vector<TensorRow>& rows, const double* hype
   }
 }
 
-void fused_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                     const at::Tensor& schedule_step, const at::Tensor& hyper, at::IntArrayRef groups,
-                     bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip) {
-  checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper, groups,
-                      advance_schedule, grad_scale, found_inf, grad_clip, &run_rows);
-}
-
 }  // namespace
 
 bool op_is_parallel() {
@@ -97,7 +88,7 @@ void run_rows(const RowsCall& call) {
 }
 
 TORCH_LIBRARY_IMPL(noam_ext, CPU, m) {
-  m.impl("fused_adamw_", &fused_adamw_cpu);
+  m.impl("fused_adamw_", &fused_adamw_op<&run_rows>);
 }
 
 }  // namespace noam_ext::cpu

@@ -128,14 +128,6 @@ const TensorRow* device_rows(const std::vector<TensorRow>& rows, const at::Devic
   return static_cast<const TensorRow*>(cache.front().device.const_data_ptr());
 }
 
-void fused_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                      const at::Tensor& schedule_step, const at::Tensor& hyper, at::IntArrayRef groups,
-                      bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
-                      const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip) {
-  checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper, groups,
-                      advance_schedule, grad_scale, found_inf, grad_clip, &run_rows);
-}
 
 }  // namespace
 
@@ -160,7 +152,7 @@ void run_rows(const RowsCall& call) {
 }
 
 TORCH_LIBRARY_IMPL(noam_ext, CUDA, m) {
-  m.impl("fused_adamw_", &fused_adamw_cuda);
+  m.impl("fused_adamw_", &fused_adamw_op<&run_rows>);
 }
 
 }  // namespace noam_ext::cuda

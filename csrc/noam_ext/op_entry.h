@@ -34,4 +34,16 @@ inline void checked_fused_adamw(at::TensorList params, at::TensorList grads, at:
        grad_clip});
 }
 
+// The function a device registers for fused_adamw_: the checked entry above, in
+// front of that device's run_rows.
+template <RunRows run>
+void fused_adamw_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const at::Tensor& schedule_step,
+                    const at::Tensor& hyper, at::IntArrayRef groups, bool advance_schedule,
+                    const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                    const std::optional<at::Tensor>& grad_clip) {
+  checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper, groups,
+                      advance_schedule, grad_scale, found_inf, grad_clip, run);
+}
+
 }  // namespace noam_ext
