@@ -63,3 +63,14 @@ def test_from_the_repository_root_the_schedule_demo_runs_and_the_optimizer_expla
                                capture_output=True, text=True)
     assert optimizer.returncode != 0
     assert "imported noam_ext from the source folder" in optimizer.stderr
+
+
+@pytest.mark.skipif(not (REPO / ".venv" / "bin" / "python").exists(),
+                    reason="no .venv in the repository: scripts/demo.sh --help would create it first")
+def test_demo_help_answers_without_installing_anything():
+    import subprocess
+    run = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--help"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "usage" in run.stdout and "--device" in run.stdout
+    assert "installing" not in run.stderr and "building noam_ext" not in run.stderr
