@@ -96,7 +96,7 @@ class HyperTable:
 
     @staticmethod
     def _build(rows: list[tuple], schedule) -> torch.Tensor:
-        table = torch.zeros(len(rows), NUM_HYPER_COLUMNS, dtype=torch.float64)
+        table = []
         for index, row in enumerate(rows):
             *numbers, maximize = row
             where = f" in param group {index}"
@@ -104,10 +104,17 @@ class HyperTable:
             values = [float(v) for v in numbers]   # the check above made sure they convert
             if not all(math.isfinite(v) for v in values):
                 raise ValueError(f"Invalid hyperparameters{where}: {values} must be finite")
-            table[index, LR], table[index, BETA1], table[index, BETA2] = values[:3]
-            table[index, EPS], table[index, WEIGHT_DECAY] = values[3:]
-            if schedule is not None:
-                table[index, D_MODEL] = schedule.d_model
-                table[index, WARMUP] = schedule.warmup_steps
-            table[index, MAXIMIZE] = float(maximize)
-        return table
+            table.append(table_row(values, maximize, schedule))
+        return torch.tensor(table, dtype=torch.float64).reshape(len(rows), NUM_HYPER_COLUMNS)
+
+
+def table_row(values: list[float], maximize: bool, schedule) -> list[float]:
+    """One row of the table, in column order: values are (base lr, beta1, beta2, eps,
+    weight decay); the Noam settings are 0 without a schedule (the op then uses lr as is)."""
+    lr, beta1, beta2, eps, weight_decay = values
+    row = [0.0] * NUM_HYPER_COLUMNS
+    row[LR], row[BETA1], row[BETA2], row[EPS], row[WEIGHT_DECAY] = lr, beta1, beta2, eps, weight_decay
+    if schedule is not None:
+        row[D_MODEL], row[WARMUP] = float(schedule.d_model), float(schedule.warmup_steps)
+    row[MAXIMIZE] = 1.0 if maximize else 0.0
+    return row

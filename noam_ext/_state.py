@@ -43,7 +43,7 @@ def create_state(params: list[torch.Tensor], amsgrad: list[bool]) -> list[dict]:
     together: dict[tuple, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         if _is_wrapper_subclass(p) or not p.is_contiguous():
-            states[i] = _state_like(p, amsgrad[i])
+            states[i] = state_like(p, amsgrad[i])
         else:
             together[(p.device, p.dtype)].append(i)
     for (device, dtype), members in together.items():
@@ -63,7 +63,8 @@ def create_state(params: list[torch.Tensor], amsgrad: list[bool]) -> list[dict]:
     return states
 
 
-def _state_like(p: torch.Tensor, amsgrad: bool) -> dict:
+def state_like(p: torch.Tensor, amsgrad: bool) -> dict:
+    """Fresh state for one parameter, as torch.optim.AdamW's fused path makes it."""
     state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
     for key in STATE_KEYS:
         if key != "max_exp_avg_sq" or amsgrad:

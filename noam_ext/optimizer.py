@@ -13,8 +13,9 @@ from torch.optim import Optimizer
 
 from . import _extension
 from ._extension import _C
-from ._hyper import SUPPORTED_DTYPES, HyperTable, check_hyperparameters, check_tensor_hyperparameters
-from ._state import create_state, step_on_device
+from ._hyper import (SUPPORTED_DTYPES, HyperTable, check_hyperparameters, check_tensor_hyperparameters,
+                     table_row)
+from ._state import create_state, state_like, step_on_device
 from .scheduler import noam_lr, validate_noam_args
 
 __all__ = ["FusedAdamW", "Noam"]
@@ -308,10 +309,8 @@ def _traceable_step(opt: FusedAdamW) -> None:
     for group in opt.param_groups:
         base_lr = group["initial_lr"] if opt.schedule is not None else group["lr"]
         beta1, beta2 = group["betas"]
-        rows.append([float(base_lr), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
-                     float(opt.schedule.d_model) if opt.schedule is not None else 0.0,
-                     float(opt.schedule.warmup_steps) if opt.schedule is not None else 0.0,
-                     1.0 if group["maximize"] else 0.0])
+        values = [float(base_lr), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"])]
+        rows.append(table_row(values, group["maximize"], opt.schedule))
     hyper = torch.tensor(rows, dtype=torch.float64)
     calls: dict[tuple, dict[str, list]] = {}
     for index, group in enumerate(opt.param_groups):
@@ -323,11 +322,7 @@ def _traceable_step(opt: FusedAdamW) -> None:
                 raise RuntimeError("FusedAdamW does not support sparse gradients")
             state = opt.state[p]
             if len(state) == 0:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad:
-                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state.update(state_like(p, amsgrad))
             tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
             if p.is_complex():
                 tensors = [torch.view_as_real(t) for t in tensors]
