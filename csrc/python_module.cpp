@@ -116,8 +116,7 @@ struct Bucket {
   at::ScalarType dtype{at::kFloat};
   bool amsgrad = false;
   BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
-  std::vector<int64_t> rows;          // per param: its group's row in this bucket's hyper table
-  std::vector<int64_t> row_groups;    // per row: the param group it is
+  std::vector<int64_t> rows;          // per param: its param group (its row of the hyper table)
   std::vector<std::pair<int64_t, int64_t>> where;   // per param: (group, index in group)
   std::vector<int32_t> rounds;        // per param: which of the bucket's calls updates it
   int32_t num_rounds = 1;
@@ -232,6 +231,7 @@ class StepPlan {
   // FusedAdamW moves it there and collects again.
   std::vector<std::pair<int64_t, int64_t>> misplaced_steps;
   std::vector<Bucket> buckets;
+  int64_t num_groups = 0;             // rows of the hyper table
 
   std::vector<at::Device> devices() const {
     std::vector<at::Device> out;
@@ -249,7 +249,7 @@ class StepPlan {
   // made, and keeps each call's rows for run().
   void check() {
     for (Bucket& b : buckets) {
-      const auto n_rows = static_cast<int64_t>(b.row_groups.size());
+      const int64_t n_rows = num_groups;
       b.call_rows.clear();
       b.call_totals.assign(b.num_rounds, 0);
       if (b.num_rounds == 1) {  // the common case: the rows checked while collecting
@@ -269,10 +269,10 @@ class StepPlan {
     }
   }
 
-  // Makes the calls, on each device with that device's schedule counter and
-  // GradScaler tensors (given in devices() order). On each device only the last
-  // call advances the schedule.
-  void run(const at::Tensor& hyper, const std::vector<at::Tensor>& counters,
+  // Makes the calls, on each device with that device's schedule counter,
+  // GradScaler tensors and hyperparameter table (given in devices() order). On
+  // each device only the last call advances the schedule.
+  void run(const std::vector<at::Tensor>& hypers, const std::vector<at::Tensor>& counters,
            const std::vector<std::optional<at::Tensor>>& grad_scales,
            const std::vector<std::optional<at::Tensor>>& found_infs,
            const std::vector<std::optional<at::Tensor>>& grad_clips) const {
@@ -281,24 +281,10 @@ class StepPlan {
     for (size_t k = 0; k < buckets.size(); ++k) {
       last_call_of_device[device_index(devs, buckets[k].device)] = k;
     }
-    const double* all_rows = hyper.const_data_ptr<double>();
     for (size_t k = 0; k < buckets.size(); ++k) {
       const Bucket& b = buckets[k];
       const size_t d = device_index(devs, b.device);
-      // This bucket's rows of the table only, so that a CUDA launch carries few; the
-      // whole table as it is when the bucket holds every group (no allocation).
-      bool every_group = static_cast<int64_t>(b.row_groups.size()) == hyper.size(0);
-      for (size_t r = 0; every_group && r < b.row_groups.size(); ++r) {
-        every_group = b.row_groups[r] == static_cast<int64_t>(r);
-      }
-      at::Tensor table = hyper;
-      if (!every_group) {
-        table = at::empty({static_cast<int64_t>(b.row_groups.size()), kNumHyperColumns}, at::kDouble);
-        for (size_t r = 0; r < b.row_groups.size(); ++r) {
-          std::copy_n(all_rows + b.row_groups[r] * kNumHyperColumns, kNumHyperColumns,
-                      table.data_ptr<double>() + r * kNumHyperColumns);
-        }
-      }
+      const at::Tensor& table = hypers[d];
       for (int32_t round = 0; round < b.num_rounds; ++round) {
         // The device implementations behind torch.ops.noam_ext.fused_adamw_, given
         // the rows check() built: no second check, no dispatcher round trip.
@@ -389,6 +375,7 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
   auto plan = std::make_unique<StepPlan>();
   std::map<std::tuple<int, int, int, bool>, size_t> bucket_of;   // (device type, index, dtype, amsgrad)
   const int64_t n_groups = static_cast<int64_t>(param_groups.size());
+  plan->num_groups = n_groups;
   for (int64_t g = 0; g < n_groups; ++g) {
     PyObject* group = PyList_GET_ITEM(param_groups.ptr(), g);
     if (!PyDict_Check(group)) {
@@ -491,10 +478,7 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
         plan->buckets.back().reserve_more(static_cast<size_t>(count));
       }
       Bucket& b = plan->buckets[slot->second];
-      if (b.row_groups.empty() || b.row_groups.back() != g) {
-        b.row_groups.push_back(g);
-      }
-      b.rows.push_back(static_cast<int64_t>(b.row_groups.size()) - 1);
+      b.rows.push_back(g);
       if (complex) {
         const at::NoGradGuard no_grad;
         // The real views are new tensors: the bucket owns them while it borrows them.
@@ -526,7 +510,7 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
       const auto name_of = [&](int64_t) { return param_name(g, j, param); };
       TensorRow row = check_and_make_row(b.params[i], b.grads[i], b.exp_avgs[i], b.exp_avg_sqs[i],
                                          amsgrad ? &b.max_exp_avg_sqs[i] : nullptr, b.steps[i], b.device, b.dtype,
-                                         b.rows[i], static_cast<int64_t>(b.row_groups.size()),
+                                         b.rows[i], plan->num_groups,
                                          static_cast<int64_t>(i), name_of);
       row.offset = next_row_offset(b.single_call_total);
       b.single_call_total = row.offset + row.numel;
@@ -540,14 +524,18 @@ std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
 // are now and, when nothing needs preparing, makes it. Returns None when the
 // step was made; otherwise, having changed nothing, (stateless, misplaced_steps,
 // devices without a counter) for FusedAdamW to prepare before calling again.
-//   hyper:      the optimizer's float64 [groups, columns] table
+//   hyper:      the optimizer's float64 [groups, columns] table on the CPU
+//   device_hypers: {torch.device: the same table on that device} for devices whose
+//               kernels should read it there (FusedAdamW keeps them current with
+//               stream-ordered copies, which CUDA graph replays see); other devices'
+//               calls are given the CPU table
 //   counters:   {torch.device: int64 [2] schedule counter}; a counter whose
 //               device takes no part in this step is advanced all the same
 //   grad_scale, found_inf: torch.amp.GradScaler's tensors or None
 //   grad_clip:  the clipping factor (FusedAdamW.clip_grad_norm_) or None
 py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& hyper, py::dict counters,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& grad_clip) {
+                      const std::optional<at::Tensor>& grad_clip, const std::optional<py::dict>& device_hypers) {
   const std::unique_ptr<StepPlan> plan = collect(param_groups, state);
   const std::vector<at::Device> devices = plan->devices();
   std::vector<at::Tensor> device_counters;
@@ -572,8 +560,15 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
     assign_rounds(b);
   }
   plan->check();
-  for (const at::Tensor& counter : device_counters) {
-    check_call_arguments(counter, hyper);
+  TORCH_CHECK(hyper.is_cpu() && hyper.size(0) == plan->num_groups, "FusedAdamW: the hyper table must be on the CPU "
+              "with a row per param group");
+  std::vector<at::Tensor> hypers;
+  for (size_t d = 0; d < devices.size(); ++d) {
+    PyObject* on_device = device_hypers ? dict_item(device_hypers->ptr(), py::cast(devices[d]).ptr()) : nullptr;
+    hypers.push_back(on_device != nullptr ? THPVariable_Unpack(on_device) : hyper);
+    TORCH_CHECK(hypers[d].sizes() == hyper.sizes(), "FusedAdamW: the hyper table of ", devices[d],
+                " has shape ", hypers[d].sizes(), ", the CPU table ", hyper.sizes());
+    check_call_arguments(device_counters[d], hypers[d]);
   }
   std::vector<std::optional<at::Tensor>> scales, infs, clips;
   for (const at::Device& device : devices) {
@@ -590,7 +585,7 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
                               : std::nullopt);
     check_scaler_tensors(scales.back(), infs.back(), device, clips.back());
   }
-  plan->run(hyper, device_counters, scales, infs, clips);
+  plan->run(hypers, device_counters, scales, infs, clips);
   // The schedule counts optimizer steps: devices that took no part advance too.
   Py_ssize_t pos = 0;
   PyObject *key = nullptr, *value = nullptr;
@@ -619,6 +614,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set the CPU op runs with: default, avx2 or avx512.");
   m.def("fused_step", &noam_ext::fused_step, py::arg("param_groups"), py::arg("state"), py::arg("hyper"),
         py::arg("counters"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("grad_clip") = py::none(),
+        py::arg("device_hypers") = py::none(),
         "FusedAdamW.step()'s work: reads param_groups, every p.grad and optimizer.state as they are now, "
         "checks everything, then calls the op once per (device, dtype, amsgrad), more where parameters share "
         "memory. Returns None, or what must be prepared first (nothing is changed then).");

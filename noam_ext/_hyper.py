@@ -72,26 +72,51 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, torch.Tensor) else value
 
 
+def _on_gpu(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type != "cpu"
+
+
+# The table's columns that param groups give values for, in their order.
+_GROUP_COLUMNS = (LR, BETA1, BETA2, EPS, WEIGHT_DECAY)
+# What the host table holds for a value read on the device only (a valid setting,
+# so that the host-side checks pass; no host call reads it).
+_READ_ON_DEVICE = 0.0
+
+
 class HyperTable:
     """The float64 [groups, NUM_HYPER_COLUMNS] CPU table of the op, rebuilt (and
-    checked) only when some group's hyperparameters changed."""
+    checked) only when some group's hyperparameters changed.
+
+    With read_gpu_tensors=False, hyperparameters that are tensors on a GPU (a Tensor
+    lr, as torch's capturable AdamW takes it) are not read on the host, which would
+    be a sync (and is illegal during CUDA graph capture): the host table holds a
+    placeholder for them, and `device_entries` lists them as (group, column, tensor)
+    for DeviceHyperTables to copy on the device."""
 
     def __init__(self):
         self._key: tuple | None = None
         self._table: torch.Tensor | None = None
+        self.device_entries: list[tuple[int, int, torch.Tensor]] = []
 
-    def get(self, param_groups: list[dict], schedule) -> torch.Tensor:
-        rows = []
-        for group in param_groups:
+    def get(self, param_groups: list[dict], schedule, read_gpu_tensors: bool = True) -> torch.Tensor:
+        rows, device_entries = [], []
+        for index, group in enumerate(param_groups):
             base_lr = group["initial_lr"] if schedule is not None else group["lr"]
             betas = group["betas"] if isinstance(group["betas"], (tuple, list)) else (group["betas"],)
-            # _plain(): a tensor lr changed in place (as torch's schedulers do) must change the key.
-            rows.append(tuple(_plain(v) for v in (base_lr, *betas, group["eps"], group["weight_decay"]))
-                        + (bool(group["maximize"]),))
-        key = tuple(rows)
+            row = []
+            for column, value in zip(_GROUP_COLUMNS, (base_lr, *betas, group["eps"], group["weight_decay"])):
+                if not read_gpu_tensors and _on_gpu(value):
+                    device_entries.append((index, column, value))
+                    row.append(("read on the device", id(value)))
+                else:
+                    # _plain(): a tensor lr changed in place (as torch's schedulers do) must change the key.
+                    row.append(_plain(value))
+            rows.append(tuple(row) + (bool(group["maximize"]),))
+        key = (tuple(rows), read_gpu_tensors)
         if key != self._key:
             self._table = self._build(rows, schedule)
             self._key = key
+        self.device_entries = device_entries
         return self._table
 
     @staticmethod
@@ -99,6 +124,7 @@ class HyperTable:
         table = []
         for index, row in enumerate(rows):
             *numbers, maximize = row
+            numbers = [_READ_ON_DEVICE if isinstance(v, tuple) else v for v in numbers]
             where = f" in param group {index}"
             check_hyperparameters(numbers[0], tuple(numbers[1:-2]), numbers[-2], numbers[-1], where)
             values = [float(v) for v in numbers]   # the check above made sure they convert
@@ -106,6 +132,54 @@ class HyperTable:
                 raise ValueError(f"Invalid hyperparameters{where}: {values} must be finite")
             table.append(table_row(values, maximize, schedule))
         return torch.tensor(table, dtype=torch.float64).reshape(len(rows), NUM_HYPER_COLUMNS)
+
+
+class DeviceHyperTables:
+    """Per GPU, the copy of the hyperparameter table that the kernels read there.
+
+    The kernels read it when they run, so a CUDA graph replay sees whatever
+    stream-ordered copies wrote into it before, as torch's capturable AdamW reads a
+    Tensor lr:
+    - the host table is copied in (from pinned memory: no sync) when it is not the
+      one copied last (HyperTable returns a new table only when values changed), so
+      a float lr changed between eager steps, by hand or by a torch LR scheduler,
+      reaches the device; a graph replays the copies captured with it;
+    - hyperparameters that are tensors on the device (HyperTable.device_entries) are
+      copied device to device at every step, captured with the step, so a replay
+      reads their value at that moment: torch's LR schedulers, which update a
+      Tensor lr in place, drive a replayed step as they drive an eager one.
+    The tables keep their addresses, which captured graphs hold."""
+
+    def __init__(self):
+        self._tables: dict[torch.device, list] = {}   # device -> [table, host table copied last]
+        self._indices: dict[tuple, torch.Tensor] = {}
+        self._captured_sources: list[torch.Tensor] = []   # pinned copies a captured graph reads
+
+    def get(self, device: torch.device, host: torch.Tensor,
+            device_entries: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+        entry = self._tables.get(device)
+        if entry is None or entry[0].shape != host.shape:
+            entry = [torch.empty(host.shape, dtype=torch.float64, device=device), None]
+            self._tables[device] = entry
+        table = entry[0]
+        if entry[1] is not host:
+            gpu = device.type == "cuda"
+            # A fresh pinned block: the host allocator keeps it until the copy has run.
+            source = host.pin_memory() if gpu else host
+            table.copy_(source, non_blocking=True)
+            if gpu and torch.cuda.is_current_stream_capturing():
+                self._captured_sources.append(source)
+            entry[1] = host
+        entries = [(g, c, t) for g, c, t in device_entries if t.device == device]
+        if entries:
+            key = (device, tuple((g, c) for g, c, _ in entries))
+            index = self._indices.get(key)
+            if index is None:   # once per layout (graphs are captured after warm-up steps)
+                index = torch.tensor([g * NUM_HYPER_COLUMNS + c for g, c, _ in entries], device=device)
+                self._indices[key] = index
+            values = torch.stack([t.detach().reshape(()).to(torch.float64) for _, _, t in entries])
+            table.view(-1).index_copy_(0, index, values)
+        return table
 
 
 def table_row(values: list[float], maximize: bool, schedule) -> list[float]:

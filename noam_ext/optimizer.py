@@ -13,8 +13,8 @@ from torch.optim import Optimizer
 
 from . import _extension
 from ._extension import _C
-from ._hyper import (SUPPORTED_DTYPES, HyperTable, check_hyperparameters, check_tensor_hyperparameters,
-                     table_row)
+from ._hyper import (SUPPORTED_DTYPES, DeviceHyperTables, HyperTable, check_hyperparameters,
+                     check_tensor_hyperparameters, table_row)
 from ._state import create_state, state_like, step_on_device
 from .scheduler import noam_lr, validate_noam_args
 
@@ -81,6 +81,7 @@ class FusedAdamW(Optimizer):
         self._schedule_steps_done = 0   # host mirror of the device counters, for logging
         self._schedule_counters: dict[torch.device, torch.Tensor] = {}
         self._hyper = HyperTable()
+        self._device_hyper = DeviceHyperTables()
         self._pending_clip: tuple[torch.Tensor, torch.Tensor | None] | None = None
         super().__init__(params, defaults)
         if schedule is not None:
@@ -128,6 +129,7 @@ class FusedAdamW(Optimizer):
         self._schedule_steps_done = getattr(self, "_schedule_steps_done", done)
         self._schedule_counters = {}
         self._hyper = HyperTable()
+        self._device_hyper = DeviceHyperTables()
         self._pending_clip = None
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
@@ -150,7 +152,6 @@ class FusedAdamW(Optimizer):
         if torch.compiler.is_compiling():
             _traceable_step(self)
             return loss
-        hyper = self._hyper.get(self.param_groups, self.schedule)   # checks every group first
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         grad_clip, found_inf = self._take_pending_clip(found_inf)
@@ -159,8 +160,9 @@ class FusedAdamW(Optimizer):
         # is missing when a parameter takes its first step (its state is created
         # here, as torch creates it lazily) or a device has no schedule counter yet.
         for _ in range(3):   # state first, then the counters of the devices it is on
+            hyper, device_hypers = self._hyper_tables()   # checks every group first
             missing = _C.fused_step(self.param_groups, self.state, hyper, self._schedule_counters,
-                                    grad_scale, found_inf, grad_clip)
+                                    grad_scale, found_inf, grad_clip, device_hypers)
             if missing is None:
                 break
             self._prepare(*missing)
@@ -273,9 +275,22 @@ class FusedAdamW(Optimizer):
         for group in self.param_groups:
             group["lr"] = group["initial_lr"] * factor
 
+    def _hyper_tables(self) -> tuple[torch.Tensor, dict | None]:
+        """The hyperparameter table on the CPU, and on each GPU taking part (the GPU
+        kernels read it in device memory, where graph replays see it change). A
+        Tensor hyperparameter on a GPU is read on the host only where a CPU call
+        needs it, or before the devices of the step are known (the first step)."""
+        gpus = [d for d in self._schedule_counters if d.type != "cpu"]
+        only_gpus = bool(gpus) and len(gpus) == len(self._schedule_counters)
+        hyper = self._hyper.get(self.param_groups, self.schedule, read_gpu_tensors=not only_gpus)
+        if not gpus:
+            return hyper, None
+        entries = self._hyper.device_entries
+        return hyper, {d: self._device_hyper.get(d, hyper, entries) for d in gpus}
+
     def _schedule_counter(self, device: torch.device) -> torch.Tensor:
-        """The op's schedule counter on `device` (completed steps, and the CUDA
-        kernel's scratch word), created at the current position."""
+        """The op's schedule counter on `device` (completed steps, and a reserved
+        zero), created at the current position."""
         counter = self._schedule_counters.get(device)
         if counter is None:
             position = self._current_schedule_position()

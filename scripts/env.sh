@@ -73,19 +73,15 @@ install_noam_ext() {
 }
 
 # The CUDA kernels' resources as ptxas reported them in a build log (setup.py builds
-# with -Xptxas=-v and fails on any spill): one line per kernel and architecture.
+# with -Xptxas=-v and fails on any spill), one line per kernel and architecture, and
+# the checks scripts/check_cuda_kernels.py makes on them and on the SASS: resident
+# blocks per SM, and 16-byte vector stores. Fails the build when a check fails.
 ptxas_summary() {
   grep -q "ptxas info" "$1" || return 0
-  say "CUDA kernels (ptxas): registers, spills, stack"
-  awk '
-    /Compiling entry function/ { match($0, /kernelI[^E]*E/); kind = substr($0, RSTART + 7, RLENGTH - 8);
-                                 match($0, /for .sm_[0-9]+/); arch = substr($0, RSTART + 5, RLENGTH - 5);
-                                 kind = kind == "f" ? "float" : kind == "d" ? "double" : kind;
-                                 sub(/N3c104Half/, "half", kind); sub(/N3c108BFloat16/, "bfloat16", kind) }
-    /bytes stack frame/        { stack = $0; sub(/^ *ptxas info *: */, "", stack) }
-    /Used [0-9]+ registers/    { match($0, /Used [0-9]+ registers/);
-                                 printf "  %-6s %-9s %s, %s\n", arch, kind, substr($0, RSTART, RLENGTH), stack }
-  ' "$1"
+  say "CUDA kernels: ptxas resources and SASS checks"
+  local so
+  so="$(cd /tmp && python -c 'import noam_ext._C as c; print(c.__file__)')"
+  python "$REPO_ROOT/scripts/check_cuda_kernels.py" "$1" "$so"
 }
 
 # Which build a set of setup.py switches makes: "cpu" or "cuda".

@@ -27,7 +27,10 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("grid", [(1, 1), (3, 7), (2, 32), (132, 256)], ids=lambda g: f"{g[0]}x{g[1]}")
+# 64, 96 and 256 threads are 2, 3 and 8 warps: small parts of a chunk then go to one
+# warp each (fused_adamw_plan.h, assign_part); narrower blocks take every part whole.
+@pytest.mark.parametrize("grid", [(1, 1), (3, 7), (2, 32), (2, 64), (5, 96), (132, 256)],
+                         ids=lambda g: f"{g[0]}x{g[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
                          ids=["float32", "float64", "bfloat16", "float16"])
 @pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
@@ -89,3 +92,31 @@ def test_row_walk_past_two_to_the_31_elements():
     second = -(-big // 16) * 16            # rows start on multiples of 16 elements
     third = -(-(second + 7) // 16) * 16
     assert triples == [(0, start, big), (1, 0, 7), (2, 0, start + 2**31 - third)]
+
+
+def test_any_number_of_param_groups():
+    # The kernel reads the hyperparameter table from memory (no by-value limit):
+    # 100 groups, each with its own lr, match the CPU op.
+    groups = 100
+    cpu = make_args([(i * 13) % 50 + 1 for i in range(250)], torch.float32, seed=3, groups=3)
+    cpu["hyper"] = cpu["hyper"][torch.arange(groups) % 3].clone()
+    cpu["hyper"][:, 0] *= torch.linspace(0.5, 2.0, groups, dtype=torch.float64)
+    cpu["groups"] = [i % groups for i in range(250)]
+    emulated = clone(cpu)
+    torch.ops.noam_ext.fused_adamw_(*positional(cpu))
+    torch.ops.noam_ext.emulate_cuda_fused_adamw_(*positional(emulated), num_blocks=3, threads_per_block=256)
+    for (name, expected), (_, actual) in zip(tensors_of(cpu), tensors_of(emulated)):
+        assert torch.equal(actual, expected), f"{name} differs"
+
+
+def test_warp_parts_cover_each_element_once():
+    # Tiny tensors, all in one chunk: with 8 warps each takes every 8th of them.
+    # An element left out or updated twice would differ from the CPU op.
+    numels = [1, 8, 9, 16, 31, 64, 100, 255, 256, 257, 511, 512, 513] * 3
+    for dtype in (torch.float32, torch.bfloat16):
+        cpu = make_args(numels, dtype, seed=11)
+        emulated = clone(cpu)
+        torch.ops.noam_ext.fused_adamw_(*positional(cpu))
+        torch.ops.noam_ext.emulate_cuda_fused_adamw_(*positional(emulated), num_blocks=1, threads_per_block=256)
+        for (name, expected), (_, actual) in zip(tensors_of(cpu), tensors_of(emulated)):
+            assert torch.equal(actual, expected), f"{dtype} {name} differs"

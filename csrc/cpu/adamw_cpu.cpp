@@ -48,6 +48,8 @@ bool op_is_parallel() {
 }
 
 void run_rows(const RowsCall& call) {
+  TORCH_CHECK(call.hyper.is_cpu(), "fused_adamw_: the CPU op reads hyper on the CPU, got it on ",
+              call.hyper.device());
   int64_t* schedule = call.schedule_step.data_ptr<int64_t>();
   // GradScaler found an inf/NaN gradient: the step is skipped as in PyTorch's
   // fused AdamW (no parameter, moment or step changes). The schedule still

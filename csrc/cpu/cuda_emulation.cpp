@@ -21,13 +21,13 @@ struct HostExec {
   int threads;
   int64_t block() const { return block_index; }
   int64_t num_blocks() const { return grid; }
-  // The leader's work (computing what the block shares) runs once per block.
-  bool leader() const { return true; }
-  void sync() const {}
+  int num_threads() const { return threads; }
+  // The block's threads one after another: they share nothing and never wait for
+  // each other, so any order is an order the GPU could run them in.
   template <typename F>
   void for_my_threads(F&& f) const {
     for (int t = 0; t < threads; ++t) {
-      f(t, threads);
+      f(t);
     }
   }
 };
@@ -40,6 +40,7 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
                               const std::optional<at::Tensor>& found_inf,
                               const std::optional<at::Tensor>& grad_clip) {
   check_call_arguments(schedule_step, hyper);
+  TORCH_CHECK(hyper.is_cpu(), "emulate_cuda_fused_adamw_: hyper must be a CPU tensor");
   int64_t total = 0;
   const std::vector<TensorRow> rows = build_tensor_rows({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps},
                                                      schedule_step.device(), hyper.size(0), groups, total);
@@ -47,18 +48,25 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
   check_scaler_tensors(grad_scale, found_inf, schedule_step.device(), grad_clip);
   TORCH_CHECK(num_blocks >= 1 && threads_per_block >= 1, "emulate_cuda_fused_adamw_: empty grid");
   const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
+  const bool amsgrad = !max_exp_avg_sqs.empty();
+  std::vector<RowCoefficients<double>> coefficients(rows.size());   // room for either math type
   dispatch_storage_type(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
+    using opmath_t = typename MathType<scalar_t>::type;
     const KernelArgs args = make_kernel_args(rows.data(), static_cast<int64_t>(rows.size()), total,
-                                             !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule,
-                                             grad_scale, found_inf, grad_clip);
-    for (int64_t b = 0; b < num_blocks; ++b) {  // the fused_adamw_kernel launch
-      HostExec exec{b, num_blocks, static_cast<int>(threads_per_block)};
-      SegmentShared<typename MathType<scalar_t>::type> shared;
-      run_block<scalar_t>(args, exec, shared);
+                                             hyper.const_data_ptr<double>(), coefficients.data(), schedule_step,
+                                             advance_schedule, grad_scale, found_inf, grad_clip);
+    for (int64_t i = 0; i < args.num_rows; ++i) {  // the prepare launch
+      prepare_row<opmath_t>(args, i);
     }
-    for (int t = 0; t < threads_per_block; ++t) {  // what the last block to finish does
-      advance_steps(args, schedule_step.data_ptr<int64_t>(), t, static_cast<int>(threads_per_block));
+    advance_schedule_counter(args);  // what thread 0 of block 0 of the update launch does
+    for (int64_t b = 0; b < num_blocks; ++b) {  // the update launch
+      const HostExec exec{b, num_blocks, static_cast<int>(threads_per_block)};
+      if (amsgrad) {
+        run_block<scalar_t, true>(args, exec);
+      } else {
+        run_block<scalar_t, false>(args, exec);
+      }
     }
   });
 }

@@ -1,6 +1,6 @@
 // noam_ext::fused_adamw_ on CUDA: the whole AdamW + Noam step for one call's
-// tensors in one launch, on the current stream, without any host
-// synchronisation. The work split and the per-element math live in
+// tensors in two launches (a per-row prepare pass and the update), on the current
+// stream, without any host synchronisation. The work split and the per-element math live in
 // fused_adamw_plan.h / adamw_math.h, shared with the host emulation and the CPU op.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -30,36 +30,28 @@ using namespace noam_ext::cuda_plan;
 struct DeviceExec {
   __device__ int64_t block() const { return blockIdx.x; }
   __device__ int64_t num_blocks() const { return gridDim.x; }
-  __device__ bool leader() const { return threadIdx.x == 0; }
-  __device__ void sync() const { __syncthreads(); }
+  __device__ int num_threads() const { return blockDim.x; }
   template <typename F>
-  __device__ void for_my_threads(F&& f) const { f(static_cast<int>(threadIdx.x), static_cast<int>(blockDim.x)); }
+  __device__ void for_my_threads(F&& f) const { f(static_cast<int>(threadIdx.x)); }
 };
 
-// The whole step in one launch. Every block first updates its chunks (reading
-// the old step counters); the last block to finish then advances the counters,
-// found by a blocks-done counter in schedule_step[1] that it resets to zero.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreadsPerBlock) fused_adamw_kernel(const KernelArgs args,
-                                                                        int64_t* schedule_step) {
-  __shared__ SegmentShared<typename MathType<scalar_t>::type> shared;
-  __shared__ bool last_block;
-  DeviceExec exec;
-  run_block<scalar_t>(args, exec, shared);
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's reads of the counters happen before it is counted
-    auto* done = reinterpret_cast<unsigned long long*>(schedule_step + 1);
-    last_block = atomicAdd(done, 1ULL) == gridDim.x - 1;
+// Launch 1: every row's coefficients for this step, one thread per row.
+template <typename opmath_t>
+__global__ void __launch_bounds__(kThreadsPerBlock) prepare_kernel(const KernelArgs args) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < args.num_rows) {
+    prepare_row<opmath_t>(args, i);
   }
-  __syncthreads();
-  if (last_block) {
-    __threadfence();
-    advance_steps(args, schedule_step, threadIdx.x, blockDim.x);
-    if (threadIdx.x == 0) {
-      schedule_step[1] = 0;
-    }
+}
+
+// Launch 2: the update, compiled for min_blocks_per_sm resident blocks per SM.
+template <typename scalar_t, bool amsgrad>
+__global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t, amsgrad>())
+    update_kernel(const KernelArgs args) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    advance_schedule_counter(args);
   }
+  run_block<scalar_t, amsgrad>(args, DeviceExec{});
 }
 
 int multiprocessor_count(int device) {
@@ -75,46 +67,78 @@ int multiprocessor_count(int device) {
   return count;
 }
 
-// Device copies of recent tensor tables, per (device, stream). Uploading a table
-// is a stream-ordered copy from pinned memory (no host sync); in steady-state
-// training the tensors, and so the table, are the same every step, and it is
-// uploaded once. A table used while a CUDA graph is captured is kept for the
-// life of the process: the graph replays its kernel (and, if it was uploaded
-// during capture, its copy) with those addresses.
+// Device copies of recent call tables, per (device, stream): the rows, the
+// hyperparameter table when the call passed it on the host, and room for the
+// prepare pass's per-row coefficients. Uploading is a stream-ordered copy from
+// pinned memory (no host sync); in steady-state training the tensors, and so the
+// table, are the same every step, and it is uploaded once. A table used while a
+// CUDA graph is captured is kept for the life of the process: the graph replays its
+// kernels (and, if it was uploaded during capture, its copy) with those addresses.
+// FusedAdamW passes its hyperparameters on the device (noam_ext/_hyper.py keeps
+// them current with stream-ordered copies), so a change of lr is not a new table.
 struct DeviceTable {
-  std::vector<TensorRow> rows;
-  at::Tensor staging;   // pinned host copy the upload reads
+  std::vector<char> key;      // the uploaded bytes: rows, then host hyperparameters
+  size_t hyper_offset = 0;    // where the hyperparameters start (if uploaded)
+  size_t coefficients_offset = 0;
+  at::Tensor staging;         // pinned host copy the upload reads
   at::Tensor device;
   bool captured = false;
 };
 
+struct DeviceTablePointers {
+  const TensorRow* rows;
+  const double* hyper;        // null when the call's hyperparameters are on the device already
+  void* coefficients;
+};
+
 constexpr size_t kCachedTablesPerStream = 8;
 
-const TensorRow* device_rows(const std::vector<TensorRow>& rows, const at::Device& device, cudaStream_t stream) {
+size_t round_up_16(size_t n) { return (n + 15) / 16 * 16; }
+
+DeviceTablePointers device_table(const std::vector<TensorRow>& rows, const at::Tensor* host_hyper,
+                                 const at::Device& device, cudaStream_t stream) {
   static std::mutex mutex;
   static std::map<std::pair<int, cudaStream_t>, std::list<DeviceTable>> caches;
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   const bool capturing = capture != cudaStreamCaptureStatusNone;
-  const size_t bytes = rows.size() * sizeof(TensorRow);
+
+  const size_t row_bytes = rows.size() * sizeof(TensorRow);
+  const size_t hyper_offset = round_up_16(row_bytes);
+  const size_t hyper_bytes = host_hyper ? static_cast<size_t>(host_hyper->numel()) * sizeof(double) : 0;
+  std::vector<char> key(hyper_offset + hyper_bytes, 0);
+  std::memcpy(key.data(), rows.data(), row_bytes);
+  if (host_hyper) {
+    std::memcpy(key.data() + hyper_offset, host_hyper->const_data_ptr<double>(), hyper_bytes);
+  }
+  auto pointers = [&](DeviceTable& t) {
+    char* base = static_cast<char*>(t.device.data_ptr());
+    return DeviceTablePointers{reinterpret_cast<const TensorRow*>(base),
+                               host_hyper ? reinterpret_cast<const double*>(base + t.hyper_offset) : nullptr,
+                               base + t.coefficients_offset};
+  };
 
   std::lock_guard<std::mutex> lock(mutex);
   auto& cache = caches[{device.index(), stream}];
   for (auto it = cache.begin(); it != cache.end(); ++it) {
-    if (it->rows.size() == rows.size() && std::memcmp(it->rows.data(), rows.data(), bytes) == 0) {
+    if (it->key == key) {
       it->captured |= capturing;
       cache.splice(cache.begin(), cache, it);  // most recently used first
-      return static_cast<const TensorRow*>(cache.front().device.const_data_ptr());
+      return pointers(cache.front());
     }
   }
   DeviceTable table;
-  table.rows = rows;
+  table.key = std::move(key);
+  table.hyper_offset = hyper_offset;
+  table.coefficients_offset = round_up_16(table.key.size());
   table.captured = capturing;
-  const auto length = static_cast<int64_t>(bytes);
-  table.staging = at::empty({length}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(table.staging.data_ptr(), rows.data(), bytes);
+  const auto upload = static_cast<int64_t>(table.key.size());
+  const auto length = static_cast<int64_t>(table.coefficients_offset + coefficient_bytes(rows.size()));
+  table.staging = at::empty({upload}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(table.staging.data_ptr(), table.key.data(), table.key.size());
   table.device = at::empty({length}, at::TensorOptions().dtype(at::kByte).device(device));
-  table.device.copy_(table.staging, /*non_blocking=*/true);  // on the current stream, as the launch
+  // On the current stream, as the launches.
+  table.device.narrow(0, 0, upload).copy_(table.staging, /*non_blocking=*/true);
   cache.push_front(std::move(table));
   // Forget the least recently used table that no captured graph refers to.
   if (cache.size() > kCachedTablesPerStream) {
@@ -125,28 +149,47 @@ const TensorRow* device_rows(const std::vector<TensorRow>& rows, const at::Devic
       }
     }
   }
-  return static_cast<const TensorRow*>(cache.front().device.const_data_ptr());
+  return pointers(cache.front());
 }
-
 
 }  // namespace
 
 void run_rows(const RowsCall& call) {
   TORCH_CHECK(call.schedule_step.is_cuda(), "fused_adamw_: the CUDA path needs the schedule counter on the GPU");
   const at::Device device = call.schedule_step.device();
+  TORCH_CHECK(call.hyper.is_cpu() || call.hyper.device() == device, "fused_adamw_: hyper must be on the CPU or on ",
+              device, ", got ", call.hyper.device());
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-  const TensorRow* table = call.rows.empty() ? nullptr : device_rows(call.rows, device, stream);
-  const int64_t chunks = (call.total + kChunkElements - 1) / kChunkElements;
-  const int64_t max_blocks = static_cast<int64_t>(multiprocessor_count(device.index())) * 8;
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min(chunks, max_blocks)));
+  const bool hyper_on_host = call.hyper.is_cpu();
+  const DeviceTablePointers table = device_table(call.rows, hyper_on_host ? &call.hyper : nullptr, device, stream);
+  const double* hyper = hyper_on_host ? table.hyper : call.hyper.const_data_ptr<double>();
+  const auto num_rows = static_cast<int64_t>(call.rows.size());
   dispatch_storage_type(call.dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
-    const KernelArgs args = make_kernel_args(table, static_cast<int64_t>(call.rows.size()), call.total, call.amsgrad,
-                                             call.schedule_step, call.hyper, call.advance_schedule, call.grad_scale,
+    using opmath_t = typename MathType<scalar_t>::type;
+    const KernelArgs args = make_kernel_args(table.rows, num_rows, call.total, hyper, table.coefficients,
+                                             call.schedule_step, call.advance_schedule, call.grad_scale,
                                              call.found_inf, call.grad_clip);
-    fused_adamw_kernel<scalar_t>
-        <<<blocks, kThreadsPerBlock, 0, stream>>>(args, call.schedule_step.data_ptr<int64_t>());
+    if (num_rows > 0) {
+      const auto prepare_blocks = static_cast<unsigned>((num_rows + kThreadsPerBlock - 1) / kThreadsPerBlock);
+      prepare_kernel<opmath_t><<<prepare_blocks, kThreadsPerBlock, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    // One wave: as many blocks as can be resident at once (chunks are equal, so a
+    // grid-stride loop over them balances), at least one (it advances the schedule).
+    const int64_t chunks = (call.total + kChunkElements - 1) / kChunkElements;
+    const int64_t sms = multiprocessor_count(device.index());
+    auto blocks = [&](int per_sm) {
+      return static_cast<unsigned>(std::max<int64_t>(1, std::min(chunks, sms * per_sm)));
+    };
+    if (call.amsgrad) {
+      update_kernel<scalar_t, true>
+          <<<blocks(min_blocks_per_sm<scalar_t, true>()), kThreadsPerBlock, 0, stream>>>(args);
+    } else {
+      update_kernel<scalar_t, false>
+          <<<blocks(min_blocks_per_sm<scalar_t, false>()), kThreadsPerBlock, 0, stream>>>(args);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

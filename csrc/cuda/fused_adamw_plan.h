@@ -1,18 +1,28 @@
-// The CUDA kernel's work split, written as host/device code so that the same
-// driver runs in the kernel (one CUDA block per call) and on the host over an
-// emulated grid (csrc/cpu/cuda_emulation.cpp), where CI tests it bit for bit
-// against the CPU op without a GPU.
+// The CUDA kernels' work split, written as host/device code so that the same
+// drivers run on the GPU and on the host over an emulated grid
+// (csrc/cpu/cuda_emulation.cpp), where CI tests them bit for bit against the CPU
+// op without a GPU.
 //
-// Split: the virtual index space of the call's tensors (work_split.h) is cut
-// into chunks of kChunkElements; blocks take chunks grid-stride; within a chunk
-// the rows it overlaps are walked in order; within a row's part, each thread
-// takes vectors of 16 bytes (kVecBytes), unroll_for<scalar_t>() of them in flight, and the
-// last partial vector element by element. Virtual offsets are multiples of
-// kRowAlignElements and chunk starts multiples of kChunkElements, so a vector
-// never straddles two tensors and, for a row whose pointers are all 16-byte
-// aligned (TensorRow::vector_ok), every vector is aligned. A row with any
-// misaligned pointer (a view at an odd offset) takes the element path.
-// Offsets are 64-bit throughout.
+// A call is two launches on the current stream:
+//  1. prepare (one thread per row): the row's AdamW coefficients for this step
+//     (two double pow() per row, once per (row, step), not per block or chunk), from
+//     its group's row of the hyperparameter table in device memory, written to a
+//     per-row buffer; then the row's step count is advanced (unless GradScaler
+//     skips the step).
+//  2. update: the virtual index space of the call's tensors (work_split.h) is cut
+//     into chunks of kChunkElements; blocks take chunks grid-stride; within a chunk
+//     the rows it overlaps are walked in order. A row's part of the chunk is updated
+//     by the whole block, or, when it is small, by one warp (the k-th small part of
+//     a chunk by warp k mod warps), so that a chunk of many tiny tensors keeps every
+//     warp busy. No thread waits for another: every thread reads the coefficients
+//     it needs from the prepare pass's buffer, and there is no barrier at all.
+//     Within a part, each thread takes 16-byte vectors (kVecBytes),
+//     unroll_for<scalar_t, amsgrad>() of them in flight, and the last partial vector element
+//     by element. Virtual offsets are multiples of kRowAlignElements and chunk starts
+//     multiples of kChunkElements, so a vector never straddles two tensors and, for a
+//     row whose pointers are all 16-byte aligned (TensorRow::vector_ok), every vector
+//     is aligned. A row with any misaligned pointer (a view at an odd offset) takes
+//     the element path. Offsets are 64-bit throughout.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -29,50 +39,98 @@
 namespace noam_ext::cuda_plan {
 
 constexpr int kVecBytes = 16;
-// 16-byte vectors in flight per thread: 4 (64 bytes of each tensor), but 2 for the
-// 16-bit types, whose vectors hold 8 elements each and would spill registers at 4
-// (CI fails the build on any spill).
-template <typename scalar_t>
-constexpr int unroll_for() {
-  return sizeof(scalar_t) == 2 ? 2 : 4;
-}
 constexpr int kThreadsPerBlock = 256;
+constexpr int kWarpSize = 32;
 constexpr int64_t kChunkElements = 16384;
-// Groups passed by value with the launch (kernel parameters are limited to 4 KiB).
-constexpr int kMaxGroups = 32;
+
+// Resident blocks of kThreadsPerBlock threads per SM that the update kernel is
+// compiled for (__launch_bounds__; CI fails the build on any register spill):
+//  - 4 (at most 64 registers a thread) for float, bfloat16 and float16 storage:
+//    1024 threads, each with 2 x 16 bytes of every tensor in flight, 128 KiB of
+//    loads per SM, enough to keep a Hopper SM's share of HBM bandwidth busy;
+//  - 3 (85 registers) with amsgrad: its fifth tensor does not fit 64 registers
+//    (ptxas for sm_90 at 4 blocks: 16-40 bytes of spill stores a thread, i.e. local
+//    memory traffic in a kernel bound by memory traffic); 768 threads with 5 x 2
+//    vectors in flight are 120 KiB per SM, as much as 4 blocks without amsgrad;
+//  - 2 for double, whose math needs twice the registers (not a training dtype).
+template <typename scalar_t, bool amsgrad>
+constexpr int min_blocks_per_sm() {
+  return sizeof(scalar_t) == 8 ? 2 : amsgrad ? 3 : 4;
+}
+
+// 16-byte vectors of each tensor in flight per thread: 2, but 1 for double with
+// amsgrad, which spills at 2 within its 128 registers (ptxas, sm_80: 24 bytes).
+template <typename scalar_t, bool amsgrad>
+constexpr int unroll_for() {
+  return (amsgrad && sizeof(scalar_t) == 8) ? 1 : 2;
+}
+
+// A row's part of a chunk is updated by one warp when one unrolled pass of the warp
+// covers it.
+template <typename scalar_t>
+constexpr int64_t warp_part_max_elements() {
+  return static_cast<int64_t>(kWarpSize) * (kVecBytes / static_cast<int>(sizeof(scalar_t))) *
+         unroll_for<scalar_t, false>();
+}
 
 template <typename scalar_t>
 struct MathType { using type = float; };
 template <>
 struct MathType<double> { using type = double; };
 
-struct HyperTable {
-  double rows[kMaxGroups][kNumHyperColumns];
+// What the prepare pass computes for a row and the update pass reads.
+template <typename opmath_t>
+struct alignas(16) RowCoefficients {
+  AdamWCoefficients<opmath_t> coefficients;
+  int32_t maximize;
+  int32_t vector_ok;
 };
 
-// Everything one launch needs; passed by value. The rows live in device memory
-// (csrc/cuda/adamw_cuda.cu uploads them), so the launch carries a pointer, not
-// the table, and a call may hold any number of tensors.
+// Everything both launches need; passed by value. The tables live in memory the
+// kernels can read (device memory for the GPU, host memory for the emulation), so
+// a call may hold any number of tensors and of param groups.
 struct KernelArgs {
   const TensorRow* rows;
   int64_t num_rows;
   int64_t total;                 // length of the virtual index space
-  const int64_t* schedule_step;  // [0] completed steps (read here; advanced at the end)
+  const double* hyper;           // [groups, kNumHyperColumns] (adamw_math.h)
+  int64_t* schedule_step;        // [0] completed steps: read by prepare, advanced by update
   const float* grad_scale;       // null: no AMP scaling
   const float* found_inf;        // null: never skip
   const double* grad_clip;       // null: no clipping factor
-  bool amsgrad;
+  void* coefficients;            // [num_rows] RowCoefficients<opmath_t>: prepare writes, update reads
   bool advance_schedule;
-  HyperTable hyper;
 };
 
-// What thread 0 of a block works out per segment and shares with the others.
+C10_HOST_DEVICE inline bool step_skipped(const KernelArgs& a) {
+  return a.found_inf != nullptr && *a.found_inf != 0.0f;
+}
+
+// Prepare pass, row i: its coefficients from the step counts before this step,
+// then its step count advanced (torch increments state["step"] before it reads it
+// for the bias corrections; coefficients_for adds the 1 itself). Rows are
+// independent: each has its own step tensor (one call never holds one twice).
 template <typename opmath_t>
-struct SegmentShared {
-  AdamWCoefficients<opmath_t> coefficients;
-  bool maximize;
-  bool vector_ok;
-};
+C10_HOST_DEVICE inline void prepare_row(const KernelArgs& a, int64_t i) {
+  const TensorRow& row = a.rows[i];
+  const double* hyper = a.hyper + static_cast<int64_t>(row.group) * kNumHyperColumns;
+  RowCoefficients<opmath_t> out;
+  out.coefficients = coefficients_for<opmath_t>(hyper, *a.schedule_step, *row.step);
+  out.maximize = hyper[kMaximize] != 0.0;
+  out.vector_ok = row.vector_ok;
+  static_cast<RowCoefficients<opmath_t>*>(a.coefficients)[i] = out;
+  if (!step_skipped(a)) {
+    *row.step += 1.0f;
+  }
+}
+
+// The schedule counts optimizer steps, skipped ones too (as the CPU op). Done by
+// one thread of the update launch: the prepare launch, which reads it, has finished.
+C10_HOST_DEVICE inline void advance_schedule_counter(const KernelArgs& a) {
+  if (a.advance_schedule) {
+    a.schedule_step[0] += 1;
+  }
+}
 
 // What every gradient is divided by (GradScaler's scale) and then multiplied by
 // (the clipping factor), in the math type; the flags say whether to at all.
@@ -100,10 +158,25 @@ struct alignas(kVecBytes) Vec {
   scalar_t v[kWidth];
 };
 
+// The 16 bytes of a vector as four 32-bit words: the GPU loads and stores them as
+// one 128-bit access. (Copying a Vec<Half> member by member lets the compiler split
+// a store into 64- and 32-bit pieces; a uint4 it never splits.)
+struct alignas(kVecBytes) Words {
+  uint32_t w[4];
+};
+static_assert(sizeof(Words) == kVecBytes, "a vector is 16 bytes");
+
 template <typename scalar_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE Vec<scalar_t> load_vec(const scalar_t* p) {
+  static_assert(sizeof(Vec<scalar_t>) == kVecBytes, "a vector is 16 bytes");
 #if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const Vec<scalar_t>*>(p);   // one 16-byte load
+  // One 16-byte load, in PTX as the store below. Not volatile, so that the
+  // compiler may schedule it: each vector is loaded once, before it is stored.
+  uint4 raw;
+  asm("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w) : "l"(p));
+  Vec<scalar_t> out;
+  memcpy(&out, &raw, sizeof(out));
+  return out;
 #else
   // The emulation checks what the GPU would fault on: a misaligned vector.
   TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(p) % kVecBytes == 0, "misaligned vector load");
@@ -116,7 +189,13 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE Vec<scalar_t> load_vec(const scalar_t* p) {
 template <typename scalar_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(scalar_t* p, const Vec<scalar_t>& value) {
 #if defined(__CUDA_ARCH__)
-  *reinterpret_cast<Vec<scalar_t>*>(p) = value;
+  // One 16-byte store, written out in PTX: from C++ (a uint4 store, even with the
+  // alignment asserted) NVVM split the one-vector tail loop's stores into four
+  // 32-bit ones. Tensors live in global memory. No "memory" clobber: nothing reads
+  // these 16 bytes again in this launch.
+  uint4 w;
+  memcpy(&w, &value, sizeof(w));
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w));
 #else
   TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(p) % kVecBytes == 0, "misaligned vector store");
   std::memcpy(p, &value, sizeof(value));
@@ -127,7 +206,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(scalar_t* p, const Vec<scalar_t
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
     scalar_t& p, scalar_t g, scalar_t& m, scalar_t& v, scalar_t* vmax,
-    const SegmentShared<opmath_t>& s, const GradFactors<opmath_t>& f) {
+    const RowCoefficients<opmath_t>& c, const GradFactors<opmath_t>& f) {
   opmath_t param = static_cast<opmath_t>(p);
   opmath_t grad = static_cast<opmath_t>(g);
   opmath_t exp_avg = static_cast<opmath_t>(m);
@@ -139,7 +218,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
   if (f.clip) {
     grad = grad * f.multiplier;
   }
-  adamw_update<amsgrad>(param, grad, exp_avg, exp_avg_sq, &max_sq, s.coefficients, s.maximize);
+  adamw_update<amsgrad>(param, grad, exp_avg, exp_avg_sq, &max_sq, c.coefficients, c.maximize != 0);
   p = static_cast<scalar_t>(param);
   m = static_cast<scalar_t>(exp_avg);
   v = static_cast<scalar_t>(exp_avg_sq);
@@ -148,7 +227,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
   }
 }
 
-// The typed pointers of one row.
+// The typed pointers of one row, from element `lo` on.
 template <typename scalar_t>
 struct RowPointers {
   scalar_t* param;
@@ -158,24 +237,48 @@ struct RowPointers {
   scalar_t* max_exp_avg_sq;
 };
 
-template <typename scalar_t>
-C10_HOST_DEVICE C10_ALWAYS_INLINE RowPointers<scalar_t> typed(const TensorRow& r) {
-  return {static_cast<scalar_t*>(r.param), static_cast<const scalar_t*>(r.grad), static_cast<scalar_t*>(r.exp_avg),
-          static_cast<scalar_t*>(r.exp_avg_sq), static_cast<scalar_t*>(r.max_exp_avg_sq)};
+template <typename scalar_t, bool amsgrad>
+C10_HOST_DEVICE C10_ALWAYS_INLINE RowPointers<scalar_t> typed_from(const TensorRow& r, int64_t lo) {
+  return {static_cast<scalar_t*>(r.param) + lo, static_cast<const scalar_t*>(r.grad) + lo,
+          static_cast<scalar_t*>(r.exp_avg) + lo, static_cast<scalar_t*>(r.exp_avg_sq) + lo,
+          amsgrad ? static_cast<scalar_t*>(r.max_exp_avg_sq) + lo : nullptr};
 }
 
-// Thread `t` of `num_threads` updates its share of elements [lo, hi) of one
-// tensor whose pointers are all 16-byte aligned (lo is a multiple of the width).
+// One 16-byte vector of every tensor of a row at element i: load, update, store.
 template <bool amsgrad, typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
-                                             const GradFactors<opmath_t>& f, int64_t lo, int64_t hi, int t,
-                                             int num_threads) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void update_vector(const RowPointers<scalar_t>& a,
+                                                     const RowCoefficients<opmath_t>& c,
+                                                     const GradFactors<opmath_t>& f, int64_t i) {
   constexpr int W = Vec<scalar_t>::kWidth;
+  Vec<scalar_t> p = load_vec(a.param + i), g = load_vec(a.grad + i);
+  Vec<scalar_t> m = load_vec(a.exp_avg + i), v = load_vec(a.exp_avg_sq + i), x;
+  if constexpr (amsgrad) {
+    x = load_vec(a.max_exp_avg_sq + i);
+  }
+#pragma unroll
+  for (int k = 0; k < W; ++k) {
+    update_element<amsgrad>(p.v[k], g.v[k], m.v[k], v.v[k], &x.v[k], c, f);
+  }
+  store_vec(a.param + i, p);
+  store_vec(a.exp_avg + i, m);
+  store_vec(a.exp_avg_sq + i, v);
+  if constexpr (amsgrad) {
+    store_vec(a.max_exp_avg_sq + i, x);
+  }
+}
+
+// Thread `t` of `num_threads` updates its share of the `length` elements a row's
+// pointers point at, all 16-byte aligned. (Indices stay 64-bit: with 32-bit ones
+// ptxas widens every address anew and needs more registers, measured on sm_90.)
+template <bool amsgrad, typename scalar_t, typename opmath_t>
+C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, const RowCoefficients<opmath_t>& c,
+                                             const GradFactors<opmath_t>& f, int64_t length, int t, int num_threads) {
+  constexpr int W = Vec<scalar_t>::kWidth;
+  constexpr int kUnroll = unroll_for<scalar_t, amsgrad>();
   const int64_t stride = static_cast<int64_t>(num_threads) * W;
-  int64_t base = lo + static_cast<int64_t>(t) * W;
-  constexpr int kUnroll = unroll_for<scalar_t>();
+  int64_t base = static_cast<int64_t>(t) * W;
   // Full vectors, kUnroll independent ones loaded before any is computed.
-  for (; base + (kUnroll - 1) * stride + W <= hi; base += kUnroll * stride) {
+  for (; base + (kUnroll - 1) * stride + W <= length; base += kUnroll * stride) {
     Vec<scalar_t> p[kUnroll], g[kUnroll], m[kUnroll], v[kUnroll], x[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -192,7 +295,7 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        update_element<amsgrad>(p[u].v[k], g[u].v[k], m[u].v[k], v[u].v[k], &x[u].v[k], s, f);
+        update_element<amsgrad>(p[u].v[k], g[u].v[k], m[u].v[k], v[u].v[k], &x[u].v[k], c, f);
       }
       const int64_t i = base + u * stride;
       store_vec(a.param + i, p[u]);
@@ -204,27 +307,13 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
     }
   }
   // Remaining vectors one at a time; the last partial one element by element.
-  for (; base < hi; base += stride) {
-    if (base + W <= hi) {
-      Vec<scalar_t> p = load_vec(a.param + base), g = load_vec(a.grad + base);
-      Vec<scalar_t> m = load_vec(a.exp_avg + base), v = load_vec(a.exp_avg_sq + base), x;
-      if constexpr (amsgrad) {
-        x = load_vec(a.max_exp_avg_sq + base);
-      }
-#pragma unroll
-      for (int k = 0; k < W; ++k) {
-        update_element<amsgrad>(p.v[k], g.v[k], m.v[k], v.v[k], &x.v[k], s, f);
-      }
-      store_vec(a.param + base, p);
-      store_vec(a.exp_avg + base, m);
-      store_vec(a.exp_avg_sq + base, v);
-      if constexpr (amsgrad) {
-        store_vec(a.max_exp_avg_sq + base, x);
-      }
+  for (; base < length; base += stride) {
+    if (base + W <= length) {
+      update_vector<amsgrad>(a, c, f, base);
     } else {
-      for (int64_t i = base; i < hi; ++i) {
+      for (int64_t i = base; i < length; ++i) {
         update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                                amsgrad ? a.max_exp_avg_sq + i : nullptr, s, f);
+                                amsgrad ? a.max_exp_avg_sq + i : nullptr, c, f);
       }
     }
   }
@@ -233,83 +322,77 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
 // The same for a tensor with a misaligned pointer: element by element, thread t
 // taking every num_threads-th element (adjacent threads, adjacent elements).
 template <bool amsgrad, typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE void update_range_elementwise(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
-                                              const GradFactors<opmath_t>& f, int64_t lo, int64_t hi, int t,
-                                              int num_threads) {
-  for (int64_t i = lo + t; i < hi; i += num_threads) {
+C10_HOST_DEVICE void update_range_elementwise(const RowPointers<scalar_t>& a, const RowCoefficients<opmath_t>& c,
+                                              const GradFactors<opmath_t>& f, int64_t length, int t, int num_threads) {
+  for (int64_t i = t; i < length; i += num_threads) {
     update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                            amsgrad ? a.max_exp_avg_sq + i : nullptr, s, f);
+                            amsgrad ? a.max_exp_avg_sq + i : nullptr, c, f);
   }
 }
 
 template <bool amsgrad, typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE void update_range(const RowPointers<scalar_t>& a, const SegmentShared<opmath_t>& s,
-                                  const GradFactors<opmath_t>& f, int64_t lo, int64_t hi, int t, int num_threads) {
-  if (s.vector_ok) {
-    update_range_vectorized<amsgrad>(a, s, f, lo, hi, t, num_threads);
+C10_HOST_DEVICE void update_range(const RowPointers<scalar_t>& a, const RowCoefficients<opmath_t>& c,
+                                  const GradFactors<opmath_t>& f, int64_t length, int t, int num_threads) {
+  if (c.vector_ok) {
+    update_range_vectorized<amsgrad>(a, c, f, length, t, num_threads);
   } else {
-    update_range_elementwise<amsgrad>(a, s, f, lo, hi, t, num_threads);
+    update_range_elementwise<amsgrad>(a, c, f, length, t, num_threads);
   }
 }
 
-// The row's coefficients and flags, as thread 0 computes them.
-template <typename opmath_t>
-C10_HOST_DEVICE SegmentShared<opmath_t> segment_shared(const KernelArgs& a, int64_t i) {
-  SegmentShared<opmath_t> s;
-  const TensorRow& row = a.rows[i];
-  const double* hyper = a.hyper.rows[row.group];
-  s.maximize = hyper[kMaximize] != 0.0;
-  s.vector_ok = row.vector_ok != 0;
-  s.coefficients = coefficients_for<opmath_t>(hyper, *a.schedule_step, *row.step);
-  return s;
+// Which threads update a row's part [lo, hi) of a chunk: the whole block, or,
+// for a small part, only the warp `small_parts_before` mod warps (the count of
+// small parts met earlier in the same chunk), as lanes 0..31.
+struct PartAssignment {
+  bool by_warp;
+  int warp;
+};
+
+template <typename scalar_t>
+C10_HOST_DEVICE inline PartAssignment assign_part(int64_t lo, int64_t hi, int64_t small_parts_before,
+                                                  int num_threads) {
+  const int warps = num_threads / kWarpSize;
+  // With a single warp (or an emulated block narrower than two) the block is the warp.
+  if (warps < 2 || hi - lo > warp_part_max_elements<scalar_t>()) {
+    return {false, 0};
+  }
+  return {true, static_cast<int>(small_parts_before % warps)};
 }
 
-// One block's whole work. Exec abstracts the block: exec.leader() (is this
-// thread 0), exec.sync() (__syncthreads), exec.for_my_threads(f) (calls
-// f(thread, num_threads) for the calling CUDA thread, or for every emulated one).
-template <typename scalar_t, typename Exec>
-C10_HOST_DEVICE void run_block(const KernelArgs& a, Exec& exec,
-                               SegmentShared<typename MathType<scalar_t>::type>& shared) {
+// One block's whole update. Exec abstracts the block: exec.block(),
+// exec.num_blocks(), exec.num_threads(), and exec.for_my_threads(f), which calls
+// f(thread) for the calling CUDA thread, or for every emulated one in turn.
+template <typename scalar_t, bool amsgrad, typename Exec>
+C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
   using opmath_t = typename MathType<scalar_t>::type;
-  if (a.found_inf != nullptr && *a.found_inf != 0.0f) {
+  if (step_skipped(a)) {
     return;  // GradScaler skipped this step: nothing changes
   }
   // Read once, held in registers (through the pointers the compiler would reload
   // them after every store, since they might alias the tensors).
   const GradFactors<opmath_t> factors = grad_factors<opmath_t>(a);
+  const auto* all_coefficients = static_cast<const RowCoefficients<opmath_t>*>(a.coefficients);
+  const int n = exec.num_threads();
   const int64_t num_chunks = (a.total + kChunkElements - 1) / kChunkElements;
   for (int64_t chunk = exec.block(); chunk < num_chunks; chunk += exec.num_blocks()) {
     const int64_t begin = chunk * kChunkElements;
     const int64_t end = begin + kChunkElements < a.total ? begin + kChunkElements : a.total;
+    int64_t small_parts = 0;
     for_each_row_in_range(a.rows, a.num_rows, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
-      if (exec.leader()) {
-        shared = segment_shared<opmath_t>(a, i);
-      }
-      exec.sync();
-      const SegmentShared<opmath_t> s = shared;
-      const RowPointers<scalar_t> pointers = typed<scalar_t>(a.rows[i]);
-      exec.for_my_threads([&](int t, int n) {
-        if (a.amsgrad) {
-          update_range<true>(pointers, s, factors, lo, hi, t, n);
-        } else {
-          update_range<false>(pointers, s, factors, lo, hi, t, n);
+      const PartAssignment part = assign_part<scalar_t>(lo, hi, small_parts, n);
+      small_parts += part.by_warp ? 1 : 0;
+      // lo is a multiple of kRowAlignElements: the vectors from it on stay aligned.
+      const RowPointers<scalar_t> pointers = typed_from<scalar_t, amsgrad>(a.rows[i], lo);
+      const int64_t length = hi - lo;
+      const RowCoefficients<opmath_t> c = all_coefficients[i];   // in registers, not reloaded after stores
+      exec.for_my_threads([&](int t) {
+        if (!part.by_warp) {
+          update_range<amsgrad>(pointers, c, factors, length, t, n);
+        } else if (t / kWarpSize == part.warp) {
+          update_range<amsgrad>(pointers, c, factors, length, t % kWarpSize, kWarpSize);
         }
       });
-      exec.sync();  // shared is rewritten for the next row
     });
-  }
-}
-
-// After the update (in the CUDA kernel: by the last block to finish): thread t
-// of n advances the step of every row (not on a GradScaler-skipped step) and
-// thread 0 the schedule (always, as the CPU op, when the call advances it).
-C10_HOST_DEVICE inline void advance_steps(const KernelArgs& a, int64_t* schedule_step, int t, int n) {
-  const bool skipped = a.found_inf != nullptr && *a.found_inf != 0.0f;
-  for (int64_t i = t; i < a.num_rows && !skipped; i += n) {
-    *a.rows[i].step += 1.0f;
-  }
-  if (t == 0 && a.advance_schedule) {
-    *schedule_step += 1;
   }
 }
 

@@ -6,35 +6,37 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
 #include <optional>
 
 #include "fused_adamw_plan.h"
 
 namespace noam_ext::cuda_plan {
 
-// `rows` must point at memory the kernel can read (device memory for the GPU,
-// the host table for the emulation).
-inline KernelArgs make_kernel_args(const TensorRow* rows, int64_t num_rows, int64_t total, bool amsgrad,
-                                   const at::Tensor& schedule_step, const at::Tensor& hyper,
-                                   bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
+// The tables must lie where the kernels can read them (device memory for the GPU,
+// host memory for the emulation): `rows` [num_rows], `hyper` [groups, columns],
+// and `coefficients`, room for num_rows RowCoefficients of the call's math type.
+inline KernelArgs make_kernel_args(const TensorRow* rows, int64_t num_rows, int64_t total, const double* hyper,
+                                   void* coefficients, const at::Tensor& schedule_step, bool advance_schedule,
+                                   const std::optional<at::Tensor>& grad_scale,
                                    const std::optional<at::Tensor>& found_inf,
                                    const std::optional<at::Tensor>& grad_clip) {
-  TORCH_CHECK(hyper.size(0) <= kMaxGroups, "fused_adamw_: the CUDA kernel takes at most ", kMaxGroups,
-              " param groups per (device, dtype), got ", hyper.size(0));
   KernelArgs a{};
   a.rows = rows;
   a.num_rows = num_rows;
   a.total = total;
+  a.hyper = hyper;
+  a.coefficients = coefficients;
   a.schedule_step = schedule_step.data_ptr<int64_t>();
   a.grad_scale = grad_scale ? grad_scale->data_ptr<float>() : nullptr;
   a.found_inf = found_inf ? found_inf->data_ptr<float>() : nullptr;
   a.grad_clip = grad_clip ? grad_clip->data_ptr<double>() : nullptr;
-  a.amsgrad = amsgrad;
   a.advance_schedule = advance_schedule;
-  const double* values = hyper.data_ptr<double>();
-  std::copy(values, values + hyper.numel(), &a.hyper.rows[0][0]);
   return a;
+}
+
+// Bytes of per-row coefficients a call needs (the widest math type: double).
+inline size_t coefficient_bytes(int64_t num_rows) {
+  return static_cast<size_t>(num_rows) * sizeof(RowCoefficients<double>);
 }
 
 // Calls f(scalar_t{}) with the storage type of a call's tensors.

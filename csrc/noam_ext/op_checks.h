@@ -52,10 +52,13 @@ inline void check_call_arguments(const at::Tensor& schedule_step, const at::Tens
   TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 2 &&
                   schedule_step.is_contiguous(),
               "fused_adamw_: schedule_step must be a contiguous two-element int64 tensor (completed steps, and "
-              "a zeroed counter the CUDA kernel uses within a launch)");
+              "a reserved zero)");
+  // On the CPU, or (CUDA) on the call's device, where the kernel reads it as it is
+  // when the launch runs: a CUDA graph replay sees changes made by stream-ordered copies.
   TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 2 && hyper.size(1) == kNumHyperColumns &&
-                  hyper.is_contiguous() && hyper.is_cpu(),
-              "fused_adamw_: hyper must be a contiguous float64 [groups, ", int(kNumHyperColumns), "] CPU tensor");
+                  hyper.is_contiguous() && (hyper.is_cpu() || hyper.device() == schedule_step.device()),
+              "fused_adamw_: hyper must be a contiguous float64 [groups, ", int(kNumHyperColumns),
+              "] tensor on the CPU or on the call's device (", schedule_step.device(), ")");
 }
 
 // Checks the tensors of the i-th parameter of a call and returns its row (offset

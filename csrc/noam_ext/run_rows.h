@@ -21,7 +21,7 @@ struct RowsCall {
   at::ScalarType dtype;
   bool amsgrad;
   const at::Tensor& schedule_step;
-  const at::Tensor& hyper;       // float64 [rows, kNumHyperColumns], CPU
+  const at::Tensor& hyper;       // float64 [groups, kNumHyperColumns]: CPU, or (CUDA) the call's device
   bool advance_schedule;
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;

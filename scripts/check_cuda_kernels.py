@@ -1,0 +1,146 @@
+"""Checks the compiled CUDA kernels without a GPU, from what ptxas and the SASS say.
+
+    python scripts/check_cuda_kernels.py BUILD_LOG [EXTENSION_SO]
+
+BUILD_LOG is a `pip install -v` log of a CUDA build (setup.py passes -Xptxas=-v,
+so ptxas reports each kernel's registers, spills and stack there, and fails the
+build on any spill). Prints one line per kernel and architecture, and fails when:
+  - an update kernel for float, bfloat16 or float16 storage uses more registers
+    than 4 resident blocks of 256 threads per SM allow (64), or 3 with amsgrad (85):
+    the occupancy csrc/cuda/fused_adamw_plan.h (min_blocks_per_sm) is built for;
+  - (with EXTENSION_SO and a cuobjdump: $CUDA_HOME/bin or the one triton ships) an
+    update kernel stores to global memory in pieces other than 16 bytes: every
+    vector store must be one STG.E.128; the element path of misaligned tensors
+    uses generic stores (ST.E*), and the one 64-bit STG is the schedule counter.
+Exit status 0 when there is nothing to check (a CPU-only build log).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+REGISTERS_PER_SM = 65536
+THREADS_PER_BLOCK = 256
+STORAGE = {"f": "float", "d": "double", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}
+KERNEL = re.compile(r"(update_kernel|prepare_kernel)I(f|d|N3c104HalfE|N3c108BFloat16E)(?:Lb([01]))?E")
+
+
+def describe(mangled: str) -> tuple[str, str, bool] | None:
+    m = KERNEL.search(mangled)
+    if m is None:
+        return None
+    return m.group(1), STORAGE[m.group(2)], m.group(3) == "1"
+
+
+def min_blocks(storage: str, amsgrad: bool) -> int | None:
+    """The resident blocks per SM the update kernel must allow (None: no requirement)."""
+    if storage == "double":
+        return None
+    return 3 if amsgrad else 4
+
+
+def ptxas_table(log: str) -> list[dict]:
+    rows, current = [], None
+    for line in log.splitlines():
+        entry = re.search(r"Compiling entry function '([^']+)' for '(sm_\d+)'", line)
+        if entry:
+            current = {"kernel": describe(entry.group(1)), "arch": entry.group(2), "stack": "", "registers": None}
+            continue
+        if current is None:
+            continue
+        stack = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if stack:
+            current["stack"] = stack.group(0)
+        used = re.search(r"Used (\d+) registers", line)
+        if used:
+            current["registers"] = int(used.group(1))
+            if current["kernel"] is not None:
+                rows.append(current)
+            current = None
+    return rows
+
+
+def find_cuobjdump() -> str | None:
+    home = os.environ.get("CUDA_HOME")
+    candidates = [Path(home) / "bin" / "cuobjdump"] if home else []
+    try:
+        import triton  # ships cuobjdump with its NVIDIA backend
+
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which("cuobjdump")
+
+
+def global_stores(sass: str) -> dict[tuple[str, str, bool, str], Counter]:
+    """Per (arch, update kernel): counts of each STG width."""
+    out, arch, kernel = {}, None, None
+    for line in sass.splitlines():
+        a = re.search(r"arch = (sm_\d+)", line)
+        if a:
+            arch = a.group(1)
+        f = re.search(r"Function : (\S+)", line)
+        if f:
+            kernel = describe(f.group(1))
+            if kernel is not None and kernel[0] == "update_kernel":
+                out[(arch, *kernel[1:])] = Counter()
+            continue
+        store = re.search(r"\bSTG\.E[.A-Z0-9]*", line)
+        if store and kernel is not None and kernel[0] == "update_kernel":
+            out[(arch, *kernel[1:])][store.group(0)] += 1
+    return out
+
+
+def main() -> int:
+    if len(sys.argv) not in (2, 3):
+        sys.exit(__doc__)
+    log = Path(sys.argv[1]).read_text(errors="replace")
+    table = ptxas_table(log)
+    if not table:
+        return 0
+    failures = []
+    print("CUDA kernels (ptxas): registers, spills, stack; resident blocks of 256 threads per SM")
+    for row in table:
+        name, storage, amsgrad = row["kernel"]
+        kind = f"{name.replace('_kernel', '')} {storage}{' amsgrad' if amsgrad else ''}"
+        blocks = REGISTERS_PER_SM // (row["registers"] * THREADS_PER_BLOCK)
+        print(f"  {row['arch']:6} {kind:24} {row['registers']:3} registers ({blocks} blocks), {row['stack']}")
+        needed = min_blocks(storage, amsgrad) if name == "update_kernel" else None
+        if needed is not None and blocks < needed:
+            failures.append(f"{row['arch']} {kind}: {row['registers']} registers allow {blocks} blocks per SM, "
+                            f"fewer than {needed}")
+    if len(sys.argv) == 3:
+        cuobjdump = find_cuobjdump()
+        if cuobjdump is None:
+            print("  SASS store check skipped: no cuobjdump ($CUDA_HOME/bin, triton, PATH)")
+        else:
+            sass = subprocess.run([cuobjdump, "-sass", sys.argv[2]], capture_output=True, text=True,
+                                  check=True).stdout
+            stores = global_stores(sass)
+            if not stores:
+                failures.append(f"no update kernel found in the SASS of {sys.argv[2]}")
+            for (arch, storage, amsgrad), counts in sorted(stores.items()):
+                split = {k: v for k, v in counts.items() if k not in ("STG.E.128", "STG.E.64")}
+                if counts["STG.E.128"] == 0 or counts["STG.E.64"] > 1 or split:
+                    failures.append(f"{arch} update {storage}{' amsgrad' if amsgrad else ''}: global stores "
+                                    f"{dict(counts)}; expected only STG.E.128 and one STG.E.64 (the schedule "
+                                    "counter)")
+            if not any("global stores" in f for f in failures):
+                print(f"  SASS: every global store of the {len(stores)} update kernels is one 16-byte STG.E.128, "
+                      "but the schedule counter's")
+    for failure in failures:
+        print(f"ERROR: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
