@@ -1,0 +1,67 @@
+"""scripts/check_cuda_kernels.py, which CI runs on every CUDA build, must catch what
+it is there for: an update kernel with too many registers for its resident blocks,
+and a vector store split into pieces. Checked here on synthetic ptxas and SASS text."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_cuda_kernels.py"
+spec = importlib.util.spec_from_file_location("check_cuda_kernels", SCRIPT)
+checks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(checks)
+
+PREFIX = "_ZN8noam_ext4cuda46_GLOBAL__N__1eb3d0ef_13_adamw_cuda_cu_af4a11d9"
+
+
+def ptxas_entry(kernel: str, registers: int, arch: str = "sm_90") -> str:
+    return (f"ptxas info    : Compiling entry function '{PREFIX}{kernel}EEvNS_9cuda_plan10KernelArgsE' for '{arch}'\n"
+            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+            f"ptxas info    : Used {registers} registers, used 0 barriers\n")
+
+
+def test_ptxas_lines_are_read_per_kernel_and_arch():
+    log = ptxas_entry("13update_kernelIN3c108BFloat16ELb0E", 62) + ptxas_entry("14prepare_kernelIfE", 45, "sm_80")
+    rows = checks.ptxas_table(log)
+    assert [(r["arch"], r["kernel"], r["registers"]) for r in rows] == [
+        ("sm_90", ("update_kernel", "bfloat16", False), 62), ("sm_80", ("prepare_kernel", "float", False), 45)]
+
+
+def test_register_budget_follows_the_resident_blocks_policy(tmp_path, capsys):
+    def run(log: str) -> int:
+        path = tmp_path / "build.log"
+        path.write_text(log)
+        import sys
+        argv, sys.argv = sys.argv, ["check_cuda_kernels.py", str(path)]
+        try:
+            return checks.main()
+        finally:
+            sys.argv = argv
+
+    assert run(ptxas_entry("13update_kernelIfLb0E", 64) + ptxas_entry("13update_kernelIfLb1E", 80)) == 0
+    # 72 registers allow 3 blocks of 256 threads: too few without amsgrad.
+    assert run(ptxas_entry("13update_kernelIN3c104HalfELb0E", 72)) == 1
+    assert "fewer than 4" in capsys.readouterr().err
+    # double has no such requirement.
+    assert run(ptxas_entry("13update_kernelIdLb0E", 126)) == 0
+    assert run("no ptxas here: a CPU-only build log") == 0
+
+
+def test_split_vector_stores_are_found_in_the_sass():
+    sass = f"""
+	arch = sm_90
+		Function : {PREFIX}13update_kernelIN3c104HalfELb0EEEvNS_9cuda_plan10KernelArgsE
+        /*0100*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*0110*/                   STG.E.64 desc[UR4][R6.64], R8 ;
+        /*0120*/                   ST.E.U16 desc[UR4][R6.64], R9 ;
+		Function : {PREFIX}13update_kernelIfLb0EEEvNS_9cuda_plan10KernelArgsE
+        /*0100*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*0110*/                   STG.E desc[UR4][R6.64], R8 ;
+"""
+    stores = checks.global_stores(sass)
+    half = stores[("sm_90", "half", False)]
+    assert half == {"STG.E.128": 1, "STG.E.64": 1}   # ST.E.U16 is the element path's generic store
+    assert stores[("sm_90", "float", False)]["STG.E"] == 1   # a 32-bit piece of a vector
+    problems = checks.store_failures(stores)
+    assert len(problems) == 1 and problems[0].startswith("sm_90 update float:")
