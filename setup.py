@@ -150,7 +150,8 @@ class BuildExtensionPerIsa(cpp_extension.BuildExtension):
 def make_extension():
     with_cuda = should_build_cuda()
     sources = [str(CSRC / "ops.cpp"), str(CSRC / "python_module.cpp"), str(CSRC / "cpu" / "adamw_cpu.cpp"),
-               str(CSRC / "cpu" / "cpu_capability.cpp"), str(CSRC / "cpu" / "cuda_emulation.cpp")]
+               str(CSRC / "cpu" / "cpu_capability.cpp"), str(CSRC / "cpu" / "cuda_emulation.cpp"),
+               str(CSRC / "cpu" / "grad_norm_cpu.cpp")]
     per_source_flags = {str(CSRC / "cpu" / "segment_kernel_default.cpp"): ["-DCPU_CAPABILITY=DEFAULT"]}
     define_macros = []
     if is_x86_64():

@@ -44,4 +44,10 @@ TORCH_LIBRARY(noam_ext, m) {
   // virtual range [begin, end): (row, lo, hi) triples, flattened. Lets tests check
   // 64-bit offsets past 2**31 elements without allocating such tensors.
   m.def("emulate_row_walk(int[] numels, int begin, int end) -> int[]");
+  // The global norm of a list of gradients, as torch.nn.utils.get_total_norm defines
+  // it, for FusedAdamW.clip_grad_norm_: norm_type 2.0 (sqrt of the sum of squares,
+  // accumulated in float64) or inf (max |g|; a NaN anywhere gives NaN). Gradients of
+  // any supported dtypes, on the CPU. Returns a 0-dim float64 tensor; an empty list
+  // has norm 0. The same result for any number of threads (csrc/cpu/grad_norm_cpu.cpp).
+  m.def("grad_norm(Tensor[] grads, float norm_type) -> Tensor");
 }

@@ -401,17 +401,31 @@ def _check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> Non
 
 
 def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
-    """The global norm of the gradients, as torch.nn.utils.clip_grad_norm_ defines it.
-    On the CPU the 2-norm of float32/float64 gradients is sqrt(sum of dot(g, g)): BLAS's
-    dot streams at memory speed, torch's vector_norm there at about half of it (so the
-    clip's one pass would cost as much as torch's norm and scaling together). Its
-    summation order differs from vector_norm's, so the norm agrees with torch's to
-    rounding, not bit for bit. Elsewhere (CUDA, other dtypes and norm types) it is
-    torch's own get_total_norm, the computation clip_grad_norm_ makes."""
-    if norm_type == 2.0 and all(g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) for g in grads):
-        squares = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)).double() for g in grads])
-        return squares.sum().sqrt().to(grads[0].dtype)
+    """The global norm of the gradients, as torch.nn.utils.clip_grad_norm_ defines it,
+    in the dtype torch's get_total_norm returns (the gradients' dtypes promoted).
+    On the CPU it comes from noam_ext::grad_norm (csrc/cpu/grad_norm_cpu.cpp), one
+    multi-threaded pass over all the gradients at memory speed, where torch's per-tensor
+    norms of 0.1-1M elements reach a fraction of it (the clip's one pass would then cost
+    about as much as torch's norm and scaling together): for the inf-norm (exact, as
+    torch's) and for the 2-norm of float32/float64 gradients, whose squares it sums in
+    float64 in an order of its own (the same for any number of threads), so that norm
+    agrees with torch's to rounding, not bit for bit. The 2-norm of bfloat16/float16
+    gradients stays torch's, which rounds each tensor's norm to that dtype before
+    combining them: a norm rounded once would differ from it by an ulp of that dtype.
+    Elsewhere (CUDA, DTensor and complex gradients, other norm types) it is torch's own
+    get_total_norm, the computation clip_grad_norm_ makes."""
+    dtypes = _GRAD_NORM_DTYPES if norm_type == float("inf") else (torch.float32, torch.float64)
+    if norm_type in (2.0, float("inf")) and all(
+            g.device.type == "cpu" and g.dtype in dtypes and g.layout == torch.strided and _local(g) is g
+            for g in grads):
+        dtype = grads[0].dtype
+        for g in grads[1:]:
+            dtype = torch.promote_types(dtype, g.dtype)
+        return torch.ops.noam_ext.grad_norm(grads, norm_type).to(dtype)
     return torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite=False)
+
+
+_GRAD_NORM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 _DEVICE_TYPES_WITH_KERNEL: dict[str, bool] = {}

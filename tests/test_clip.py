@@ -3,12 +3,12 @@ step(), checked against clip_grad_norm_ + torch.optim.AdamW(foreach=False) every
 step: several groups, dtypes, None gradients, clipping active and inactive, norm
 types 2 and inf, and torch.amp.GradScaler.
 
-Tolerances. On the CPU the 2-norm of float32/float64 gradients is sqrt(sum of
-dot(g, g)) (BLAS's dot runs at memory speed, torch's vector_norm at about half):
-its summation order differs from torch's, so the norm agrees to rounding (rtol
-1e-6 in float32, 1e-12 in float64), not bit for bit; other norms and dtypes use
-torch's own get_total_norm and agree exactly. (With a GradScaler, ours is the
-scaled gradients' norm times the power-of-two inverse scale, exact.) The
+Tolerances. On the CPU the 2-norm of float32/float64 gradients comes from
+noam_ext::grad_norm (tests/test_grad_norm.py), which sums the squares in float64
+in an order of its own: it agrees with torch's to rounding (rtol 1e-6 in float32,
+1e-12 in float64), not bit for bit. The inf-norm (also the op's) is exact, and
+the other norms and dtypes use torch's own get_total_norm: both agree exactly.
+(With a GradScaler, ours is the scaled gradients' norm times the power-of-two inverse scale, exact.) The
 clipping factor inherits the norm's rounding; the step then multiplies each gradient by the factor as it reads it,
 in the math type: in float32 and float64 that is torch's `grad * coef` rounded
 once, so parameters differ only by the square root's last bits as in the parity
