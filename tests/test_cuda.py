@@ -133,23 +133,42 @@ def small_model(seed=0):
                                torch.nn.Linear(64, 8)).to(DEVICE)
 
 
-def test_step_makes_no_host_synchronisation():
-    model = small_model()
-    opt = FusedAdamW(model.parameters(), lr=1.0, schedule=Noam(64, 10))
-    x = torch.randn(16, 32, device=DEVICE)
-    for _ in range(2):  # first steps allocate state
+def _train(model, opt, x, steps: int, tensor_lr: bool):
+    for _ in range(steps):
         opt.zero_grad()
         model(x).square().mean().backward()
+        if tensor_lr:
+            opt.param_groups[0]["lr"].mul_(0.5)   # on the device, as a scheduler would
         opt.step()
+
+
+@pytest.mark.parametrize("lr", ["float", "tensor on the GPU"])
+def test_step_makes_no_host_synchronisation(lr):
+    model = small_model()
+    tensor_lr = lr != "float"
+    opt = FusedAdamW(model.parameters(), lr=torch.tensor(1e-3, device=DEVICE) if tensor_lr else 1.0,
+                     schedule=None if tensor_lr else Noam(64, 10))
+    x = torch.randn(16, 32, device=DEVICE)
+    _train(model, opt, x, 2, tensor_lr)   # the first steps allocate state and tables
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(3):
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.step()
+        _train(model, opt, x, 3, tensor_lr)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def capture_step(opt) -> torch.cuda.CUDAGraph:
+    """opt.step() captured in a CUDA graph on a side stream, as torch's docs do it
+    (capture records without running; replays run the step)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph
 
 
 def test_cuda_graph_replays_equal_eager_steps():
@@ -161,14 +180,7 @@ def test_cuda_graph_replays_equal_eager_steps():
         for p, g in zip(model.parameters(), grads):
             p.grad = g.clone()   # static gradients, as graph capture needs
         opt.step()   # warm-up step outside the graph: creates the state
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            graphed.step()
-    torch.cuda.current_stream().wait_stream(side)
-    # Capture records without running; replays run the step.
+    graph = capture_step(graphed)
     for _ in range(20):
         graph.replay()
         eager.step()
@@ -289,16 +301,7 @@ def _tensor_lr_run(model, graphed: bool, steps: int = 12):
         p.grad = g   # static gradients, as graph capture needs
     opt.step()   # warm-up outside the graph: creates the state and the device tables
     scheduler.step()
-    step = opt.step
-    if graphed:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                opt.step()
-        torch.cuda.current_stream().wait_stream(side)
-        step = graph.replay
+    step = capture_step(opt).replay if graphed else opt.step
     for _ in range(steps):
         step()
         scheduler.step()
@@ -308,7 +311,7 @@ def _tensor_lr_run(model, graphed: bool, steps: int = 12):
 
 def test_graph_replays_read_a_tensor_lr_that_a_torch_scheduler_changes():
     eager, _ = _tensor_lr_run(small_model(), graphed=False)
-    replayed, opt = _tensor_lr_run(small_model(), graphed=True)
+    replayed, _ = _tensor_lr_run(small_model(), graphed=True)
     for a, b in zip(eager, replayed):
         assert torch.equal(a, b)
     # The lr did change under replay: a run at the first lr throughout ends elsewhere.
@@ -319,23 +322,3 @@ def test_graph_replays_read_a_tensor_lr_that_a_torch_scheduler_changes():
     for _ in range(13):
         frozen.step()
     assert not all(torch.equal(a, b.detach()) for a, b in zip(replayed, model.parameters()))
-
-
-def test_step_with_a_tensor_lr_on_the_gpu_makes_no_host_synchronisation():
-    model = small_model()
-    opt = FusedAdamW(model.parameters(), lr=torch.tensor(1e-3, device=DEVICE))
-    x = torch.randn(16, 32, device=DEVICE)
-    for _ in range(2):
-        opt.zero_grad()
-        model(x).square().mean().backward()
-        opt.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            opt.zero_grad()
-            model(x).square().mean().backward()
-            opt.param_groups[0]["lr"].mul_(0.5)   # on the device, as a scheduler would
-            opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
