@@ -79,8 +79,10 @@ def _on_gpu(value: Any) -> bool:
 # The table's columns that param groups give values for, in their order.
 _GROUP_COLUMNS = (LR, BETA1, BETA2, EPS, WEIGHT_DECAY)
 # What the host table holds for a value read on the device only (a valid setting,
-# so that the host-side checks pass; no host call reads it).
+# so that the host-side checks pass; no host call reads it), and what the cache key
+# holds for it (the value itself is copied on the device at every step).
 _READ_ON_DEVICE = 0.0
+_ON_DEVICE_KEY = ("read on the device",)
 
 
 class HyperTable:
@@ -107,7 +109,7 @@ class HyperTable:
             for column, value in zip(_GROUP_COLUMNS, (base_lr, *betas, group["eps"], group["weight_decay"])):
                 if not read_gpu_tensors and _on_gpu(value):
                     device_entries.append((index, column, value))
-                    row.append(("read on the device", id(value)))
+                    row.append(_ON_DEVICE_KEY)
                 else:
                     # _plain(): a tensor lr changed in place (as torch's schedulers do) must change the key.
                     row.append(_plain(value))
@@ -139,46 +141,59 @@ class DeviceHyperTables:
 
     The kernels read it when they run, so a CUDA graph replay sees whatever
     stream-ordered copies wrote into it before, as torch's capturable AdamW reads a
-    Tensor lr:
+    Tensor lr. Eager steps use one table per GPU:
     - the host table is copied in (from pinned memory: no sync) when it is not the
       one copied last (HyperTable returns a new table only when values changed), so
       a float lr changed between eager steps, by hand or by a torch LR scheduler,
-      reaches the device; a graph replays the copies captured with it;
-    - hyperparameters that are tensors on the device (HyperTable.device_entries) are
-      copied device to device at every step, captured with the step, so a replay
-      reads their value at that moment: torch's LR schedulers, which update a
-      Tensor lr in place, drive a replayed step as they drive an eager one.
-    The tables keep their addresses, which captured graphs hold."""
+      reaches the device;
+    - hyperparameters that are tensors on a GPU (HyperTable.device_entries) are
+      copied device to device at every step, without being read on the host.
+    A step captured in a CUDA graph gets a table of its own, kept for the life of
+    the optimizer (graphs hold its address): the graph fills it at every replay from
+    the eager table (the float values of the latest eager step; the host values
+    themselves if they changed since then, at capture) and then from the Tensor
+    hyperparameters, so torch's LR schedulers, which update a Tensor lr in place,
+    drive replayed steps as they drive eager ones. Replays never write the eager
+    table. Tables are never freed while the optimizer lives: a replaced one may be
+    in a captured graph."""
 
     def __init__(self):
-        self._tables: dict[torch.device, list] = {}   # device -> [table, host table copied last]
-        self._indices: dict[tuple, torch.Tensor] = {}
-        self._captured_sources: list[torch.Tensor] = []   # pinned copies a captured graph reads
+        self._tables: dict[torch.device, list] = {}   # device -> [eager table, host table copied last]
+        self._kept: list[torch.Tensor] = []   # tables and pinned sources captured graphs may read
 
     def get(self, device: torch.device, host: torch.Tensor,
             device_entries: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+        gpu = device.type == "cuda"
         entry = self._tables.get(device)
         if entry is None or entry[0].shape != host.shape:
+            if entry is not None:
+                self._kept.append(entry[0])
             entry = [torch.empty(host.shape, dtype=torch.float64, device=device), None]
             self._tables[device] = entry
-        table = entry[0]
-        if entry[1] is not host:
-            gpu = device.type == "cuda"
-            # A fresh pinned block: the host allocator keeps it until the copy has run.
-            source = host.pin_memory() if gpu else host
-            table.copy_(source, non_blocking=True)
-            if gpu and torch.cuda.is_current_stream_capturing():
-                self._captured_sources.append(source)
-            entry[1] = host
-        entries = [(g, c, t) for g, c, t in device_entries if t.device == device]
-        if entries:
-            key = (device, tuple((g, c) for g, c, _ in entries))
-            index = self._indices.get(key)
-            if index is None:   # once per layout (graphs are captured after warm-up steps)
-                index = torch.tensor([g * NUM_HYPER_COLUMNS + c for g, c, _ in entries], device=device)
-                self._indices[key] = index
-            values = torch.stack([t.detach().reshape(()).to(torch.float64) for _, _, t in entries])
-            table.view(-1).index_copy_(0, index, values)
+        if gpu:
+            with torch.cuda.device(device):
+                capturing = torch.cuda.is_current_stream_capturing()
+        else:
+            capturing = False
+        if capturing:
+            table = torch.empty_like(entry[0])
+            self._kept.append(table)
+            if entry[1] is host:
+                table.copy_(entry[0])
+            else:
+                source = host.pin_memory()
+                self._kept.append(source)
+                table.copy_(source, non_blocking=True)
+        else:
+            table = entry[0]
+            if entry[1] is not host:
+                # A fresh pinned block: the host allocator keeps it until the copy has run.
+                table.copy_(host.pin_memory() if gpu else host, non_blocking=True)
+                entry[1] = host
+        for g, c, value in device_entries:
+            # One small copy each (a conversion kernel; from another GPU, a peer copy):
+            # nothing is read on the host or allocated there, under capture too.
+            table[g, c].copy_(value.detach().reshape(()), non_blocking=True)
         return table
 
 

@@ -322,3 +322,53 @@ def test_graph_replays_read_a_tensor_lr_that_a_torch_scheduler_changes():
     for _ in range(13):
         frozen.step()
     assert not all(torch.equal(a, b.detach()) for a, b in zip(replayed, model.parameters()))
+
+
+def test_a_second_capture_of_the_same_step_replays_on_its_own():
+    # Both captures run on torch's shared capture stream, so the second finds the
+    # tables the first uploaded inside its capture (not yet filled: that copy only
+    # runs when the first graph replays). Only the second graph is replayed here.
+    eager_model, graph_model = small_model(), small_model()
+    eager = FusedAdamW(eager_model.parameters(), lr=1.0, schedule=Noam(64, 10))
+    graphed = FusedAdamW(graph_model.parameters(), lr=1.0, schedule=Noam(64, 10))
+    grads = [torch.randn(p.shape, device=DEVICE) for p in eager_model.parameters()]
+    for opt, model in ((eager, eager_model), (graphed, graph_model)):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        opt.step()
+    capture_step(graphed)   # never replayed
+    second = capture_step(graphed)
+    for _ in range(5):
+        second.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for a, b in zip(eager_model.parameters(), graph_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_replays_use_the_float_lr_of_the_latest_eager_step():
+    # A float lr changed after capture reaches replays through an eager step (which
+    # uploads it to the eager table the graph copies from), and replays never
+    # overwrite what eager steps use.
+    lrs = [1e-2, 1e-2, 3e-3, 3e-3, 1e-3]   # step 0 eager (warm-up), then replay, eager, replay, eager
+    reference_model, graph_model = small_model(), small_model()
+    reference = FusedAdamW(reference_model.parameters(), lr=lrs[0])
+    graphed = FusedAdamW(graph_model.parameters(), lr=lrs[0])
+    for model in (reference_model, graph_model):
+        for i, p in enumerate(model.parameters()):
+            p.grad = torch.randn(p.shape, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(i))
+    graphed.step()
+    graph = capture_step(graphed)
+    for k, lr in enumerate(lrs):
+        reference.param_groups[0]["lr"] = lr
+        reference.step()
+        if k == 0:
+            continue   # the warm-up step above
+        graphed.param_groups[0]["lr"] = lr
+        if k % 2 == 1:
+            graph.replay()   # the lr of the latest eager step: lrs[k - 1] == lr here
+        else:
+            graphed.step()
+    torch.cuda.synchronize()
+    for a, b in zip(reference_model.parameters(), graph_model.parameters()):
+        assert torch.equal(a, b)

@@ -61,3 +61,12 @@ def test_device_table_is_copied_when_the_host_table_changes_and_tensor_entries_e
     lr.fill_(0.05)
     tables.get(device, host, entries)
     assert table[0, LR] == torch.tensor(0.05).double()
+
+
+def test_a_replaced_device_table_is_kept():
+    # A graph captured before a param group was added still points at the old table.
+    tables, hyper = DeviceHyperTables(), HyperTable()
+    first = tables.get(torch.device("cpu"), hyper.get(groups(0.1), schedule=None), [])
+    more = groups(0.1) + groups(0.2)[:1]
+    second = tables.get(torch.device("cpu"), hyper.get(more, schedule=None), [])
+    assert second.shape == (3, NUM_HYPER_COLUMNS) and any(t is first for t in tables._kept)

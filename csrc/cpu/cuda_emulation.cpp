@@ -1,9 +1,9 @@
-// Runs the CUDA kernel's block driver (csrc/cuda/fused_adamw_plan.h) on the
-// host: every block of an emulated grid in turn, every thread of a block in
-// turn between the block's synchronisation points. Built into every variant
-// of the extension, so CI checks the kernel's work split (chunks, rows,
-// vectors, unrolling, tails, misaligned tensors, 64-bit offsets) against the
-// CPU op without a GPU.
+// Runs the CUDA kernels' drivers (csrc/cuda/fused_adamw_plan.h) on the host: the
+// prepare launch row by row, then every block of an emulated update grid in turn,
+// every thread of a block in turn (the kernel has no barriers). Built into every
+// variant of the extension, so CI checks the kernels' work split (chunks, rows,
+// warp parts, vectors, unrolling, tails, misaligned tensors, 64-bit offsets)
+// against the CPU op without a GPU.
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 

@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <list>
 #include <map>
@@ -55,14 +56,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t, 
 }
 
 int multiprocessor_count(int device) {
-  static int counts[64] = {0};
-  if (device < 64 && counts[device] > 0) {
-    return counts[device];
+  static std::atomic<int> counts[64] = {};
+  if (device < 64 && counts[device].load(std::memory_order_relaxed) > 0) {
+    return counts[device].load(std::memory_order_relaxed);
   }
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   if (device < 64) {
-    counts[device] = count;
+    counts[device].store(count, std::memory_order_relaxed);
   }
   return count;
 }
@@ -80,9 +81,13 @@ struct DeviceTable {
   std::vector<char> key;      // the uploaded bytes: rows, then host hyperparameters
   size_t hyper_offset = 0;    // where the hyperparameters start (if uploaded)
   size_t coefficients_offset = 0;
-  at::Tensor staging;         // pinned host copy the upload reads
+  at::Tensor staging;         // pinned host copy the upload reads (kept: captured copies replay it)
   at::Tensor device;
   bool captured = false;
+  // Whether an upload has run outside a capture. A copy issued while a graph is
+  // captured only runs when that graph replays: until an eager upload, every use
+  // issues the copy again (in a new capture, into that graph; eagerly, now).
+  bool filled = false;
 };
 
 struct DeviceTablePointers {
@@ -118,11 +123,20 @@ DeviceTablePointers device_table(const std::vector<TensorRow>& rows, const at::T
                                base + t.coefficients_offset};
   };
 
+  // On the current stream, as the launches.
+  auto upload = [capturing](DeviceTable& t) {
+    t.device.narrow(0, 0, static_cast<int64_t>(t.key.size())).copy_(t.staging, /*non_blocking=*/true);
+    t.filled |= !capturing;
+  };
+
   std::lock_guard<std::mutex> lock(mutex);
   auto& cache = caches[{device.index(), stream}];
   for (auto it = cache.begin(); it != cache.end(); ++it) {
     if (it->key == key) {
       it->captured |= capturing;
+      if (!it->filled) {
+        upload(*it);
+      }
       cache.splice(cache.begin(), cache, it);  // most recently used first
       return pointers(cache.front());
     }
@@ -132,13 +146,12 @@ DeviceTablePointers device_table(const std::vector<TensorRow>& rows, const at::T
   table.hyper_offset = hyper_offset;
   table.coefficients_offset = round_up_16(table.key.size());
   table.captured = capturing;
-  const auto upload = static_cast<int64_t>(table.key.size());
   const auto length = static_cast<int64_t>(table.coefficients_offset + coefficient_bytes(rows.size()));
-  table.staging = at::empty({upload}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  table.staging = at::empty({static_cast<int64_t>(table.key.size())},
+                            at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(table.staging.data_ptr(), table.key.data(), table.key.size());
   table.device = at::empty({length}, at::TensorOptions().dtype(at::kByte).device(device));
-  // On the current stream, as the launches.
-  table.device.narrow(0, 0, upload).copy_(table.staging, /*non_blocking=*/true);
+  upload(table);
   cache.push_front(std::move(table));
   // Forget the least recently used table that no captured graph refers to.
   if (cache.size() > kCachedTablesPerStream) {
@@ -171,18 +184,19 @@ void run_rows(const RowsCall& call) {
     const KernelArgs args = make_kernel_args(table.rows, num_rows, call.total, hyper, table.coefficients,
                                              call.schedule_step, call.advance_schedule, call.grad_scale,
                                              call.found_inf, call.grad_clip);
-    if (num_rows > 0) {
-      const auto prepare_blocks = static_cast<unsigned>((num_rows + kThreadsPerBlock - 1) / kThreadsPerBlock);
-      prepare_kernel<opmath_t><<<prepare_blocks, kThreadsPerBlock, 0, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
     // One wave: as many blocks as can be resident at once (chunks are equal, so a
     // grid-stride loop over them balances), at least one (it advances the schedule).
+    // Worked out before the first launch: nothing may throw between the two.
     const int64_t chunks = (call.total + kChunkElements - 1) / kChunkElements;
     const int64_t sms = multiprocessor_count(device.index());
     auto blocks = [&](int per_sm) {
       return static_cast<unsigned>(std::max<int64_t>(1, std::min(chunks, sms * per_sm)));
     };
+    if (num_rows > 0) {
+      const auto prepare_blocks = static_cast<unsigned>((num_rows + kThreadsPerBlock - 1) / kThreadsPerBlock);
+      prepare_kernel<opmath_t><<<prepare_blocks, kThreadsPerBlock, 0, stream>>>(args);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     if (call.amsgrad) {
       update_kernel<scalar_t, true>
           <<<blocks(min_blocks_per_sm<scalar_t, true>()), kThreadsPerBlock, 0, stream>>>(args);

@@ -158,20 +158,14 @@ struct alignas(kVecBytes) Vec {
   scalar_t v[kWidth];
 };
 
-// The 16 bytes of a vector as four 32-bit words: the GPU loads and stores them as
-// one 128-bit access. (Copying a Vec<Half> member by member lets the compiler split
-// a store into 64- and 32-bit pieces; a uint4 it never splits.)
-struct alignas(kVecBytes) Words {
-  uint32_t w[4];
-};
-static_assert(sizeof(Words) == kVecBytes, "a vector is 16 bytes");
-
 template <typename scalar_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE Vec<scalar_t> load_vec(const scalar_t* p) {
   static_assert(sizeof(Vec<scalar_t>) == kVecBytes, "a vector is 16 bytes");
 #if defined(__CUDA_ARCH__)
   // One 16-byte load, in PTX as the store below. Not volatile, so that the
-  // compiler may schedule it: each vector is loaded once, before it is stored.
+  // compiler may schedule it, and neither instruction clobbers "memory": within a
+  // launch each 16-byte vector belongs to one thread, which loads it once and then
+  // stores it (the store depends on the load), and no other access touches it.
   uint4 raw;
   asm("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w) : "l"(p));
   Vec<scalar_t> out;
