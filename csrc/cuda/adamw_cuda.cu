@@ -82,6 +82,8 @@ struct DeviceTable {
   size_t hyper_offset = 0;    // where the hyperparameters start (if uploaded)
   size_t coefficients_offset = 0;
   at::Tensor staging;         // pinned host copy the upload reads (kept: captured copies replay it)
+  at::Tensor source;          // or, for a table made during a capture, the same bytes already on
+                              // the device (another stream's table): no pinned allocation then
   at::Tensor device;
   bool captured = false;
   // Whether an upload has run outside a capture. A copy issued while a graph is
@@ -125,7 +127,9 @@ DeviceTablePointers device_table(const std::vector<TensorRow>& rows, const at::T
 
   // On the current stream, as the launches.
   auto upload = [capturing](DeviceTable& t) {
-    t.device.narrow(0, 0, static_cast<int64_t>(t.key.size())).copy_(t.staging, /*non_blocking=*/true);
+    const auto bytes = static_cast<int64_t>(t.key.size());
+    t.device.narrow(0, 0, bytes).copy_(t.source.defined() ? t.source.narrow(0, 0, bytes) : t.staging,
+                                       /*non_blocking=*/true);
     t.filled |= !capturing;
   };
 
@@ -147,9 +151,27 @@ DeviceTablePointers device_table(const std::vector<TensorRow>& rows, const at::T
   table.coefficients_offset = round_up_16(table.key.size());
   table.captured = capturing;
   const auto length = static_cast<int64_t>(table.coefficients_offset + coefficient_bytes(rows.size()));
-  table.staging = at::empty({static_cast<int64_t>(table.key.size())},
-                            at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(table.staging.data_ptr(), table.key.data(), table.key.size());
+  if (capturing) {
+    // The usual capture follows warm-up steps on another stream, whose table holds
+    // these bytes: copy them from there (device to device; torch.cuda.graph has
+    // synchronised the device before capturing, and those bytes never change). A
+    // pinned allocation inside a capture fails on some torch versions.
+    for (auto& [where, other] : caches) {
+      if (where.first == device.index() && where.second != stream && !table.source.defined()) {
+        for (const DeviceTable& t : other) {
+          if (t.filled && t.key == table.key) {
+            table.source = t.device;   // held: the graph's copy reads it at every replay
+            break;
+          }
+        }
+      }
+    }
+  }
+  if (!table.source.defined()) {
+    table.staging = at::empty({static_cast<int64_t>(table.key.size())},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(table.staging.data_ptr(), table.key.data(), table.key.size());
+  }
   table.device = at::empty({length}, at::TensorOptions().dtype(at::kByte).device(device));
   upload(table);
   cache.push_front(std::move(table));
