@@ -1,5 +1,6 @@
 // The op schemas, in one place. Implementations are registered per device in
-// their own files (cpu/adamw_cpu.cpp, cuda/adamw_cuda.cu, cpu/cuda_emulation.cpp);
+// their own files (cpu/adamw_cpu.cpp, cuda/adamw_cuda.cu, cpu/cuda_emulation.cpp,
+// cpu/grad_norm_cpu.cpp);
 // the fake (meta) implementations used by torch.compile and fake tensors live in
 // noam_ext/_ops.py, and the Python module itself in python_module.cpp.
 #include <torch/library.h>
@@ -14,10 +15,11 @@ TORCH_LIBRARY(noam_ext, m) {
   //   state_steps:    torch's state["step"]: one-element float32 tensors on the
   //                   device, read for the bias corrections and incremented
   //   schedule_step:  int64 [2] on the device: completed steps of the in-op Noam
-  //                   schedule, and a counter the CUDA kernel uses within a launch
-  //                   (zero between calls)
-  //   hyper:          float64 [rows, 8] on the CPU: lr, betas, eps, weight decay,
-  //                   Noam settings and maximize per row (csrc/noam_ext/adamw_math.h)
+  //                   schedule, and a reserved zero
+  //   hyper:          float64 [rows, 8]: lr, betas, eps, weight decay, Noam settings
+  //                   and maximize per row (csrc/noam_ext/adamw_math.h); on the CPU,
+  //                   or for CUDA also on the call's device, where the kernels read it
+  //                   when they run (so CUDA graph replays see stream-ordered updates)
   //   groups:         the hyper row of each parameter
   //   advance_schedule: whether this call counts as a completed schedule step
   //                   (false for all but the last call of an optimizer step)

@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "../cuda/kernel_args.h"
-#include "../noam_ext/op_checks.h"
+#include "../noam_ext/op_entry.h"
 
 namespace noam_ext::cpu {
 namespace {
@@ -32,6 +32,33 @@ struct HostExec {
   }
 };
 
+// One checked call (op_entry.h) over an emulated grid: the prepare launch, then the
+// update launch's blocks one after another.
+void emulate_rows(const RowsCall& call, int64_t num_blocks, int threads_per_block) {
+  TORCH_CHECK(call.hyper.is_cpu(), "emulate_cuda_fused_adamw_: hyper must be a CPU tensor");
+  std::vector<RowCoefficients<double>> coefficients(call.rows.size());   // room for either math type
+  dispatch_storage_type(call.dtype, [&](auto type_tag) {
+    using scalar_t = decltype(type_tag);
+    using opmath_t = typename MathType<scalar_t>::type;
+    const KernelArgs args = make_kernel_args(call.rows.data(), static_cast<int64_t>(call.rows.size()), call.total,
+                                             call.hyper.const_data_ptr<double>(), coefficients.data(),
+                                             call.schedule_step, call.advance_schedule, call.grad_scale,
+                                             call.found_inf, call.grad_clip);
+    for (int64_t i = 0; i < args.num_rows; ++i) {  // the prepare launch
+      prepare_row<opmath_t>(args, i);
+    }
+    advance_schedule_counter(args);  // what thread 0 of block 0 of the update launch does
+    for (int64_t b = 0; b < num_blocks; ++b) {  // the update launch
+      const HostExec exec{b, num_blocks, threads_per_block};
+      if (call.amsgrad) {
+        run_block<scalar_t, true>(args, exec);
+      } else {
+        run_block<scalar_t, false>(args, exec);
+      }
+    }
+  });
+}
+
 void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                               at::TensorList state_steps, const at::Tensor& schedule_step, const at::Tensor& hyper,
@@ -39,36 +66,11 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
                               bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf,
                               const std::optional<at::Tensor>& grad_clip) {
-  check_call_arguments(schedule_step, hyper);
-  TORCH_CHECK(hyper.is_cpu(), "emulate_cuda_fused_adamw_: hyper must be a CPU tensor");
-  int64_t total = 0;
-  const std::vector<TensorRow> rows = build_tensor_rows({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps},
-                                                     schedule_step.device(), hyper.size(0), groups, total);
-  check_no_shared_memory(rows, params.empty() ? 1 : params[0].element_size());
-  check_scaler_tensors(grad_scale, found_inf, schedule_step.device(), grad_clip);
   TORCH_CHECK(num_blocks >= 1 && threads_per_block >= 1, "emulate_cuda_fused_adamw_: empty grid");
-  const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
-  const bool amsgrad = !max_exp_avg_sqs.empty();
-  std::vector<RowCoefficients<double>> coefficients(rows.size());   // room for either math type
-  dispatch_storage_type(dtype, [&](auto type_tag) {
-    using scalar_t = decltype(type_tag);
-    using opmath_t = typename MathType<scalar_t>::type;
-    const KernelArgs args = make_kernel_args(rows.data(), static_cast<int64_t>(rows.size()), total,
-                                             hyper.const_data_ptr<double>(), coefficients.data(), schedule_step,
-                                             advance_schedule, grad_scale, found_inf, grad_clip);
-    for (int64_t i = 0; i < args.num_rows; ++i) {  // the prepare launch
-      prepare_row<opmath_t>(args, i);
-    }
-    advance_schedule_counter(args);  // what thread 0 of block 0 of the update launch does
-    for (int64_t b = 0; b < num_blocks; ++b) {  // the update launch
-      const HostExec exec{b, num_blocks, static_cast<int>(threads_per_block)};
-      if (amsgrad) {
-        run_block<scalar_t, true>(args, exec);
-      } else {
-        run_block<scalar_t, false>(args, exec);
-      }
-    }
-  });
+  checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper,
+                      groups, advance_schedule, grad_scale, found_inf, grad_clip, [&](const RowsCall& call) {
+                        emulate_rows(call, num_blocks, static_cast<int>(threads_per_block));
+                      });
 }
 
 std::vector<int64_t> emulate_row_walk(at::IntArrayRef numels, int64_t begin, int64_t end) {

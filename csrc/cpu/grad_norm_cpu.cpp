@@ -132,7 +132,12 @@ NOAM_EXT_INLINE void reduce_range(const void* data, int64_t lo, int64_t hi, doub
 }
 
 // The same loops compiled for the baseline and, on x86-64, for AVX2 and AVX-512;
-// a call runs the instruction set the step runs (cpu_capability.h). The same
+// a call runs the instruction set the step runs (cpu_capability.h). With target
+// attributes here rather than in the step's per-instruction-set files
+// (segment_kernel_*.cpp, compiled whole with -mavx2/-mavx512f): those may hold only
+// vector code, and these scalar loops call c10's inline Half/BFloat16 conversions,
+// whose out-of-line copies the linker shares between files and which must therefore
+// stay baseline code (here only the always-inlined loops get the wider instructions). The same
 // operations in the same order, so the same result on all of them (no FMA:
 // -ffp-contract=off). The baseline's 2-double SSE2 vectors keep up with DRAM but
 // reach about half the others' speed on gradients in cache.

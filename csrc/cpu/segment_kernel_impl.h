@@ -75,12 +75,7 @@ void update_full_precision(
     if constexpr (amsgrad) {
       vmax = V::loadu(max_exp_avg_sq + i, count);
     }
-    if (unscale) {
-      g = g / divisor;
-    }
-    if (clip) {
-      g = g * multiplier;
-    }
+    g = unscaled_clipped_grad(g, unscale, divisor, clip, multiplier);
     adamw_update<amsgrad>(p, g, m, v, &vmax, c, maximize);
     p.store(param + i, count);
     m.store(exp_avg + i, count);
@@ -117,14 +112,8 @@ void update_reduced_precision(
     if constexpr (amsgrad) {
       std::tie(x0, x1) = at::vec::convert_to_float<scalar_t>(V::loadu(max_exp_avg_sq + i, count));
     }
-    if (unscale) {
-      g0 = g0 / divisor;
-      g1 = g1 / divisor;
-    }
-    if (clip) {
-      g0 = g0 * multiplier;
-      g1 = g1 * multiplier;
-    }
+    g0 = unscaled_clipped_grad(g0, unscale, divisor, clip, multiplier);
+    g1 = unscaled_clipped_grad(g1, unscale, divisor, clip, multiplier);
     adamw_update<amsgrad>(p0, g0, m0, v0, &x0, c, maximize);
     adamw_update<amsgrad>(p1, g1, m1, v1, &x1, c, maximize);
     at::vec::convert_from_float<scalar_t>(p0, p1).store(param + i, count);

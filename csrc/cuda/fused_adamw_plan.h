@@ -206,12 +206,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
   opmath_t exp_avg = static_cast<opmath_t>(m);
   opmath_t exp_avg_sq = static_cast<opmath_t>(v);
   opmath_t max_sq = amsgrad ? static_cast<opmath_t>(*vmax) : opmath_t(0);
-  if (f.unscale) {
-    grad = grad / f.divisor;
-  }
-  if (f.clip) {
-    grad = grad * f.multiplier;
-  }
+  grad = unscaled_clipped_grad(grad, f.unscale, f.divisor, f.clip, f.multiplier);
   adamw_update<amsgrad>(param, grad, exp_avg, exp_avg_sq, &max_sq, c.coefficients, c.maximize != 0);
   p = static_cast<scalar_t>(param);
   m = static_cast<scalar_t>(exp_avg);

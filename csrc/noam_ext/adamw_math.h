@@ -122,6 +122,21 @@ struct MathOps<double> {
   C10_HOST_DEVICE static double maximum(double a, double b) { return (a != a || a > b) ? a : b; }
 };
 
+// The gradient an update uses: divided by GradScaler's scale, then multiplied by
+// the clipping factor (FusedAdamW.clip_grad_norm_), as torch unscales and then
+// clips; each in the math type, one rounding each, and only when given.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T unscaled_clipped_grad(T grad, bool unscale, const T& divisor, bool clip,
+                                                         const T& multiplier) {
+  if (unscale) {
+    grad = grad / divisor;
+  }
+  if (clip) {
+    grad = grad * multiplier;
+  }
+  return grad;
+}
+
 // One AdamW step on one element (T = float or double) or one vector of
 // elements (T = at::vec::Vectorized<float/double>), in PyTorch's order:
 //   g  = maximize ? -g : g

@@ -15,13 +15,15 @@ namespace noam_ext {
 
 using RunRows = void (*)(const RowsCall&);
 
-inline void checked_fused_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                                at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                                at::TensorList state_steps, const at::Tensor& schedule_step, const at::Tensor& hyper,
-                                at::IntArrayRef groups, bool advance_schedule,
-                                const std::optional<at::Tensor>& grad_scale,
-                                const std::optional<at::Tensor>& found_inf,
-                                const std::optional<at::Tensor>& grad_clip, RunRows run) {
+// `run` is called with the checked call: a device's run_rows, or the host
+// emulation of the CUDA kernels (csrc/cpu/cuda_emulation.cpp).
+template <typename Run>
+void checked_fused_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                         const at::Tensor& schedule_step, const at::Tensor& hyper, at::IntArrayRef groups,
+                         bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
+                         const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip,
+                         Run&& run) {
   check_call_arguments(schedule_step, hyper);
   int64_t total = 0;
   const std::vector<TensorRow> rows = build_tensor_rows(
