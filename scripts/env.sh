@@ -67,7 +67,7 @@ install_noam_ext() {
     echo "ERROR: building noam_ext failed (full log: $log)" >&2
     return 1
   fi
-  ptxas_summary "$log"
+  cuda_kernel_checks "$log"
   (cd /tmp && python -c "import noam_ext, json; print('noam_ext build:', json.dumps(noam_ext.build_info()))")
   echo "$(source_hash) $(build_variant "$@")" > "$(python -c 'import sys; print(sys.prefix)')/.noam_ext_source_hash"
 }
@@ -76,7 +76,7 @@ install_noam_ext() {
 # with -Xptxas=-v and fails on any spill), one line per kernel and architecture, and
 # the checks scripts/check_cuda_kernels.py makes on them and on the SASS: resident
 # blocks per SM, and 16-byte vector stores. Fails the build when a check fails.
-ptxas_summary() {
+cuda_kernel_checks() {
   grep -q "ptxas info" "$1" || return 0
   say "CUDA kernels: ptxas resources and SASS checks"
   local so
