@@ -15,7 +15,7 @@ from . import _extension
 from ._extension import _C
 from ._hyper import (SUPPORTED_DTYPES, DeviceHyperTables, HyperTable, check_hyperparameters,
                      check_tensor_hyperparameters, table_row)
-from ._state import create_state, state_like, step_on_device
+from ._state import state_like, step_on_device
 from .scheduler import noam_lr, validate_noam_args
 
 __all__ = ["FusedAdamW", "Noam"]
@@ -249,17 +249,12 @@ class FusedAdamW(Optimizer):
         for device in devices:
             _check_device_supported(device)
             self._schedule_counter(device)
-        fresh, amsgrad, seen = [], [], set()
         for g, j in stateless:   # checked first: an unsupported device creates no state
             _check_device_supported(_local(self.param_groups[g]["params"][j]).device)
         for g, j in stateless:
             p = self.param_groups[g]["params"][j]
-            if id(p) not in seen:   # the same parameter twice in a group: one state
-                seen.add(id(p))
-                fresh.append(p)
-                amsgrad.append(bool(self.param_groups[g]["amsgrad"]))
-        for p, state in zip(fresh, create_state(fresh, amsgrad)):
-            self.state[p] = state
+            if not self.state.get(p):   # the same parameter twice in a group: one state
+                self.state[p] = state_like(p, bool(self.param_groups[g]["amsgrad"]))
         for g, j in misplaced_steps:
             p = self.param_groups[g]["params"][j]
             self.state[p]["step"] = step_on_device(self.state[p]["step"], _local(p).device)
