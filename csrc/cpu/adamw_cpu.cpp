@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "../noam_ext/op_entry.h"
@@ -33,6 +34,64 @@ void compute_coefficients(const std::vector<TensorRow>& rows, const double* hype
       const double* row = hyper + g * kNumHyperColumns;
       out[i].f32 = coefficients_for<float>(row, schedule_step, step);
       out[i].f64 = coefficients_for<double>(row, schedule_step, step);
+    }
+  }
+}
+
+// Elements of a strided row gathered per tile (work_split.h, StridedLayout).
+constexpr int64_t kStridedTile = 256;
+
+template <size_t kBytes>
+void copy_elements(char* to, int64_t to_stride, const char* from, int64_t from_stride, const int64_t* to_offsets,
+                   const int64_t* from_offsets, int64_t count) {
+  for (int64_t e = 0; e < count; ++e) {
+    std::memcpy(to + (to_offsets ? to_offsets[e] : e) * to_stride,
+                from + (from_offsets ? from_offsets[e] : e) * from_stride, kBytes);
+  }
+}
+
+void copy_elements(size_t bytes, char* to, const char* from, const int64_t* to_offsets, const int64_t* from_offsets,
+                   int64_t count) {
+  const auto stride = static_cast<int64_t>(bytes);
+  switch (bytes) {
+    case 2: return copy_elements<2>(to, stride, from, stride, to_offsets, from_offsets, count);
+    case 4: return copy_elements<4>(to, stride, from, stride, to_offsets, from_offsets, count);
+    default: return copy_elements<8>(to, stride, from, stride, to_offsets, from_offsets, count);
+  }
+}
+
+// Elements [lo, hi) of a row whose tensors are not dense and laid out alike: gathered
+// tile by tile into contiguous buffers, updated there by the same vectorised loop as
+// every other row (so with the same roundings), and the written tensors scattered back.
+// Only copies happen here; no arithmetic.
+void update_strided(SegmentKernel kernel, const TensorRow& r, const StridedLayout& layout, size_t element_size,
+                    int64_t lo, int64_t hi, const SegmentCoefficients& c, bool maximize, double grad_divisor,
+                    double grad_multiplier) {
+  alignas(64) char tiles[kRowTensors][kStridedTile * sizeof(double)];
+  int64_t offsets[kRowTensors][kStridedTile];
+  char* const bases[kRowTensors] = {static_cast<char*>(r.param), static_cast<char*>(const_cast<void*>(r.grad)),
+                                    static_cast<char*>(r.exp_avg), static_cast<char*>(r.exp_avg_sq),
+                                    static_cast<char*>(r.max_exp_avg_sq)};
+  const int tensors = r.max_exp_avg_sq != nullptr ? kRowTensors : kRowTensors - 1;
+  StridedCursor cursor(layout, lo);
+  for (int64_t start = lo; start < hi; start += kStridedTile) {
+    const int64_t count = std::min(kStridedTile, hi - start);
+    for (int64_t e = 0; e < count; ++e) {
+      for (int t = 0; t < tensors; ++t) {
+        offsets[t][e] = cursor.offsets[t];
+      }
+      cursor.advance();
+    }
+    for (int t = 0; t < tensors; ++t) {
+      copy_elements(element_size, tiles[t], bases[t], nullptr, offsets[t], count);
+    }
+    const FlatPointers tile{tiles[kParamTensor], tiles[kGradTensor], tiles[kExpAvgTensor], tiles[kExpAvgSqTensor],
+                            tensors == kRowTensors ? tiles[kMaxExpAvgSqTensor] : nullptr};
+    kernel(tile, 0, count, c, maximize, grad_divisor, grad_multiplier);
+    for (int t = 0; t < tensors; ++t) {
+      if (t != kGradTensor) {
+        copy_elements(element_size, bases[t], tiles[t], offsets[t], nullptr, count);
+      }
     }
   }
 }
@@ -71,15 +130,21 @@ void run_rows(const RowsCall& call) {
   const SegmentCoefficients* coeffs = coefficients.data();
   const TensorRow* table = call.rows.data();
   const int64_t n = static_cast<int64_t>(call.rows.size());
+  const size_t element_size = c10::elementSize(call.dtype);
 
   // Split the virtual range, not the tensor list, so that one huge tensor and
   // many tiny ones spread over the threads alike.
   at::parallel_for(0, call.total, kGrainSize, [&](int64_t begin, int64_t end) {
     for_each_row_in_range(table, n, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
       const TensorRow& r = table[i];
+      const bool maximize = hyper[r.group * kNumHyperColumns + kMaximize] != 0.0;
+      if (r.layout >= 0) {
+        update_strided(kernel, r, call.layouts[r.layout], element_size, lo, hi, coeffs[i], maximize, grad_divisor,
+                       grad_multiplier);
+        return;
+      }
       const FlatPointers pointers{r.param, r.grad, r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq};
-      kernel(pointers, lo, hi, coeffs[i], hyper[r.group * kNumHyperColumns + kMaximize] != 0.0, grad_divisor,
-             grad_multiplier);
+      kernel(pointers, lo, hi, coeffs[i], maximize, grad_divisor, grad_multiplier);
     });
   });
 

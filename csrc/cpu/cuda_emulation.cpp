@@ -36,6 +36,8 @@ struct HostExec {
 // update launch's blocks one after another.
 void emulate_rows(const RowsCall& call, int64_t num_blocks, int threads_per_block) {
   TORCH_CHECK(call.hyper.is_cpu(), "emulate_cuda_fused_adamw_: hyper must be a CPU tensor");
+  TORCH_CHECK(call.layouts.empty(), "emulate_cuda_fused_adamw_: tensors that are not dense and laid out alike "
+              "(strided rows) are not supported by the CUDA kernels yet");
   std::vector<RowCoefficients<double>> coefficients(call.rows.size());   // room for either math type
   dispatch_storage_type(call.dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);

@@ -6,6 +6,7 @@
 // param group 1") when it checks a call before making it.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/FunctionRef.h>
@@ -61,12 +62,63 @@ inline void check_call_arguments(const at::Tensor& schedule_step, const at::Tens
               "] tensor on the CPU or on the call's device (", schedule_step.device(), ")");
 }
 
+// The strided layout of a row (work_split.h) from its tensors' strides: dimensions of
+// size 1 dropped, and neighbouring dimensions merged where every tensor lays them out
+// contiguously one within the other. `tensors` holds the row's tensors in RowTensor
+// order; a null one (no amsgrad) gets zero strides.
+inline StridedLayout make_strided_layout(at::IntArrayRef sizes, const at::Tensor* const (&tensors)[kRowTensors],
+                                         const std::string& name) {
+  StridedLayout layout{};
+  int64_t ndim = 0;
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] == 1) {
+      continue;
+    }
+    auto stride_of = [&](int t) { return tensors[t] != nullptr ? tensors[t]->stride(static_cast<int64_t>(d)) : 0; };
+    bool merges = ndim > 0;
+    for (int t = 0; t < kRowTensors && merges; ++t) {
+      merges = layout.strides[t][ndim - 1] == stride_of(t) * sizes[d];
+    }
+    if (merges) {   // the previous dimension steps over this whole one in every tensor
+      layout.sizes[ndim - 1] *= sizes[d];
+      for (int t = 0; t < kRowTensors; ++t) {
+        layout.strides[t][ndim - 1] = stride_of(t);
+      }
+      continue;
+    }
+    TORCH_CHECK(ndim < kMaxStridedDims, "fused_adamw_: ", name, " and its gradient and state are laid out in "
+                "more than ", kMaxStridedDims, " dimensions that cannot be merged; make them contiguous");
+    layout.sizes[ndim] = sizes[d];
+    for (int t = 0; t < kRowTensors; ++t) {
+      layout.strides[t][ndim] = stride_of(t);
+    }
+    ++ndim;
+  }
+  layout.ndim = ndim;
+  return layout;
+}
+
+// Elements from a tensor's data pointer to one past its last element (a view with gaps
+// spans more than its numel).
+inline int64_t element_extent(const at::Tensor& t) {
+  if (t.numel() == 0) {
+    return 0;
+  }
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    last += (t.size(d) - 1) * t.stride(d);
+  }
+  return last + 1;
+}
+
 // Checks the tensors of the i-th parameter of a call and returns its row (offset
-// left for the caller). vmax is null without amsgrad.
+// left for the caller). vmax is null without amsgrad. A row whose tensors are not
+// dense and laid out alike gets a strided layout, appended to `layouts`.
 inline TensorRow check_and_make_row(const at::Tensor& p, const at::Tensor& grad, const at::Tensor& exp_avg,
                                     const at::Tensor& exp_avg_sq, const at::Tensor* vmax, const at::Tensor& step,
                                     const at::Device& device, at::ScalarType call_dtype, int64_t group,
-                                    int64_t n_groups, int64_t i, const TensorNamer& name_of) {
+                                    int64_t n_groups, int64_t i, const TensorNamer& name_of,
+                                    std::vector<StridedLayout>& layouts) {
   TORCH_CHECK(p.defined() && p.layout() == at::kStrided, "fused_adamw_: ", name_of(i),
               " must be a dense (strided) tensor");
   const at::ScalarType dtype = p.scalar_type();
@@ -77,8 +129,16 @@ inline TensorRow check_and_make_row(const at::Tensor& p, const at::Tensor& grad,
   TORCH_CHECK(dtype == call_dtype, "fused_adamw_: ", name_of(i), " has dtype ", dtype, " but this call's "
               "parameters have ", call_dtype, " (one call takes one dtype)");
   const bool contiguous = p.is_contiguous();
-  TORCH_CHECK(contiguous || p.is_non_overlapping_and_dense(), "fused_adamw_: ", name_of(i),
-              " must be non-overlapping and dense in memory (e.g. contiguous)");
+  // A view with gaps (torch.randn(10, 5, 2)[..., 0]) is updated through a strided
+  // layout; one whose elements share memory (expand) cannot be written in place.
+  const bool dense = contiguous || p.is_non_overlapping_and_dense();
+  auto check_writable = [&](const at::Tensor& x, const char* what) {
+    TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, "fused_adamw_: ", what, name_of(i),
+                " has elements that share memory (an expanded tensor?); it cannot be updated in place");
+  };
+  if (!dense) {
+    check_writable(p, "");
+  }
   const at::IntArrayRef sizes = p.sizes();
   const int64_t numel = p.numel();
   // The common case first, in few reads: same layout, dtype, device, shape and
@@ -87,7 +147,8 @@ inline TensorRow check_and_make_row(const at::Tensor& p, const at::Tensor& grad,
     return x.defined() && x.layout() == at::kStrided && x.scalar_type() == dtype && x.device() == device &&
            x.sizes() == sizes && (numel <= 1 || (contiguous ? x.is_contiguous() : x.strides() == p.strides()));
   };
-  auto check_like_param = [&](const at::Tensor& x, const char* what) {
+  bool alike = dense;   // every tensor dense with the parameter's strides: one linear walk serves all
+  auto check_like_param = [&](const at::Tensor& x, const char* what, bool written) {
     if (like_param(x)) {
       return;
     }
@@ -99,16 +160,18 @@ inline TensorRow check_and_make_row(const at::Tensor& p, const at::Tensor& grad,
                 x.scalar_type(), " but the parameter has ", dtype);
     TORCH_CHECK(x.sizes() == sizes, "fused_adamw_: the ", what, " of ", name_of(i), " has shape ", x.sizes(),
                 " but the parameter has ", sizes);
-    // Same strides (or at most one element): element k of each tensor is then
-    // at the same distance from its start, so one linear walk serves all.
-    TORCH_CHECK(false, "fused_adamw_: the ", what, " of ", name_of(i), " has strides ", x.strides(),
-                " but the parameter has ", p.strides());
+    // Other strides than the parameter's: a strided layout walks each tensor by its own.
+    if (written) {
+      const std::string of = std::string("the ") + what + " of ";
+      check_writable(x, of.c_str());
+    }
+    alike = false;
   };
-  check_like_param(grad, "gradient");
-  check_like_param(exp_avg, "exp_avg");
-  check_like_param(exp_avg_sq, "exp_avg_sq");
+  check_like_param(grad, "gradient", false);
+  check_like_param(exp_avg, "exp_avg", true);
+  check_like_param(exp_avg_sq, "exp_avg_sq", true);
   if (vmax != nullptr) {
-    check_like_param(*vmax, "max_exp_avg_sq");
+    check_like_param(*vmax, "max_exp_avg_sq", true);
   }
   TORCH_CHECK(step.defined() && step.scalar_type() == at::kFloat && step.numel() == 1 && step.device() == device,
               "fused_adamw_: the step of ", name_of(i), " must be a one-element float32 tensor on ", device);
@@ -123,16 +186,24 @@ inline TensorRow check_and_make_row(const at::Tensor& p, const at::Tensor& grad,
   r.max_exp_avg_sq = vmax != nullptr ? vmax->data_ptr() : nullptr;
   r.step = step.data_ptr<float>();
   r.group = static_cast<int32_t>(group);
-  r.vector_ok = is_16_byte_aligned(r.param) && is_16_byte_aligned(r.grad) && is_16_byte_aligned(r.exp_avg) &&
-                is_16_byte_aligned(r.exp_avg_sq) && (vmax == nullptr || is_16_byte_aligned(r.max_exp_avg_sq));
+  r.layout = -1;
+  if (!alike && numel > 0) {
+    const at::Tensor* const tensors[kRowTensors] = {&p, &grad, &exp_avg, &exp_avg_sq, vmax};
+    layouts.push_back(make_strided_layout(sizes, tensors, name_of(i)));
+    r.layout = static_cast<int32_t>(layouts.size() - 1);
+  }
+  r.vector_ok = r.layout < 0 && is_16_byte_aligned(r.param) && is_16_byte_aligned(r.grad) &&
+                is_16_byte_aligned(r.exp_avg) && is_16_byte_aligned(r.exp_avg_sq) &&
+                (vmax == nullptr || is_16_byte_aligned(r.max_exp_avg_sq));
   return r;
 }
 
 // Checks the tensors of one call (all on `device`, hyper rows 0..n_groups-1) and
 // returns their rows, in list order, with virtual offsets (work_split.h); `total`
-// receives the virtual length.
+// receives the virtual length and `layouts` the strided layouts the rows refer to.
 inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::Device& device, int64_t n_groups,
                                                 at::IntArrayRef groups, int64_t& total,
+                                                std::vector<StridedLayout>& layouts,
                                                 const TensorNamer& name_of = list_element_name) {
   const int64_t n = static_cast<int64_t>(t.params.size());
   TORCH_CHECK(static_cast<int64_t>(t.grads.size()) == n && static_cast<int64_t>(t.exp_avgs.size()) == n &&
@@ -152,7 +223,7 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
   for (int64_t i = 0; i < n; ++i) {
     rows[i] = check_and_make_row(t.params[i], t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i],
                                  amsgrad ? &t.max_exp_avg_sqs[i] : nullptr, t.state_steps[i], device, call_dtype,
-                                 groups[i], n_groups, i, name_of);
+                                 groups[i], n_groups, i, name_of, layouts);
     rows[i].offset = next_row_offset(end);
     end = rows[i].offset + rows[i].numel;
   }
@@ -161,10 +232,23 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
   return rows;
 }
 
+// Elements from a row's parameter pointer to one past its last element.
+inline int64_t row_param_extent(const TensorRow& row, const std::vector<StridedLayout>& layouts) {
+  if (row.layout < 0 || row.numel == 0) {
+    return row.numel;
+  }
+  const StridedLayout& l = layouts[row.layout];
+  int64_t last = 0;
+  for (int64_t d = 0; d < l.ndim; ++d) {
+    last += (l.sizes[d] - 1) * l.strides[kParamTensor][d];
+  }
+  return last + 1;
+}
+
 // Parameters written by one call must not share memory: their elements would be
 // updated concurrently. (FusedAdamW splits tied parameters over several calls.)
-inline void check_no_shared_memory(const std::vector<TensorRow>& rows, int64_t element_size,
-                                   const TensorNamer& name_of = list_element_name) {
+inline void check_no_shared_memory(const std::vector<TensorRow>& rows, const std::vector<StridedLayout>& layouts,
+                                   int64_t element_size, const TensorNamer& name_of = list_element_name) {
   std::vector<std::pair<uintptr_t, int64_t>> spans;  // (start, row) of params with elements
   spans.reserve(rows.size());
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -178,7 +262,7 @@ inline void check_no_shared_memory(const std::vector<TensorRow>& rows, int64_t e
   for (const auto& [start, i] : spans) {
     TORCH_CHECK(reacher < 0 || start >= reach, "fused_adamw_: ", name_of(reacher), " and ", name_of(i),
                 " share memory; pass tensors that share memory in separate calls");
-    const uintptr_t span_end = start + static_cast<uintptr_t>(rows[i].numel * element_size);
+    const uintptr_t span_end = start + static_cast<uintptr_t>(row_param_extent(rows[i], layouts) * element_size);
     if (span_end > reach) {
       reach = span_end;
       reacher = i;

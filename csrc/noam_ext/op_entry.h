@@ -26,13 +26,14 @@ void checked_fused_adamw(at::TensorList params, at::TensorList grads, at::Tensor
                          Run&& run) {
   check_call_arguments(schedule_step, hyper);
   int64_t total = 0;
+  std::vector<StridedLayout> layouts;
   const std::vector<TensorRow> rows = build_tensor_rows(
       {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps}, schedule_step.device(), hyper.size(0),
-      groups, total);
-  check_no_shared_memory(rows, params.empty() ? 1 : params[0].element_size());
+      groups, total, layouts);
+  check_no_shared_memory(rows, layouts, params.empty() ? 1 : params[0].element_size());
   check_scaler_tensors(grad_scale, found_inf, schedule_step.device(), grad_clip);
   const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
-  run({rows, total, dtype, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule, grad_scale, found_inf,
+  run({rows, layouts, total, dtype, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule, grad_scale, found_inf,
        grad_clip});
 }
 

@@ -17,6 +17,7 @@ namespace noam_ext {
 
 struct RowsCall {
   const std::vector<TensorRow>& rows;
+  const std::vector<StridedLayout>& layouts;   // of the rows whose layout is not -1
   int64_t total;                 // virtual length (build_tensor_rows)
   at::ScalarType dtype;
   bool amsgrad;

@@ -161,7 +161,8 @@ inline void plan_param(StepPlan& plan, std::map<std::tuple<int, int, int, bool>,
   const auto name_of = [&](int64_t) { return p.name(); };
   TensorRow row = check_and_make_row(b.params[i], b.grads[i], b.exp_avgs[i], b.exp_avg_sqs[i],
                                      amsgrad ? &b.max_exp_avg_sqs[i] : nullptr, b.steps[i], b.device, b.dtype,
-                                     b.rows[i], plan.num_groups, static_cast<int64_t>(i), name_of);
+                                     b.rows[i], plan.num_groups, static_cast<int64_t>(i), name_of,
+                                     b.single_call_layouts);
   row.offset = next_row_offset(b.single_call_total);
   b.single_call_total = row.offset + row.numel;
   b.single_call_rows.push_back(row);

@@ -41,11 +41,13 @@ struct Bucket {
     where.reserve(where.size() + n);
     single_call_rows.reserve(single_call_rows.size() + n);
   }
-  // Rows of the whole bucket as one call, checked as collected.
+  // Rows of the whole bucket as one call, checked as collected, and their strided layouts.
   std::vector<TensorRow> single_call_rows;
+  std::vector<StridedLayout> single_call_layouts;
   int64_t single_call_total = 0;
-  // Filled by StepPlan::check(): per round, the checked rows and their virtual length.
+  // Filled by StepPlan::check(): per round, the checked rows, their layouts and virtual length.
   std::vector<std::vector<TensorRow>> call_rows;
+  std::vector<std::vector<StridedLayout>> call_layouts;
   std::vector<int64_t> call_totals;
 };
 
@@ -63,7 +65,7 @@ inline void assign_rounds(Bucket& b) {
     const at::Tensor& p = b.params[i];
     if (p.numel() > 0) {
       const auto start = reinterpret_cast<uintptr_t>(p.data_ptr());
-      spans.emplace_back(start, start + p.numel() * p.element_size(), i);
+      spans.emplace_back(start, start + element_extent(p) * p.element_size(), i);
     }
   }
   // Parameters created one after the other usually lie in ascending memory: then one
@@ -164,9 +166,11 @@ class StepPlan {
     for (Bucket& b : buckets) {
       const int64_t n_rows = num_groups;
       b.call_rows.clear();
+      b.call_layouts.assign(b.num_rounds, {});
       b.call_totals.assign(b.num_rounds, 0);
       if (b.num_rounds == 1) {  // the common case: the rows checked while collecting
         b.call_rows.push_back(std::move(b.single_call_rows));
+        b.call_layouts[0] = std::move(b.single_call_layouts);
         b.call_totals[0] = b.single_call_total;
         continue;
       }
@@ -177,7 +181,8 @@ class StepPlan {
         };
         b.call_rows.push_back(build_tensor_rows({c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs,
                                                  c.steps},
-                                                b.device, n_rows, c.rows, b.call_totals[round], name_of));
+                                                b.device, n_rows, c.rows, b.call_totals[round],
+                                                b.call_layouts[round], name_of));
       }
     }
   }
@@ -201,7 +206,7 @@ class StepPlan {
       for (int32_t round = 0; round < b.num_rounds; ++round) {
         // The device implementations behind torch.ops.noam_ext.fused_adamw_, given
         // the rows check() built: no second check, no dispatcher round trip.
-        const RowsCall call{b.call_rows[round], b.call_totals[round], b.dtype, b.amsgrad, counters[d], table,
+        const RowsCall call{b.call_rows[round], b.call_layouts[round], b.call_totals[round], b.dtype, b.amsgrad, counters[d], table,
                             last_call_of_device[d] == k && round == b.num_rounds - 1, grad_scales[d], found_infs[d],
                             grad_clips[d]};
         if (b.device.is_cpu()) {
