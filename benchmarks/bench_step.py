@@ -39,29 +39,53 @@ TransformerLRScheduler.step(), which the torch loop needs), side by side in one 
 
 3. Clip + step: for the flat and transformer-shaped layouts of ~1e6 parameters and up
    (all of them in --quick), gradient clipping followed by one step, timed right after that
-   layout's step alone: ours `optimizer.clip_grad_norm_(1.0); optimizer.step()`, torch
-   `torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True); optimizer.step()` (+ the
+   layout's step alone: ours `optimizer.clip_grad_norm_(max_norm); optimizer.step()`, torch
+   `torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True); optimizer.step()` (+ the
    scheduler) for each AdamW variant, gradients assigned once as above (randn: norm
    ~sqrt(params), so clipping is active; torch's in-place scaling leaves its gradients
    at norm ~1 after the first call, which does not change its work). Effective
    bandwidth counts 32 bytes per parameter for ours (the norm reads the gradient, 28
    for the step) and 40 for torch (4 norm + 8 to scale the gradient in place + 28).
 
+4. Distributed: one step on DTensor parameters, 2 processes on gloo (CPU), each a fresh
+   Python (benchlib/distributed_worker.py) meeting through a FileStore. FSDP2 (`fully_shard`
+   per layer and the root: Shard(0)) and tensor parallel (ColwiseParallel Shard(0),
+   RowwiseParallel Shard(1) with its bias Replicate, LayerNorms Replicate), each over many
+   small (100 x Linear(16)), medium (100 x Linear(256)), a few large (8 x Linear(1024))
+   tensors and a TransformerEncoder stack. Every optimizer steps its own copy with the same
+   gradients assigned once; interleaved round-robin on each rank (a barrier before every
+   timed step); reports per optimizer the slower rank's median (+ IQR), each torch
+   variant's over ours, the number of DTensor parameters and their placements, and each
+   optimizer's parameter gap to torch for-loop after all steps (~0: it made the update).
+   Not part of --profile gpu-check (it runs on the CPU whatever --device says).
+
+--profile gpu-check is a short GPU profile for benchmarks/gpu_check.sh (well under a
+minute on an H100): the iteration section on the small (--quick) models; steps of flat
+1e6, 1e7 and 1e8, transformer-shaped stacks of ~1e6 and ~1e8 parameters and 200 tiny
+tensors; clip + step on the largest stack. Tensors are made on the device. With any
+profile, every row is printed to stderr and appended to <out>/rows.md as soon as it is
+measured, so a run stopped by a timeout keeps what it measured:
+
+    python benchmarks/bench_step.py --device cuda --profile gpu-check --out DIR
+
 If the installed noam_ext has no FusedAdamW.clip_grad_norm_, the clipping rows (and
 only those) are skipped, with a note on stderr, in the tables and in the JSON.
 
-Prints markdown tables (iterations first, then steps, then clip + step), writes them
-and JSON to --out and, with matplotlib, PNG charts (<stem>.png for steps,
-<stem>_iteration.png for iterations, <stem>_clip.png for clip + step).
+Prints markdown tables (iterations first, then steps, then clip + step, then
+distributed), writes them and JSON to --out and, with matplotlib, PNG charts (<stem>.png
+for steps, <stem>_iteration.png for iterations, <stem>_clip.png for clip + step,
+<stem>_distributed.png for the distributed section).
 
     python benchmarks/bench_step.py            # full run on the CPU (about 10-15 minutes)
     python benchmarks/bench_step.py --quick    # seconds; CI's smoke test
     python benchmarks/bench_step.py --only iteration --iterations 50
+    python benchmarks/bench_step.py --only distributed
     python benchmarks/bench_step.py --device cuda
 
 The code lives in benchmarks/benchlib/, one module per job: config (the optimizers compared
-and their settings), timer, iteration (section 1), step (sections 2 and 3), report (tables
-and JSON) and charts.
+and their settings), timer, iteration (section 1), step (sections 2 and 3), distributed
+and distributed_worker (section 4), report (tables and JSON), rows (rows.md as measured)
+and charts.
 """
 
 from __future__ import annotations
@@ -74,65 +98,97 @@ from pathlib import Path
 import torch
 
 from benchlib import report
-from benchlib.charts import plot_clip, plot_iterations, plot_steps
+from benchlib.charts import plot_clip, plot_distributed, plot_iterations, plot_steps
 from benchlib.config import CLIP_MAX_NORM, clip_unavailable
+from benchlib.distributed import distributed_unavailable, run_distributed
 from benchlib.iteration import run_iterations
 from benchlib.report import machine_info, markdown
+from benchlib.rows import RowLog
 from benchlib.step import run_steps
+
+SECTIONS = ("iteration", "step", "distributed")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="a seconds-long subset (CI smoke test)")
-    parser.add_argument("--only", choices=["iteration", "step"], default=None,
-                        help="run only the whole-iteration or only the step-only benchmark")
+    parser.add_argument("--profile", choices=["gpu-check"], default=None,
+                        help="gpu-check: the short profile of benchmarks/gpu_check.sh (see above)")
+    parser.add_argument("--only", choices=SECTIONS, default=None,
+                        help="run only the whole-iteration, the step-only or the distributed benchmark")
     parser.add_argument("--iterations", type=int, default=None,
-                        help="measured iterations per candidate and model (default 25; 10 with --quick)")
+                        help="measured iterations (distributed: steps) per candidate and model "
+                             "(default 25; 10 with --quick and --profile gpu-check)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="warm-up iterations per candidate, not measured (default 5; 3 with --quick)")
-    parser.add_argument("--min-run-time", type=float, default=None, help="seconds per step measurement")
+                        help="warm-up iterations per candidate, not measured (default 5; 3 with --quick and "
+                             "--profile gpu-check)")
+    parser.add_argument("--min-run-time", type=float, default=None,
+                        help="seconds per step measurement (default 1.0; 0.05 with --quick, 0.2 with --profile "
+                             "gpu-check)")
+    parser.add_argument("--max-params", type=float, default=None,
+                        help="skip step layouts of more parameters than this (e.g. 2e6)")
     parser.add_argument("--clip-max-norm", type=float, default=CLIP_MAX_NORM,
                         help=f"max_norm of the gradient-clipping rows (default {CLIP_MAX_NORM}; the iteration "
                              "models' gradient norms are below 1, so clipping is active there only below them)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     args = parser.parse_args(argv)
+    gpu_check = args.profile == "gpu-check"
+    if args.quick and gpu_check:
+        parser.error("--quick and --profile gpu-check are two different profiles: give one")
+    if gpu_check and args.only == "distributed":
+        parser.error("--profile gpu-check has no distributed section")
     if args.min_run_time is None:
-        args.min_run_time = 0.05 if args.quick else 1.0
+        args.min_run_time = 0.05 if args.quick else 0.2 if gpu_check else 1.0
     if args.iterations is None:
-        args.iterations = 10 if args.quick else 25
+        args.iterations = 10 if args.quick or gpu_check else 25
     if args.warmup is None:
-        args.warmup = 3 if args.quick else 5
+        args.warmup = 3 if args.quick or gpu_check else 5
     if args.iterations < 1 or args.warmup < 0:
         parser.error("--iterations must be >= 1 and --warmup >= 0")
     if not args.clip_max_norm > 0:
         parser.error("--clip-max-norm must be > 0")
+    if args.max_params is not None and not args.max_params >= 1:
+        parser.error("--max-params must be >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is available")
+    sections = [args.only] if args.only else [s for s in SECTIONS if not (gpu_check and s == "distributed")]
     args.clip_skipped = clip_unavailable()
     if args.clip_skipped is not None:
         print(f"NOTE: {args.clip_skipped}.", file=sys.stderr, flush=True)
-    iterations = run_iterations(args) if args.only != "step" else []
-    steps = run_steps(args) if args.only != "iteration" else []
+    distributed_skipped = distributed_unavailable() if "distributed" in sections else None
+    if distributed_skipped is not None:
+        print(f"NOTE: distributed section skipped: {distributed_skipped}.", file=sys.stderr, flush=True)
     info = machine_info(args.device)
-    table = markdown(info, iterations, steps, args.clip_skipped)
+    rows = RowLog(args.out / "rows.md", info, " ".join(["python", "benchmarks/bench_step.py"] + sys.argv[1:]))
+    iterations = run_iterations(args, rows.iteration) if "iteration" in sections else []
+    steps = run_steps(args, rows.step, rows.clip) if "step" in sections else []
+    distributed, distributed_failure = [], None
+    if "distributed" in sections and distributed_skipped is None:
+        distributed, distributed_failure = run_distributed(args, rows.distributed)
+    table = markdown(info, iterations, steps, args.clip_skipped, distributed, distributed_failure,
+                     distributed_skipped)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_{args.device}{'_quick' if args.quick else ''}"
-    payload = report.payload(info, iterations, steps, args.clip_skipped)
+    stem = f"bench_{args.device}{'_quick' if args.quick else '_gpu_check' if gpu_check else ''}"
+    payload = report.payload(info, iterations, steps, args.clip_skipped, distributed, distributed_failure,
+                             distributed_skipped)
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     (args.out / f"{stem}.md").write_text(table + "\n")
-    for plotted, path in ((plot_iterations(iterations, args.out / f"{stem}_iteration.png"),
-                           args.out / f"{stem}_iteration.png"),
-                          (plot_steps(steps, args.out / f"{stem}.png"), args.out / f"{stem}.png"),
-                          (plot_clip(steps, args.out / f"{stem}_clip.png"), args.out / f"{stem}_clip.png")):
-        if plotted:
+    charts = ((plot_iterations, iterations, f"{stem}_iteration.png"), (plot_steps, steps, f"{stem}.png"),
+              (plot_clip, steps, f"{stem}_clip.png"), (plot_distributed, distributed, f"{stem}_distributed.png"))
+    for plot, results, name in charts:
+        path = args.out / name
+        if plot(results, path):
             print(f"chart: {path}", file=sys.stderr)
-        elif path.name.endswith("_clip.png"):
-            path.unlink(missing_ok=True)   # no clip + step rows this run: no stale chart from an earlier one
+        elif name.endswith(("_clip.png", "_distributed.png")):
+            path.unlink(missing_ok=True)   # no such rows this run: no stale chart from an earlier one
     print(f"results: {args.out / f'{stem}.json'}", file=sys.stderr)
+    print(f"rows as measured: {args.out / 'rows.md'}", file=sys.stderr)
     if args.clip_skipped is not None:
         print(f"NOTE: {args.clip_skipped}.", file=sys.stderr)
+    if distributed_failure is not None:
+        print(f"ERROR: the distributed section did not finish:\n{distributed_failure}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

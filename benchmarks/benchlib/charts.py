@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 from .config import FUSED, NO_STEP, OURS, TORCH_PEERS
+from .distributed import DistResult
 from .iteration import IterationResult
 from .step import CaseResult
 
@@ -127,6 +128,46 @@ def plot_clip(results: list[CaseResult], path: Path) -> bool:
     ax.yaxis.set_major_formatter(ratio_labels)
     ax.yaxis.set_minor_formatter(ratio_labels)
     ax.tick_params(axis="y", which="both", labelsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_distributed(results: list[DistResult], path: Path) -> bool:
+    """Time per step of each optimizer (the slower rank's median, whiskers its quartiles),
+    log scale, one group of bars per configuration; torch fused's ratio over ours on top."""
+    plt = _pyplot()
+    if plt is None or not results:
+        return False
+    from matplotlib.ticker import FuncFormatter
+    names = [OURS] + [label for label, _ in TORCH_PEERS]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.7 * len(results) + 2), 5.0))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(results))]
+        medians, below, above = [], [], []
+        for r in results:
+            ts = r.times_s[name][r.slower_rank[name]]
+            q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+            med = r.timings[name].median_s
+            medians.append(med * 1e3)
+            below.append(max(0.0, med - q[0]) * 1e3)
+            above.append(max(0.0, q[2] - med) * 1e3)
+        bars = ax.bar(xs, medians, width, yerr=[below, above], capsize=2, label=name, color=f"C{j}",
+                      edgecolor="black" if name == FUSED else None, linewidth=1.2 if name == FUSED else 0)
+        if name == FUSED:   # above the whisker
+            for bar, r, top in zip(bars, results, (m + a for m, a in zip(medians, above))):
+                ax.annotate(f"{r.ratio(FUSED):.1f}x", (bar.get_x() + bar.get_width() / 2, top),
+                            xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=7, fontweight="bold")
+    labels = [f"{r.label.replace(', ', chr(10), 1)}\n{r.dtensors} DTensor params" for r in results]
+    ax.set_xticks(range(len(results)), labels, fontsize=7)
+    ax.set(yscale="log", ylabel="ms per step (slower rank's median; whiskers: quartiles)",
+           title="optimizer step on DTensor parameters, 2 processes (gloo, CPU)\n"
+                 "(bold: torch fused's time over noam_ext's)")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

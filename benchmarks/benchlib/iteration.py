@@ -202,9 +202,10 @@ def time_training(spec: ModelSpec, zero_grad: str, device: str, warmup: int, ite
     return result
 
 
-def run_iterations(args) -> list[IterationResult]:
+def run_iterations(args, on_result: Callable[[IterationResult], None] | None = None) -> list[IterationResult]:
+    """Every model and zeroing variant; on_result gets each result as soon as it is measured."""
     results = []
-    specs = iteration_models(args.quick)
+    specs = iteration_models(args.quick or args.profile == "gpu-check")
     variants = [(zero_grad, None) for zero_grad in ZERO_GRADS]
     if args.clip_skipped is None:
         variants.append((CLIP_ZERO_GRAD, args.clip_max_norm))
@@ -232,6 +233,8 @@ def run_iterations(args) -> list[IterationResult]:
                 print(f"    WARNING: parameters far from torch for-loop's after training: {bad}",
                       file=sys.stderr, flush=True)
             results.append(result)
+            if on_result is not None:
+                on_result(result)
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ import gc
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -24,24 +25,32 @@ def transformer_shapes(d_model: int, layers: int) -> list[tuple[int, ...]]:
     return per_layer * layers
 
 
-def layouts(quick: bool, device: str, memory_bytes: int) -> list[tuple[str, str, str, list[tuple[int, ...]]]]:
+def layouts(quick: bool, device: str, memory_bytes: int,
+            profile: str | None = None) -> list[tuple[str, str, str, list[tuple[int, ...]]]]:
     """(kind, name, stack, shapes) of every case to run; `stack` pairs a transformer-shaped
-    case with its flat-view twin."""
+    case with its flat-view twin. The gpu-check profile: flat 1e6, 1e7, 1e8, the ~1e6 and
+    ~1e8 transformer-shaped stacks (no flat views) and 200 tiny tensors."""
     cases = []
-    flat_sizes = [10**5, 10**6] if quick else [10**5, 10**6, 10**7, 10**8]
+    if profile == "gpu-check":
+        flat_sizes, stacks, kinds, small = [10**6, 10**7, 10**8], [(128, 5), (512, 32)], ("transformer",), [200]
+    elif quick:
+        flat_sizes, stacks, kinds, small = [10**5, 10**6], [(128, 5)], ("transformer", "flat-view"), [200]
+    else:
+        flat_sizes = [10**5, 10**6, 10**7, 10**8]
+        stacks = [(128, 5), (256, 13), (512, 32)]   # ~1e6, ~1e7, ~1e8
+        kinds, small = ("transformer", "flat-view"), [20, 200]
     for n in flat_sizes:
         # Each optimizer holds params, grads and two moments: 16 bytes per element, two at a time.
         if 2 * 16 * n * 1.5 < memory_bytes:
             cases.append(("flat", f"flat {n:.0e}", "", [(n,)]))
-    stacks = [(128, 5)] if quick else [(128, 5), (256, 13), (512, 32)]   # ~1e6, ~1e7, ~1e8
-    for kind in ("transformer", "flat-view"):
+    for kind in kinds:
         for d, layers in stacks:
             shapes = transformer_shapes(d, layers)
             n = sum(torch.Size(s).numel() for s in shapes)
             if 2 * 16 * n * 1.5 < memory_bytes:
                 what = "tensors" if kind == "transformer" else "views of one buffer"
                 cases.append((kind, f"{kind} {n / 1e6:.1f}M ({len(shapes)} {what})", f"d{d} x {layers}", shapes))
-    for count in ([200] if quick else [20, 200]):
+    for count in small:
         cases.append(("small", f"{count} tensors x 5", "", [(5,)] * count))
     return cases
 
@@ -57,14 +66,15 @@ def carve(buffer: torch.Tensor, shapes) -> list[torch.Tensor]:
 
 
 def make_params(shapes, device, flat_views: bool = False, seed: int = 0) -> list[torch.nn.Parameter]:
-    """The same values for every peer; with flat_views, every parameter is a view into one
-    contiguous buffer (nn.Parameter shares the storage of the view it wraps)."""
-    generator = torch.Generator().manual_seed(seed)
+    """The same values for every peer, made on the device (a host randn of 1e8 elements per
+    peer would take longer than the GPU measurements); with flat_views, every parameter is
+    a view into one contiguous buffer (nn.Parameter shares the storage of the view it wraps)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
     if flat_views:
         total = sum(torch.Size(s).numel() for s in shapes)
-        buffer = torch.randn(total, generator=generator).to(device)
+        buffer = torch.randn(total, generator=generator, device=device)
         return [torch.nn.Parameter(v) for v in carve(buffer, shapes)]
-    return [torch.nn.Parameter(torch.randn(s, generator=generator).to(device)) for s in shapes]
+    return [torch.nn.Parameter(torch.randn(s, generator=generator, device=device)) for s in shapes]
 
 
 def give_grads(params, flat_views: bool = False, seed: int = 1) -> None:
@@ -72,13 +82,13 @@ def give_grads(params, flat_views: bool = False, seed: int = 1) -> None:
     once and left in place for every step (as a loop that zeroes with set_to_none=False
     keeps them). With flat_views they are views into one contiguous gradient buffer, as
     in a flat (ZeRO-style) layout. Never anything of an optimizer's own."""
-    generator = torch.Generator().manual_seed(seed)
     device = params[0].device
+    generator = torch.Generator(device=device).manual_seed(seed)
     if flat_views:
         total = sum(p.numel() for p in params)
-        grads = carve(torch.randn(total, generator=generator).to(device), [p.shape for p in params])
+        grads = carve(torch.randn(total, generator=generator, device=device), [p.shape for p in params])
     else:
-        grads = [torch.randn(p.shape, generator=generator).to(device) for p in params]
+        grads = [torch.randn(p.shape, generator=generator, device=device) for p in params]
     for p, g in zip(params, grads):
         p.grad = g
 
@@ -146,6 +156,16 @@ def wants_clip_step(kind: str, params: int, quick: bool) -> bool:
     return kind in ("flat", "transformer") and (quick or params >= CLIP_MIN_PARAMS)
 
 
+def clip_cases(cases, args) -> set[str]:
+    """Names of the layouts also timed with clip + step: in the gpu-check profile the largest
+    transformer-shaped stack, otherwise as wants_clip_step says."""
+    if args.profile == "gpu-check":
+        stacks = [(sum(torch.Size(s).numel() for s in shapes), name)
+                  for kind, name, _, shapes in cases if kind == "transformer"]
+        return {max(stacks)[1]} if stacks else set()
+    return {name for kind, name, _, shapes in cases
+            if wants_clip_step(kind, sum(torch.Size(s).numel() for s in shapes), args.quick)}
+
 
 def ceiling_gbps(total_params: int, device: str, timer, min_run_time: float) -> float:
     """Memory ceiling for a pass that moves as many bytes as the update."""
@@ -189,7 +209,10 @@ class CaseResult:
         return self.clip_timings[peer].median_s / self.timings[peer].median_s
 
 
-def run_steps(args) -> list[CaseResult]:
+def run_steps(args, on_step: Callable[[CaseResult], None] | None = None,
+              on_clip: Callable[[CaseResult], None] | None = None) -> list[CaseResult]:
+    """Every layout's step (and, for some, clip + step); on_step and on_clip get each
+    result as soon as its step, then its clip + step, is measured."""
     device = args.device
     timer = time_cpu if device == "cpu" else time_cuda
     if device == "cpu":
@@ -197,7 +220,13 @@ def run_steps(args) -> list[CaseResult]:
     else:
         memory = torch.cuda.get_device_properties(0).total_memory
     results = []
-    cases = layouts(args.quick, device, memory)
+    cases = layouts(args.quick, device, memory, args.profile)
+    if args.max_params is not None:
+        over = [name for _, name, _, shapes in cases if sum(torch.Size(s).numel() for s in shapes) > args.max_params]
+        if over:
+            print(f"NOTE: --max-params {args.max_params:g}: skipping {', '.join(over)}", file=sys.stderr, flush=True)
+        cases = [c for c in cases if c[1] not in over]
+    clipped = clip_cases(cases, args) if args.clip_skipped is None else set()
     for index, (kind, name, stack, shapes) in enumerate(cases, 1):
         n = sum(torch.Size(s).numel() for s in shapes)
         print(f"[step {index}/{len(cases)}] {name}: {n:,} parameters", file=sys.stderr, flush=True)
@@ -207,7 +236,9 @@ def run_steps(args) -> list[CaseResult]:
             result.timings[peer] = timer(fn, args.min_run_time)
             print(f"    {peer:<20} {result.timings[peer].median_s * 1e6:12.1f} us", file=sys.stderr, flush=True)
         del peers, fn   # free this layout's optimizers before the clip + step ones are built
-        if args.clip_skipped is None and wants_clip_step(kind, n, args.quick):
+        if on_step is not None:
+            on_step(result)
+        if name in clipped:
             gc.collect()
             result.clip_max_norm = args.clip_max_norm
             for peer, fn in build_clip_peers(shapes, device, args.clip_max_norm).items():
@@ -215,6 +246,8 @@ def run_steps(args) -> list[CaseResult]:
                 print(f"    {peer + ' clip+step':<30} {result.clip_timings[peer].median_s * 1e6:12.1f} us",
                       file=sys.stderr, flush=True)
             del fn
+            if on_clip is not None:
+                on_clip(result)
         results.append(result)
         gc.collect()
         if device == "cuda":

@@ -25,7 +25,6 @@ def quartiles(times: list[float]) -> Timing:
     return Timing(statistics.median(times), q[2] - q[0], len(times))
 
 
-
 def time_cpu(fn, min_run_time: float) -> Timing:
     from torch.utils.benchmark import Timer
     for _ in range(3):
@@ -47,7 +46,6 @@ def time_cuda(fn, min_run_time: float) -> Timing:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return quartiles(times)
-
 
 
 def time_interleaved(candidates: list, run: Callable[[Any], None], warmup: int, iterations: int,
