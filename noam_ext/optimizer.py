@@ -53,6 +53,9 @@ class FusedAdamW(Optimizer):
         group's ``initial_lr`` is then its base lr and ``group["lr"]`` shows the lr
         the next step will use, exactly as with torch.optim.AdamW + TransformerLRScheduler.
         Without a schedule the op uses ``group["lr"]``, so any torch LR scheduler drives it.
+        With one, an lr written into ``group["lr"]`` by anything else (a torch LR scheduler)
+        makes the next step() raise before it changes anything; hand trainers
+        noam_ext.InOpScheduleLR(optimizer) instead (docs/integrations.md).
 
     Like torch's own optimizers it owns nothing that users touch: every step()
     reads ``param_groups``, each ``p.grad`` and ``optimizer.state`` as they are at
