@@ -1,11 +1,13 @@
 """noam_ext: fused, exact AdamW with the Noam learning-rate schedule for PyTorch."""
 
+from .in_op_schedule_lr import InOpScheduleLR
 from .param_groups import param_groups
 from .scheduler import TransformerLRScheduler, noam_lr, noam_peak_lr
 
 __all__ = [
     "FusedAdamW",
     "Noam",
+    "InOpScheduleLR",
     "TransformerLRScheduler",
     "param_groups",
     "noam_lr",

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from . import _extension
 from ._extension import _C
+from ._lr_mirror import LrMirror
 from ._hyper import (SUPPORTED_DTYPES, DeviceHyperTables, HyperTable, check_hyperparameters,
                      check_tensor_hyperparameters, table_row)
 from ._state import state_like, step_on_device
@@ -52,6 +53,9 @@ class FusedAdamW(Optimizer):
         group's ``initial_lr`` is then its base lr and ``group["lr"]`` shows the lr
         the next step will use, exactly as with torch.optim.AdamW + TransformerLRScheduler.
         Without a schedule the op uses ``group["lr"]``, so any torch LR scheduler drives it.
+        With one, an lr written into ``group["lr"]`` by anything else (a torch LR scheduler)
+        makes the next step() raise before it changes anything; hand trainers
+        noam_ext.InOpScheduleLR(optimizer) instead (docs/integrations.md).
 
     Like torch's own optimizers it owns nothing that users touch: every step()
     reads ``param_groups``, each ``p.grad`` and ``optimizer.state`` as they are at
@@ -83,6 +87,7 @@ class FusedAdamW(Optimizer):
         self._hyper = HyperTable()
         self._device_hyper = DeviceHyperTables()
         self._pending_clip: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._lr_mirror = LrMirror()   # what a schedule wrote into group["lr"] (checked by step())
         super().__init__(params, defaults)
         if schedule is not None:
             for group in self.param_groups:
@@ -111,11 +116,15 @@ class FusedAdamW(Optimizer):
                 raise ValueError(f"FusedAdamW: {name} is not a dense strided tensor")
         if getattr(self, "schedule", None) is not None:
             group.setdefault("initial_lr", group["lr"])
+            # The mirror of the lr the op will use for this group from the next step on.
+            group["lr"] = group["initial_lr"] * self.schedule.factor(self._schedule_steps_done)
+            self._lr_mirror.record(self.param_groups, first=len(self.param_groups) - 1)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["schedule"] = self.schedule
         state["_schedule_steps_done"] = self._current_schedule_position()
+        state["_lrs_written"] = self._lr_mirror.written_values()
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -124,6 +133,7 @@ class FusedAdamW(Optimizer):
         state = dict(state)
         schedule = state.pop("schedule", None)
         done = state.pop("_schedule_steps_done", 0)
+        lrs_written = state.pop("_lrs_written", None)
         super().__setstate__(state)
         self.schedule = getattr(self, "schedule", schedule)
         self._schedule_steps_done = getattr(self, "_schedule_steps_done", done)
@@ -131,6 +141,12 @@ class FusedAdamW(Optimizer):
         self._hyper = HyperTable()
         self._device_hyper = DeviceHyperTables()
         self._pending_clip = None
+        if not hasattr(self, "_lr_mirror"):   # unpickled or copied (load_state_dict records itself)
+            self._lr_mirror = LrMirror()
+            if lrs_written is not None:
+                self._lr_mirror.restore(self.param_groups, lrs_written)
+            else:
+                self._lr_mirror.record(self.param_groups)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -145,6 +161,10 @@ class FusedAdamW(Optimizer):
     def step(self, closure: Callable[[], float] | None = None):
         # No torch.no_grad() here: the step runs in C++ below autograd (and bumps the
         # parameters' versions itself), and the decorator would cost microseconds.
+        if self.schedule is not None and not torch.compiler.is_compiling():
+            # Before anything (the closure included): an lr written by an LR scheduler
+            # next to the in-op schedule is an error, not silently ignored.
+            self._lr_mirror.check(self.param_groups, self.schedule, self._schedule_steps_done)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -269,6 +289,7 @@ class FusedAdamW(Optimizer):
         factor = self.schedule.factor(self._schedule_steps_done)
         for group in self.param_groups:
             group["lr"] = group["initial_lr"] * factor
+        self._lr_mirror.record(self.param_groups)
 
     def _hyper_tables(self) -> tuple[torch.Tensor, dict | None]:
         """The hyperparameter table on the CPU, and on each GPU taking part (the GPU
