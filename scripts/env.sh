@@ -2,8 +2,8 @@
 # environment with torch and the build/test tools, and finds the CUDA toolkit.
 #
 #   NOAM_EXT_VENV      where the environment lives (default: .venv in the repository)
-#   NOAM_EXT_TORCH     pip requirement for torch when it is missing (default: torch;
-#                      e.g. "torch==2.13.0" for the small CPU-only build)
+#   NOAM_EXT_TORCH     pip arguments that install torch when it is missing (default: torch; e.g.
+#                      "torch --index-url https://download.pytorch.org/whl/cpu" for the CPU-only build)
 #   NOAM_EXT_PYTHON    interpreter that creates the environment (default: python3)
 #   NOAM_EXT_USE_ACTIVE_ENV=1   use the active interpreter and its torch instead of a venv
 set -euo pipefail
@@ -30,7 +30,8 @@ PY
 
 if ! python -c "import torch" 2>/dev/null; then
   say "installing ${NOAM_EXT_TORCH:-torch} (a CUDA build of torch is several GB; this takes a minute or more)"
-  python -m pip install --progress-bar off "${NOAM_EXT_TORCH:-torch}"
+  # shellcheck disable=SC2086  # word splitting intended: NOAM_EXT_TORCH may hold pip options
+  python -m pip install --progress-bar off ${NOAM_EXT_TORCH:-torch}
 fi
 say "installing build and test tools"
 python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja pytest hypothesis numpy matplotlib tqdm
