@@ -377,10 +377,11 @@ def _exact_on_the_gpu(schedule) -> bool:
 
 
 def test_in_op_schedules_on_the_gpu_match_the_host_within_cudas_libm():
-    # docs/adamw.md, "Schedules on the GPU": bit for bit where only IEEE operations are
-    # used; where cos or pow are, the factor (in [0, 1]) within 4 ulp of 1 (cos/pow
-    # at 2 ulp, then 0.5 * (1 + c) or 2 * p - 1 and the floor's blend, each correctly
-    # rounded); Noam's, made of three pow() and two products, within 8 ulp of itself.
+    # docs/adamw.md, "How exact, and where": bit for bit where only IEEE operations are
+    # used. Where cos or pow are (CUDA: 2 ulp, glibc: under 1), the factor, in [0, 1],
+    # within 4 ulp of 1 (cos or pow, then 0.5 * (1 + c) or 2 * p - 1 and the floor's
+    # blend, each rounding once on either side), and one more for the product with the
+    # base lr; Noam's (three pow() and three products) within 10 ulp of itself.
     rows = [(base, s) for table in (schedules.SHORT, schedules.LONG) for s in table.values() for base in (1.0, 3e-4)]
     steps = sorted({k for table, pick in ((schedules.SHORT, schedules.short_steps),
                                           (schedules.LONG, lambda s: schedules.sampled_steps(s, count=60)))
@@ -394,9 +395,9 @@ def test_in_op_schedules_on_the_gpu_match_the_host_within_cudas_libm():
             if _exact_on_the_gpu(schedule):
                 assert lr == want, (schedule, k)
             elif isinstance(schedule, Noam):
-                assert abs(lr - want) <= 8 * ulp * want, (schedule, k)
+                assert abs(lr - want) <= 10 * ulp * want, (schedule, k)
             else:
-                assert abs(lr - want) <= 4 * ulp * base, (schedule, k)
+                assert abs(lr - want) <= 5 * ulp * base, (schedule, k)
                 worst = max(worst, abs(lr - want) / base)
     print(f"largest difference of a cos/pow factor from the host's: {worst / ulp:.2f} ulp of 1")
 
