@@ -14,10 +14,11 @@ TORCH_LIBRARY(noam_ext, m) {
   //   max_exp_avg_sqs: empty, or one per parameter (amsgrad)
   //   state_steps:    torch's state["step"]: one-element float32 tensors on the
   //                   device, read for the bias corrections and incremented
-  //   schedule_step:  int64 [2] on the device: completed steps of the in-op Noam
+  //   schedule_step:  int64 [2] on the device: completed steps of the in-op
   //                   schedule, and a reserved zero
-  //   hyper:          float64 [rows, 8]: lr, betas, eps, weight decay, Noam settings
-  //                   and maximize per row (csrc/noam_ext/adamw_math.h); on the CPU,
+  //   hyper:          float64 [rows, kNumHyperColumns]: lr, betas, eps, weight decay,
+  //                   maximize and the schedule's settings per row
+  //                   (csrc/noam_ext/adamw_math.h, schedule_math.h); on the CPU,
   //                   or for CUDA also on the call's device, where the kernels read it
   //                   when they run (so CUDA graph replays see stream-ordered updates)
   //   groups:         the hyper row of each parameter

@@ -1,11 +1,10 @@
 """FusedAdamW: a drop-in replacement for torch.optim.AdamW whose step() is one
-fused op call per (device, dtype), with an optional Noam schedule computed
-inside the op."""
+fused op call per (device, dtype), with an optional lr schedule (noam_ext.schedules)
+computed inside the op."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,29 +16,13 @@ from ._lr_mirror import LrMirror
 from ._hyper import (SUPPORTED_DTYPES, DeviceHyperTables, HyperTable, check_hyperparameters,
                      check_tensor_hyperparameters, table_row)
 from ._state import state_like, step_on_device
-from .scheduler import noam_lr, validate_noam_args
+from .schedules import Noam, Schedule
 
-__all__ = ["FusedAdamW", "Noam"]
+__all__ = ["FusedAdamW", "Noam"]   # Noam lives in noam_ext.schedules; this name is kept for old imports
 
-# Key under which state_dict() records the schedule's position (torch ignores unknown keys).
+# Key under which state_dict() records the schedule's position (torch ignores unknown
+# keys). It keeps the name it had when Noam was the only schedule, for every schedule.
 SCHEDULE_STEP_KEY = "noam_schedule_step"
-
-
-@dataclass(frozen=True)
-class Noam:
-    """The Noam schedule, applied inside the fused op: each group's lr is its
-    base lr times noam_lr(k - 1, d_model, warmup_steps) at the k-th step()."""
-
-    d_model: int
-    warmup_steps: int = 4000
-
-    def __post_init__(self):
-        d_model, warmup = validate_noam_args(self.d_model, self.warmup_steps)
-        object.__setattr__(self, "d_model", d_model)
-        object.__setattr__(self, "warmup_steps", warmup)
-
-    def factor(self, completed_steps: int) -> float:
-        return noam_lr(completed_steps, self.d_model, self.warmup_steps)
 
 
 class FusedAdamW(Optimizer):
@@ -48,10 +31,12 @@ class FusedAdamW(Optimizer):
     Arguments, defaults, param groups, state_dict format and numerics follow
     torch.optim.AdamW. Additionally:
 
-      schedule: a Noam(d_model, warmup_steps) makes the op compute each step's lr
-        itself from a step counter on the parameters' device (no host sync). Each
-        group's ``initial_lr`` is then its base lr and ``group["lr"]`` shows the lr
-        the next step will use, exactly as with torch.optim.AdamW + TransformerLRScheduler.
+      schedule: a schedule of noam_ext.schedules (Noam, WarmupCosine, WarmupLinear,
+        WarmupStableDecay, WarmupInverseSqrt, WarmupConstant) makes the op compute
+        each step's lr itself from a step counter on the parameters' device (no host
+        sync). Each group's ``initial_lr`` is then its base lr and ``group["lr"]`` shows
+        the lr the next step will use, exactly as with torch.optim.AdamW + the
+        schedule's LambdaLR (noam_ext.schedule_lr, TransformerLRScheduler for Noam).
         Without a schedule the op uses ``group["lr"]``, so any torch LR scheduler drives it.
         With one, an lr written into ``group["lr"]`` by anything else (a torch LR scheduler)
         makes the next step() raise before it changes anything; hand trainers
@@ -70,14 +55,15 @@ class FusedAdamW(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, schedule: Noam | None = None, foreach: bool | None = None,
+                 maximize: bool = False, schedule: Schedule | None = None, foreach: bool | None = None,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
         check_tensor_hyperparameters(lr, betas, foreach, capturable)
         check_hyperparameters(lr, betas, eps, weight_decay)
         if differentiable:
             raise ValueError("FusedAdamW does not support differentiable=True")
-        if schedule is not None and not isinstance(schedule, Noam):
-            raise ValueError(f"schedule must be a noam_ext.Noam or None, got {schedule!r}")
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise ValueError("schedule must be a noam_ext schedule (Noam, WarmupCosine, WarmupLinear, "
+                             f"WarmupStableDecay, WarmupInverseSqrt, WarmupConstant) or None, got {schedule!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=True)

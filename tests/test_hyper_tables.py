@@ -5,9 +5,11 @@ a torch LR scheduler) is in test_cuda.py."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from noam_ext._hyper import BETA1, LR, NUM_HYPER_COLUMNS, DeviceHyperTables, HyperTable
+from op_args import make_args, positional
 
 
 def groups(lr0, lr1=0.5):
@@ -70,3 +72,13 @@ def test_a_replaced_device_table_is_kept():
     more = groups(0.1) + groups(0.2)[:1]
     second = tables.get(torch.device("cpu"), hyper.get(more, schedule=None), [])
     assert second.shape == (3, NUM_HYPER_COLUMNS) and any(t is first for t in tables._kept)
+
+
+def test_python_and_the_op_agree_on_the_number_of_columns():
+    # kNumHyperColumns (adamw_math.h) against NUM_HYPER_COLUMNS: the op names the width
+    # it expects. (Where each column sits is checked through what the op does with it:
+    # test_schedules_in_op.py reads the schedule block's lr bit for bit, test_op.py maximize.)
+    args = make_args([3, 5])
+    args["hyper"] = args["hyper"][:, :-1].contiguous()
+    with pytest.raises(RuntimeError, match=rf"\[groups, {NUM_HYPER_COLUMNS}\]"):
+        torch.ops.noam_ext.fused_adamw_(*positional(args))

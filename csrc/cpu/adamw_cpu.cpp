@@ -1,5 +1,5 @@
 // noam_ext::fused_adamw_ on the CPU: one multi-threaded pass over every tensor
-// of the call, with the Noam lr and the bias corrections computed here from the
+// of the call, with the scheduled lr and the bias corrections computed here from the
 // step counters.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

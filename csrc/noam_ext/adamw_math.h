@@ -1,4 +1,4 @@
-// The AdamW update and the Noam learning rate, written once.
+// The AdamW update and the hyperparameter table it reads, written once.
 //
 // Every implementation (the CPU op in csrc/cpu, the CUDA kernel in csrc/cuda,
 // the host emulation of the CUDA work split) includes this header and calls
@@ -14,45 +14,34 @@
 #include <cmath>
 #include <cstdint>
 
+#include "schedule_math.h"
+
 namespace noam_ext {
 
 // Columns of the per-group hyperparameter table (float64, [n_groups, kNumHyperColumns])
 // that the optimizer hands to the op. Keep in sync with noam_ext/_hyper.py.
 // amsgrad is not a column: a call either passes max_exp_avg_sqs for every tensor or
 // for none, and the optimizer makes one call per (device, dtype, amsgrad).
+// Columns come in blocks: AdamW's own settings, then the schedule block. A new block
+// goes after the last one, and kNumHyperColumns moves past it.
 enum HyperColumn : int {
   kLr = 0,          // base lr of the group (the schedule multiplies it)
   kBeta1 = 1,
   kBeta2 = 2,
   kEps = 3,
   kWeightDecay = 4,
-  kDModel = 5,      // Noam d_model; only read when kWarmup > 0
-  kWarmup = 6,      // Noam warmup steps; 0 means "no in-op schedule: use kLr as is"
-  kMaximize = 7,    // 1.0 or 0.0
-  kNumHyperColumns = 8,
+  kMaximize = 5,    // 1.0 or 0.0
+  kScheduleBlock = 6,  // kNumScheduleColumns columns: which schedule, and its settings (schedule_math.h)
+  kNumHyperColumns = kScheduleBlock + kNumScheduleColumns,
 };
-
-// The Noam factor of "Attention Is All You Need":
-//   d_model^-0.5 * min(s^-0.5, s * warmup^-1.5),  s = max(step, 1).
-// Evaluated with pow() in double exactly as Python evaluates the same
-// expression, so the host result is bit-identical to noam_ext.noam_lr().
-C10_HOST_DEVICE inline double noam_lambda(double step, double d_model, double warmup) {
-  const double s = step < 1.0 ? 1.0 : step;
-  const double decay = ::pow(s, -0.5);
-  const double ramp = s * ::pow(warmup, -1.5);
-  return ::pow(d_model, -0.5) * (decay < ramp ? decay : ramp);
-}
 
 // The learning rate a group uses in the step that follows `schedule_step`
 // completed steps. The k-th step() of a scheduled optimizer sees
 // schedule_step = k - 1, which is the value LambdaLR's last_epoch has at the
 // k-th optimizer.step() of the usual "optimizer.step(); scheduler.step()" loop.
+// Without a schedule the factor is exactly 1, and lr * 1.0 is lr.
 C10_HOST_DEVICE inline double group_lr(const double* hyper_row, int64_t schedule_step) {
-  const double lr = hyper_row[kLr];
-  if (hyper_row[kWarmup] > 0.0) {
-    return lr * noam_lambda(static_cast<double>(schedule_step), hyper_row[kDModel], hyper_row[kWarmup]);
-  }
-  return lr;
+  return hyper_row[kLr] * schedule_factor(hyper_row + kScheduleBlock, static_cast<double>(schedule_step));
 }
 
 // What the element update needs, already reduced from (lr, betas, eps,
