@@ -29,11 +29,20 @@ TORCH_LIBRARY(noam_ext, m) {
   //   grad_clip:      float64 [1] on the device, or None: every gradient is multiplied
   //                   by it (after the unscaling) as it is read, so that clipping by
   //                   global norm costs no pass of its own (FusedAdamW.clip_grad_norm_)
+  //   masters:        empty, or per param a float32 master (of a bfloat16/float16 param)
+  //                   or an int16 remainder (of a bfloat16 param); see storage.h for the
+  //                   supported combinations of param, grad, moment and master dtypes
+  //   rng_streams, element_offsets: stochastic rounding's stream per param (default:
+  //                   its list index) and the index of its element 0 within the whole
+  //                   parameter (default 0; a shard's offset)
+  //   stochastic_rounding: round what is stored in bfloat16 stochastically, with bits
+  //                   from (stream, the param's step, the element's index) (adamw_math.h)
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor(f!) schedule_step, Tensor hyper, "
       "int[] groups, *, bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_clip=None) -> ()");
+      "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
+      "bool stochastic_rounding=False) -> ()");
   // The CUDA kernel's work split and math, run on the host over an emulated
   // grid of num_blocks x threads_per_block (same arguments, CPU tensors), so
   // that CI tests the kernel's indexing without a GPU (csrc/cpu/cuda_emulation.cpp).
@@ -42,7 +51,8 @@ TORCH_LIBRARY(noam_ext, m) {
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
       "Tensor(f!) schedule_step, Tensor hyper, int[] groups, *, int num_blocks, int threads_per_block, "
       "bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_clip=None) -> ()");
+      "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
+      "bool stochastic_rounding=False) -> ()");
   // The row walk alone (work_split.h) for tensors of the given sizes over the
   // virtual range [begin, end): (row, lo, hi) triples, flattened. Lets tests check
   // 64-bit offsets past 2**31 elements without allocating such tensors.

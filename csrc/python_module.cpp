@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/cpu_capability.h"
@@ -31,7 +33,7 @@ using step::StepPlan;
 // One optimizer step: plans it from param_groups and optimizer.state as they
 // are now and, when nothing needs preparing, makes it. Returns None when the
 // step was made; otherwise, having changed nothing, (stateless, misplaced_steps,
-// devices without a counter) for FusedAdamW to prepare before calling again.
+// devices without a counter, masterless) for FusedAdamW to prepare before calling again.
 //   hyper:      the optimizer's float64 [groups, columns] table on the CPU
 //   device_hypers: {torch.device: the same table on that device} for devices whose
 //               kernels should read it there (FusedAdamW keeps them current with
@@ -60,7 +62,7 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
     }
   }
   if (!plan->ready() || !missing.empty()) {
-    return py::make_tuple(plan->stateless, plan->misplaced_steps, missing);
+    return py::make_tuple(plan->stateless, plan->misplaced_steps, missing, plan->masterless);
   }
   // Every device has a counter (so FusedAdamW has checked it has a kernel): check
   // every call of the step, then make them.
@@ -118,6 +120,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("cuda_compiled") = 0;
 #endif
+  m.def(
+      "supported_storage",
+      [] {
+        auto name = [](c10::ScalarType t) {
+          return t == c10::ScalarType::Double ? "float64" : t == c10::ScalarType::Float ? "float32"
+                 : t == c10::ScalarType::BFloat16 ? "bfloat16" : "float16";
+        };
+        const char* masters[] = {"none", "float32", "remainder"};
+        std::vector<std::tuple<std::string, std::string, std::string, std::string>> out;
+        for (const noam_ext::StorageTypes& s : noam_ext::kSupportedStorage) {
+          out.emplace_back(name(s.param), name(s.grad), name(s.moment), masters[static_cast<int>(s.master)]);
+        }
+        return out;
+      },
+      "The (param, grad, moment, master) storage combinations the op supports (csrc/noam_ext/storage.h).");
   m.def("cpu_capability", [] { return noam_ext::cpu::active_cpu_capability(); },
         "Instruction set the CPU op runs with: default, avx2 or avx512.");
   m.def("fused_step", &noam_ext::fused_step, py::arg("param_groups"), py::arg("state"), py::arg("hyper"),

@@ -1,6 +1,7 @@
-"""Creating optimizer state the way torch.optim.AdamW's fused path does, lazily
-at a parameter's first step, in torch's format: state[p] = {"step": float32
-scalar on p's device, "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]} shaped like p.
+"""Optimizer state the way torch.optim.AdamW's fused path keeps it: state[p] =
+{"step": float32 scalar on p's device, "exp_avg", "exp_avg_sq"[, "max_exp_avg_sq"]}
+shaped like p, created lazily at a parameter's first step (noam_ext._storage.state_for,
+which also makes the masters of the low-byte options).
 
 Each moment has its own storage, made with zeros_like as torch makes it (so it has
 the parameter's strides where the parameter is dense, is a DTensor sharded like a
@@ -13,18 +14,6 @@ allocation into torch.save, copy.deepcopy and memory."""
 from __future__ import annotations
 
 import torch
-
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def state_like(p: torch.Tensor, amsgrad: bool) -> dict:
-    """Fresh state for one parameter, as torch.optim.AdamW's fused path makes it."""
-    state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
-    for key in STATE_KEYS:
-        if key != "max_exp_avg_sq" or amsgrad:
-            state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return state
-
 
 def step_on_device(value, device: torch.device) -> torch.Tensor:
     """state["step"] as the op reads it: a float32 scalar on the parameter's device

@@ -38,6 +38,8 @@ void emulate_rows(const RowsCall& call, int64_t num_blocks, int threads_per_bloc
   TORCH_CHECK(call.hyper.is_cpu(), "emulate_cuda_fused_adamw_: hyper must be a CPU tensor");
   TORCH_CHECK(call.layouts.empty(), "emulate_cuda_fused_adamw_: tensors that are not dense and laid out alike "
               "(strided rows) are not supported by the CUDA kernels yet");
+  TORCH_CHECK(call.storage.is_plain() && !call.stochastic_rounding,
+              "emulate_cuda_fused_adamw_: the low-byte options are not supported by the CUDA kernels yet");
   std::vector<RowCoefficients<double>> coefficients(call.rows.size());   // room for either math type
   dispatch_storage_type(call.dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
@@ -67,10 +69,14 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
                               at::IntArrayRef groups, int64_t num_blocks, int64_t threads_per_block,
                               bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf,
-                              const std::optional<at::Tensor>& grad_clip) {
+                              const std::optional<at::Tensor>& grad_clip, std::optional<at::TensorList> masters,
+                              at::IntArrayRef rng_streams, at::IntArrayRef element_offsets,
+                              bool stochastic_rounding) {
   TORCH_CHECK(num_blocks >= 1 && threads_per_block >= 1, "emulate_cuda_fused_adamw_: empty grid");
   checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper,
-                      groups, advance_schedule, grad_scale, found_inf, grad_clip, [&](const RowsCall& call) {
+                      groups, advance_schedule, grad_scale, found_inf, grad_clip,
+                      {masters.value_or(at::TensorList{}), rng_streams, element_offsets, stochastic_rounding},
+                      [&](const RowsCall& call) {
                         emulate_rows(call, num_blocks, static_cast<int>(threads_per_block));
                       });
 }

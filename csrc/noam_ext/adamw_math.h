@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "schedule_math.h"
 
@@ -163,6 +164,110 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_update(
   }
   const T denom = Ops::sqrt(second_moment) / T(c.bias_correction2_sqrt) + T(c.eps);
   param = param + T(c.neg_step_size) * exp_avg / denom;
+}
+
+// ---- Storing in 16 bits: master remainders and stochastic rounding ------------------------
+// (FusedAdamW's low-byte options; docs/adamw.md, "Fewer bytes per parameter".) Integer
+// operations only, so every implementation gets the same bits.
+
+C10_HOST_DEVICE inline uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+C10_HOST_DEVICE inline float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+C10_HOST_DEVICE inline bool bits_are_nan(uint32_t u) {
+  return (u & 0x7FFFFFFFu) > 0x7F800000u;
+}
+
+// A float32 master as a bfloat16 parameter and a 16-bit remainder that together rebuild
+// it exactly (TransformerEngine's "param remainders"). The parameter is the master
+// rounded to nearest with ties away from zero: round-to-even would need a 17th bit at
+// exact ties (a bfloat16 value has 65537 float32 values that round to it when its last
+// bit is even), so both master forms round this way and agree bit for bit. A NaN master
+// gives a NaN parameter and remainder 0 (its payload is not kept).
+struct MasterSplit {
+  uint16_t param_bits;
+  int16_t remainder;
+};
+
+C10_HOST_DEVICE inline MasterSplit split_master(float master) {
+  const uint32_t m = float_bits(master);
+  if (bits_are_nan(m)) {
+    return {static_cast<uint16_t>((m >> 16) | 0x0040u), 0};
+  }
+  const uint32_t rounded = (m + 0x8000u) & 0xFFFF0000u;   // carries into the magnitude at lo >= 0x8000
+  return {static_cast<uint16_t>(rounded >> 16), static_cast<int16_t>(static_cast<uint16_t>(m - rounded))};
+}
+
+C10_HOST_DEVICE inline float join_master(uint16_t param_bits, int16_t remainder) {
+  return bits_float((static_cast<uint32_t>(param_bits) << 16) + static_cast<uint32_t>(static_cast<int32_t>(remainder)));
+}
+
+// The bfloat16 a float32 master writes to its parameter, as a float (exactly representable).
+C10_HOST_DEVICE inline float master_to_bfloat16_value(float master) {
+  const uint32_t m = float_bits(master);
+  return bits_are_nan(m) ? master : bits_float((m + 0x8000u) & 0xFFFF0000u);
+}
+
+// Stochastic rounding's random bits: a counter-based generator, a pure function of a key
+// and an element's index, so the bits depend on neither threads, blocks nor launches.
+// The key hashes the parameter's stream (its optimizer seed and place, and for a shard
+// where that is needed, the shard), its step count, which pair of tensors it rounds, and
+// the high 32 bits of the index; the bits hash the key with the low 32 bits.
+C10_HOST_DEVICE inline uint64_t mix64(uint64_t x) {   // splitmix64's finaliser
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  return x;
+}
+
+C10_HOST_DEVICE inline uint32_t mix32(uint32_t x) {   // "lowbias32", a well-mixing bijection
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Which pair of tensors a key rounds: the parameter (low 16 bits) and exp_avg (high 16
+// bits) share one draw, exp_avg_sq (low) and max_exp_avg_sq (high) another.
+enum RoundingPair : uint32_t { kParamAndExpAvg = 0, kExpAvgSqAndMax = 1 };
+
+C10_HOST_DEVICE inline uint32_t rounding_key(uint64_t stream, float step, uint32_t pair, uint32_t index_high) {
+  const uint64_t h = mix64(stream ^ mix64(static_cast<uint64_t>(step) * 4 + pair) ^
+                           (static_cast<uint64_t>(index_high) << 32));
+  return static_cast<uint32_t>(h ^ (h >> 32));
+}
+
+C10_HOST_DEVICE inline uint32_t rounding_bits(uint32_t key, uint32_t index_low) {
+  return mix32(index_low * 0x9E3779B9u + key);
+}
+
+// x rounded to a bfloat16 value stochastically: up in magnitude with probability
+// (the dropped low 16 bits) / 2**16, so the expected result is x. `random16` is 16
+// random bits. Returned as a float that bfloat16 represents exactly; a NaN is returned
+// as is, for the conversion to make a bfloat16 NaN of it.
+C10_HOST_DEVICE inline float stochastic_bfloat16_value(float x, uint32_t random16) {
+  const uint32_t m = float_bits(x);
+  return bits_are_nan(m) ? x : bits_float((m + (random16 & 0xFFFFu)) & 0xFFFF0000u);
 }
 
 }  // namespace noam_ext

@@ -30,7 +30,10 @@ struct TensorRow {
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;    // null without amsgrad
+  void* master;            // float32 master or int16 remainder (storage.h), or null
   float* step;             // torch's state["step"] (float32, one element, on the device)
+  uint64_t rng_stream;     // stochastic rounding: the parameter's stream (adamw_math.h, rounding_key)
+  int64_t element_offset;  // stochastic rounding: the index of element 0 within the whole parameter
   int32_t group;           // row of the hyperparameter table
   int32_t vector_ok;       // 1 when every pointer above is 16-byte aligned: 16-byte vectors
                            // are then safe; otherwise the tensor takes the element path
@@ -48,8 +51,10 @@ struct TensorRow {
 // alike in every tensor are merged and dimensions of size 1 dropped first
 // (make_strided_layout in op_checks.h), so kMaxStridedDims is ample.
 constexpr int kMaxStridedDims = 8;
-constexpr int kRowTensors = 5;   // param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq
-enum RowTensor : int { kParamTensor = 0, kGradTensor, kExpAvgTensor, kExpAvgSqTensor, kMaxExpAvgSqTensor };
+constexpr int kRowTensors = 6;   // param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master
+enum RowTensor : int {
+  kParamTensor = 0, kGradTensor, kExpAvgTensor, kExpAvgSqTensor, kMaxExpAvgSqTensor, kMasterTensor
+};
 
 struct StridedLayout {
   int64_t ndim;

@@ -20,21 +20,24 @@
 
 namespace noam_ext::step {
 
-// Everything of one (device, dtype, amsgrad) that takes part in this step.
+// Everything of one (device, storage, amsgrad, rounding) that takes part in this step.
 struct Bucket {
   // Declared first, destroyed last: tensors made for this step (real views of
   // complex tensors) that the lists below borrow.
   std::vector<at::Tensor> owned;
   at::Device device{at::kCPU};
-  at::ScalarType dtype{at::kFloat};
+  at::ScalarType dtype{at::kFloat};   // storage.param
+  StorageTypes storage{at::kFloat, at::kFloat, at::kFloat, MasterKind::kNone};
   bool amsgrad = false;
-  BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  bool stochastic_rounding = false;
+  BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps;
+  std::vector<int64_t> rng_streams, element_offsets;   // per param, with stochastic rounding
   std::vector<int64_t> rows;          // per param: its param group (its row of the hyper table)
   std::vector<std::pair<int64_t, int64_t>> where;   // per param: (group, index in group)
   std::vector<int32_t> rounds;        // per param: which of the bucket's calls updates it
   int32_t num_rounds = 1;
   void reserve_more(size_t n) {
-    for (BorrowedTensors* list : {&params, &grads, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs, &steps}) {
+    for (BorrowedTensors* list : {&params, &grads, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs, &masters, &steps}) {
       list->reserve(list->size() + n);
     }
     rows.reserve(rows.size() + n);
@@ -111,7 +114,8 @@ inline void assign_rounds(Bucket& b) {
 }
 
 struct CallLists {
-  BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps;
+  BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps;
+  std::vector<int64_t> rng_streams, element_offsets;
   std::vector<int64_t> rows;
   std::vector<std::pair<int64_t, int64_t>> where;
 };
@@ -129,6 +133,13 @@ inline CallLists round_lists(const Bucket& b, int32_t round) {
     if (b.amsgrad) {
       c.max_exp_avg_sqs.push_back(b.max_exp_avg_sqs[i]);
     }
+    if (b.storage.master != MasterKind::kNone) {
+      c.masters.push_back(b.masters[i]);
+    }
+    if (b.stochastic_rounding) {
+      c.rng_streams.push_back(b.rng_streams[i]);
+      c.element_offsets.push_back(b.element_offsets[i]);
+    }
     c.steps.push_back(b.steps[i]);
     c.rows.push_back(b.rows[i]);
     c.where.push_back(b.where[i]);
@@ -145,6 +156,10 @@ class StepPlan {
   // parameter's device (a torch.optim.AdamW checkpoint keeps it on the CPU):
   // FusedAdamW moves it there and collects again.
   std::vector<std::pair<int64_t, int64_t>> misplaced_steps;
+  // Parameters of master-weight groups whose state has no master yet (a checkpoint of
+  // torch.optim.AdamW, or of an optimizer without the option): FusedAdamW makes it from
+  // the parameter and collects again.
+  std::vector<std::pair<int64_t, int64_t>> masterless;
   std::vector<Bucket> buckets;
   int64_t num_groups = 0;             // rows of the hyper table
 
@@ -158,7 +173,7 @@ class StepPlan {
     return out;
   }
 
-  bool ready() const { return stateless.empty() && misplaced_steps.empty(); }
+  bool ready() const { return stateless.empty() && misplaced_steps.empty() && masterless.empty(); }
 
   // Checks every call this plan will make, naming parameters, before any is
   // made, and keeps each call's rows for run().
@@ -179,10 +194,11 @@ class StepPlan {
         const auto name_of = [&c](int64_t i) {
           return param_name(c.where[i].first, c.where[i].second, c.params[i]);
         };
+        StorageTypes types{};
         b.call_rows.push_back(build_tensor_rows({c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs,
-                                                 c.steps},
+                                                 c.steps, c.masters, c.rng_streams, c.element_offsets},
                                                 b.device, n_rows, c.rows, b.call_totals[round],
-                                                b.call_layouts[round], name_of));
+                                                b.call_layouts[round], types, name_of));
       }
     }
   }
@@ -206,9 +222,9 @@ class StepPlan {
       for (int32_t round = 0; round < b.num_rounds; ++round) {
         // The device implementations behind torch.ops.noam_ext.fused_adamw_, given
         // the rows check() built: no second check, no dispatcher round trip.
-        const RowsCall call{b.call_rows[round], b.call_layouts[round], b.call_totals[round], b.dtype, b.amsgrad, counters[d], table,
-                            last_call_of_device[d] == k && round == b.num_rounds - 1, grad_scales[d], found_infs[d],
-                            grad_clips[d]};
+        const RowsCall call{b.call_rows[round], b.call_layouts[round], b.call_totals[round], b.dtype, b.amsgrad,
+                            counters[d], table, last_call_of_device[d] == k && round == b.num_rounds - 1,
+                            grad_scales[d], found_infs[d], grad_clips[d], b.storage, b.stochastic_rounding};
         if (b.device.is_cpu()) {
           cpu::run_rows(call);
 #if defined(NOAM_EXT_WITH_CUDA)

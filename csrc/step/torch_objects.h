@@ -155,19 +155,25 @@ struct StateEntries {
   PyObject* exp_avg = nullptr;
   PyObject* exp_avg_sq = nullptr;
   PyObject* max_exp_avg_sq = nullptr;
+  PyObject* master_param = nullptr;       // float32 master weights (FusedAdamW's master_weights="float32")
+  PyObject* master_remainder = nullptr;   // int16 remainders (master_weights="remainder")
 };
 
 inline StateEntries read_state_entries(PyObject* state) {
-  static PyObject* const kKeys[4] = {PyUnicode_InternFromString("step"), PyUnicode_InternFromString("exp_avg"),
-                                     PyUnicode_InternFromString("exp_avg_sq"),
-                                     PyUnicode_InternFromString("max_exp_avg_sq")};
-  static const char* const kKeyNames[4] = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+  constexpr int kCount = 6;
+  static const char* const kKeyNames[kCount] = {"step",         "exp_avg",      "exp_avg_sq", "max_exp_avg_sq",
+                                                "master_param", "master_remainder"};
+  static PyObject* const kKeys[kCount] = {
+      PyUnicode_InternFromString(kKeyNames[0]), PyUnicode_InternFromString(kKeyNames[1]),
+      PyUnicode_InternFromString(kKeyNames[2]), PyUnicode_InternFromString(kKeyNames[3]),
+      PyUnicode_InternFromString(kKeyNames[4]), PyUnicode_InternFromString(kKeyNames[5])};
   StateEntries out;
-  PyObject** slots[4] = {&out.step, &out.exp_avg, &out.exp_avg_sq, &out.max_exp_avg_sq};
+  PyObject** slots[kCount] = {&out.step,           &out.exp_avg,      &out.exp_avg_sq,
+                              &out.max_exp_avg_sq, &out.master_param, &out.master_remainder};
   Py_ssize_t pos = 0;
   PyObject *key = nullptr, *value = nullptr;
   while (PyDict_Next(state, &pos, &key, &value)) {
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < kCount; ++k) {
       if (key == kKeys[k] || (PyUnicode_Check(key) && PyUnicode_CompareWithASCIIString(key, kKeyNames[k]) == 0)) {
         *slots[k] = value;
         break;
