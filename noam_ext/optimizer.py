@@ -232,8 +232,15 @@ class FusedAdamW(Optimizer):
         # torch casts every floating state entry to its parameter's dtype: entries the
         # options keep in another dtype (float32 moments or masters of 16-bit parameters,
         # int16 remainders) are set aside and loaded here in their own.
-        state_dict, kept = _set_aside_own_dtypes(self.param_groups, state_dict)
+        # The storage options stay as this optimizer was built with them (a checkpoint is
+        # converted to them, whatever stored it); the seed is the checkpoint's where it has
+        # one, so that a resumed run draws the same rounding bits.
+        options = [{**{k: g[k] for k in OPTION_KEYS if k in g}, **({"seed": s["seed"]} if "seed" in s else {})}
+                   for g, s in zip(self.param_groups, state_dict["param_groups"])]
+        state_dict, kept = _set_aside_own_dtypes(self.param_groups, options, state_dict)
         super().load_state_dict(state_dict)
+        for group, own in zip(self.param_groups, options):
+            group.update(own)
         for p, key, value, dtype in kept:
             self.state[p][key] = value.to(device=p.device, dtype=dtype)
         _convert_masters(self.param_groups, self.state)
@@ -444,12 +451,13 @@ def _traceable_step(opt: FusedAdamW) -> None:
             counter[:1].add_(1)
 
 
-def _set_aside_own_dtypes(param_groups: list[dict], state_dict: dict[str, Any]):
-    """A copy of state_dict without the state entries that this optimizer keeps in
-    another dtype than the parameter's, and those entries as (param, key, value, dtype)."""
+def _set_aside_own_dtypes(param_groups: list[dict], group_options: list[dict], state_dict: dict[str, Any]):
+    """A copy of state_dict without the state entries that the groups' storage options
+    keep in another dtype than the parameter's, and those entries as (param, key,
+    value, dtype)."""
     kept, state = [], dict(state_dict["state"])
-    for group, saved in zip(param_groups, state_dict["param_groups"]):
-        options = options_of(group)
+    for group, own, saved in zip(param_groups, group_options, state_dict["param_groups"]):
+        options = options_of(own)
         for p, saved_key in zip(group["params"], saved["params"]):
             entry = state.get(saved_key)
             if not isinstance(entry, dict):
