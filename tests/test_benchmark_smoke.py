@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_step.py"
 OPTIMIZERS = {"noam_ext", "torch for-loop", "torch foreach", "torch fused"}
 TORCH = OPTIMIZERS - {"noam_ext"}
@@ -274,3 +276,45 @@ def test_low_bytes_targets_are_judged_as_the_issue_says(monkeypatch):
     refused.skipped["noam_ext bf16, stochastic rounding"] = "fused_adamw_: ... not supported on CUDA yet"
     assert "| noam_ext bf16, stochastic rounding | 14 | skipped: fused_adamw_: ... not supported on CUDA yet |" in (
         "\n".join(low_bytes_rows(refused)))
+
+
+def test_low_bytes_skips_are_rows_that_say_why(monkeypatch):
+    """A variant the device refuses (the options on CUDA before its kernel lands) and a
+    layout that does not fit in memory are rows saying why; the rest is measured as usual,
+    with ceilings for the byte counts still measured. Forced here on the CPU, on 1e4
+    elements."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    from types import SimpleNamespace
+
+    import noam_ext
+    from benchlib import low_bytes
+    from benchlib.report import low_bytes_markdown, low_bytes_rows
+
+    args = SimpleNamespace(device="cpu", warmup=1, iterations=3)
+    real_step = noam_ext.FusedAdamW.step
+
+    def refusing_step(self, *args, **kwargs):   # what the CUDA path does with the low-byte options today
+        options = ("master_weights", "moment_dtype", "stochastic_rounding")   # group keys only when given
+        if any(key in group for group in self.param_groups for key in options):
+            raise RuntimeError("fused_adamw_: master weights, ... are not supported on CUDA yet\nmore")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(noam_ext.FusedAdamW, "step", refusing_step)
+    with pytest.raises(RuntimeError, match="not supported on CUDA yet"):   # on the CPU it is a bug: raised
+        low_bytes.time_layout("flat", "flat 1e+04", [(10_000,)], args)
+    monkeypatch.setattr(low_bytes, "skips_refused", lambda device: True)
+    r = low_bytes.time_layout("flat", "flat 1e+04", [(10_000,)], args)
+    plain = {"noam_ext float32", "noam_ext bf16, round to nearest", "torch fused float32", "torch fused bfloat16"}
+    assert {v.name for v in r.measured()} == plain
+    assert set(r.skipped) == set(LOW_BYTES) - plain
+    assert set(r.skipped.values()) == {"fused_adamw_: master weights, ... are not supported on CUDA yet"}
+    assert sorted(name for name in r.timings if name.startswith("ceiling")) == ["ceiling 14 B", "ceiling 28 B"]
+    rows = low_bytes_rows(r)
+    assert len(rows) == len(LOW_BYTES) and sum("| skipped: fused_adamw_" in row for row in rows) == len(r.skipped)
+    assert all(r.fraction_of_ceiling(name) > 0 and r.ratio("torch fused float32", name) > 0 for name in plain)
+
+    monkeypatch.setattr(low_bytes, "available_memory", lambda device: 10**6)
+    r = low_bytes.time_layout("flat", "flat 1e+04", [(10_000,)], args)
+    assert r.layout_skipped.startswith("not enough memory") and not r.timings
+    assert low_bytes_rows(r) == [f"| flat 1e+04 | every variant | | skipped: {r.layout_skipped} | | | | | |"]
+    assert "none apply" not in low_bytes_markdown({"device": "cpu"}, [r])

@@ -21,7 +21,7 @@ import noam_ext
 
 from .config import D_MODEL, WARMUP, adamw_kwargs
 from .step import ceiling_buffers, ceiling_pass, transformer_shapes
-from .timer import Timing, quartiles, time_interleaved
+from .timer import quartiles, time_interleaved
 
 F32, BF16 = torch.float32, torch.bfloat16
 FUSED_F32 = "torch fused float32"
@@ -290,6 +290,13 @@ class LowBytesResult:
         return found
 
 
+def skips_refused(device: str) -> bool:
+    """Whether a variant that raises is skipped (its row says why) rather than stopping the
+    run: on a GPU, where the options raise until the CUDA kernel runs them; not on the CPU,
+    which runs every option, so that an error there is a bug."""
+    return device != "cpu"
+
+
 def time_layout(kind: str, name: str, shapes, args) -> LowBytesResult:
     device = args.device
     n = sum(torch.Size(s).numel() for s in shapes)
@@ -307,9 +314,8 @@ def time_layout(kind: str, name: str, shapes, args) -> LowBytesResult:
         try:
             candidates.append(Candidate(variant.name, build_variant(variant, values, grads)))
         except Exception as error:  # noqa: BLE001
-            if device == "cpu":
-                raise   # every option runs on the CPU: a failure is a bug, not a skip
-            # Options the CUDA path does not run yet raise there: the row says so.
+            if not skips_refused(device):
+                raise
             result.skipped[variant.name] = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
             print(f"    {variant.name}: skipped: {result.skipped[variant.name]}", file=sys.stderr, flush=True)
     del values, grads

@@ -255,8 +255,9 @@ def low_bytes_markdown(info: dict, results: list[LowBytesResult]) -> str:
                for v in r.measured() for t in r.targets(v.name)]
     if checked:
         missed = [f"{r.name}, {name}: {t['target']}" for r, name, t in checked if not t["met"]]
-        lines += ["", f"Targets of the issue (CPU, from {TARGET_MIN_ELEMENTS:.0e} elements): {len(checked) - len(missed)} "
-                  f"of {len(checked)} met" + (". Not met: " + "; ".join(missed) + "." if missed else ".")]
+        lines += ["", f"Targets of the issue (CPU, from {TARGET_MIN_ELEMENTS:.0e} elements): "
+                  f"{len(checked) - len(missed)} of {len(checked)} met"
+                  + (". Not met: " + "; ".join(missed) + "." if missed else ".")]
     elif measured:
         lines += ["", f"The issue's targets hold on the CPU from {TARGET_MIN_ELEMENTS:.0e} elements: none apply to "
                   "these rows (" + ", ".join(sorted({r.targets_apply() for r in measured})) + ")."]
