@@ -53,7 +53,7 @@ grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests.log" | head -n 30
 
 stage "benchmark, at most 60 s"
 if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-  timeout 60 python benchmarks/bench_step.py --device cuda --iterations 10 --warmup 3 --min-run-time 0.2 \
+  timeout 60 python benchmarks/bench_step.py --device cuda --profile gpu-check \
       --out "$OUT_DIR" >"$OUT_DIR/bench.log" 2>&1
   done_stage bench "exit $? (tables in bench.log)"
   tail -n 40 "$OUT_DIR/bench.log"
