@@ -27,6 +27,7 @@ import torch
 MASTER_WEIGHTS = (None, "float32", "remainder")
 MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
 MASTER_KEYS = {"float32": "master_param", "remainder": "master_remainder"}
+MASTER_DTYPES = {"master_param": torch.float32, "master_remainder": torch.int16}   # state key -> its dtype
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 OPTION_KEYS = ("master_weights", "moment_dtype", "stochastic_rounding", "seed")
 
@@ -157,11 +158,7 @@ def loaded_dtype(p: torch.Tensor, key: str, options: StorageOptions) -> torch.dt
     if key in MOMENT_KEYS and not options.is_default and not p.is_complex():
         moment = moment_dtype_for(p.dtype, options)
         return moment if moment != p.dtype else None
-    if key == "master_param":
-        return torch.float32
-    if key == "master_remainder":
-        return torch.int16
-    return None
+    return MASTER_DTYPES.get(key)
 
 
 # ---- stochastic rounding's streams ----------------------------------------------------
