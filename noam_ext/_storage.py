@@ -184,7 +184,10 @@ def as_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-_SHARDS: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, int]]" = weakref.WeakKeyDictionary()
+# Cached per parameter, by id (a WeakKeyDictionary would compare tensors with ==, which
+# is elementwise for tensors): (a weak reference to the parameter, (offset, salt)); the
+# entry goes with the parameter.
+_SHARDS: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
 
 
 def shard_rounding(p: torch.Tensor) -> tuple[int, int]:
@@ -195,11 +198,13 @@ def shard_rounding(p: torch.Tensor) -> tuple[int, int]:
     gets; otherwise (Shard(1), ...) offset 0 and a salt from the shard's global offsets,
     which gives the shard a stream of its own (the bits are then the same for the same
     sharding, but not those of the unsharded run). Cached per parameter."""
-    cached = _SHARDS.get(p)
-    if cached is None:
-        cached = _shard_rounding(p)
-        _SHARDS[p] = cached
-    return cached
+    key = id(p)
+    entry = _SHARDS.get(key)
+    if entry is not None and entry[0]() is p:
+        return entry[1]
+    value = _shard_rounding(p)
+    _SHARDS[key] = (weakref.ref(p, lambda _, key=key: _SHARDS.pop(key, None)), value)
+    return value
 
 
 def _shard_rounding(p: torch.Tensor) -> tuple[int, int]:
