@@ -383,6 +383,27 @@ def test_a_torch_adamw_checkpoint_loads_into_each_option(name, tmp_path):
             assert_master_form_is_the_float32_run(option, ours, opt, twins, twin_opt, f"{name}: step {step}")
 
 
+
+@names
+def test_each_options_checkpoint_loads_into_torch_adamw(name, tmp_path):
+    # torch casts the moments to the parameters' dtype and ignores masters and option keys;
+    # the step it then takes is its own.
+    option = OPTIONS[name]
+    params, opt = make(option, base_values())
+    train(params, opt, option, range(3))
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    torch_opt = torch.optim.AdamW(groups(theirs), **KW, foreach=False)
+    torch_opt.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
+    for p, q in zip(params, theirs):
+        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if "max_exp_avg_sq" in opt.state[p] else ()):
+            assert torch.equal(torch_opt.state[q][key], opt.state[p][key].to(option.param_dtype)), (name, key)
+        assert float(torch_opt.state[q]["step"]) == 3.0
+    for p, g in zip(theirs, gradients(option, 3)):
+        p.grad = g.to(p.dtype)
+    torch_opt.step()
+    assert all(float(torch_opt.state[q]["step"]) == 4.0 for q in theirs)
+
 # ---- bad masters: refused first -----------------------------------------------------------------
 
 def _transposed(p, dtype):
