@@ -428,15 +428,7 @@ BAD_MASTERS = {
     "float32-as-int16": ("float32", _reshaped(torch.int16)),
     "remainder-as-float32": ("remainder", _reshaped(F32)),
 }
-NOT_NAMED = ("noam_ext's C++: a master of a dtype no master form has is refused by storage_of "
-             "(csrc/noam_ext/op_checks.h, 'fused_adamw_: masters must be float32 ... or int16 ...'), whose "
-             "message does not name the parameter")
-OTHER_FORM = ("noam_ext's C++: the master's kind is taken from the master tensor's dtype, not from the group's "
-              "master_weights (csrc/noam_ext/op_checks.h storage_of, called by csrc/step/collect.h plan_param), "
-              "so the other form's master is used as that form, silently: the step runs and changes the "
-              "parameter and its state instead of refusing it")
-XFAIL_STATE = {"float32-as-float16": NOT_NAMED, "remainder-as-bfloat16": NOT_NAMED,
-               "float32-as-int16": OTHER_FORM, "remainder-as-float32": OTHER_FORM}
+XFAIL_STATE: dict[str, str] = {}
 
 
 def _bad_master_cases(xfails: dict):

@@ -58,12 +58,13 @@ struct RowTensors {
 // The storage types of a call, from its first parameter's tensors (every other
 // parameter must match them).
 inline StorageTypes storage_of(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                               const at::Tensor* master) {
+                               const at::Tensor* master, const std::string& name = "params[0]") {
   MasterKind kind = MasterKind::kNone;
   if (master != nullptr) {
     TORCH_CHECK(master->defined() && (master->scalar_type() == at::kFloat || master->scalar_type() == at::kShort),
-                "fused_adamw_: masters must be float32 (master weights) or int16 (remainders of bfloat16 "
-                "parameters), got ", master->defined() ? c10::toString(master->scalar_type()) : "an undefined tensor");
+                "fused_adamw_: the master of ", name, " must be float32 (master weights) or int16 (the remainder "
+                "of a bfloat16 parameter), got ",
+                master->defined() ? c10::toString(master->scalar_type()) : "an undefined tensor");
     kind = master->scalar_type() == at::kShort ? MasterKind::kRemainder : MasterKind::kFloat32;
   }
   return {param.scalar_type(), grad.defined() ? grad.scalar_type() : param.scalar_type(),
@@ -270,7 +271,7 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
   std::vector<TensorRow> rows(n);
   int64_t end = 0;
   types = n > 0 ? storage_of(t.params[0], t.grads[0], t.exp_avgs[0],
-                                                t.masters.empty() ? nullptr : &t.masters[0])
+                                                t.masters.empty() ? nullptr : &t.masters[0], name_of(0))
                                    : StorageTypes{at::kFloat, at::kFloat, at::kFloat, MasterKind::kNone};
   TORCH_CHECK(is_supported_storage(types), "fused_adamw_: ", n > 0 ? name_of(0) : std::string("the call"),
               " is stored as ", describe(types), ", which is not supported; supported:", supported_storage_list());
