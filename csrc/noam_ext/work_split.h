@@ -32,8 +32,6 @@ struct TensorRow {
   void* max_exp_avg_sq;    // null without amsgrad
   float* step;             // torch's state["step"] (float32, one element, on the device)
   int32_t group;           // row of the hyperparameter table
-  int32_t vector_ok;       // 1 when every pointer above is 16-byte aligned: 16-byte vectors
-                           // are then safe; otherwise the tensor takes the element path
 };
 
 // Where the next row starts after a row ending at virtual index `end`.
