@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from noam_ext._hyper import BETA1, LR, NUM_HYPER_COLUMNS, DeviceHyperTables, HyperTable
+from noam_ext._hyper import BETA1, LR, NUM_HYPER_COLUMNS, DeviceHyperTables, HyperTable, fill_captured_table
 
 
 def groups(lr0, lr1=0.5):
@@ -85,7 +85,6 @@ def test_replays_use_the_values_at_capture_until_an_eager_step_copies_newer_ones
     uploads_at_capture = 1
 
     def replay():
-        from noam_ext._hyper import fill_captured_table
         fill_captured_table(graph_table, eager, at_capture, uploads_at_capture)
         return float(graph_table[0, LR])
 
@@ -109,7 +108,6 @@ def test_a_capture_with_unchanged_values_reads_the_eager_table(monkeypatch):
     eager = tables._eager[device]
     assert graph_table is not eager.table and graph_table[0, LR] == lr.double() and eager.table[0, LR] == 0.1
     tables.get(device, hyper.get(groups(0.4), schedule=None), [])
-    from noam_ext._hyper import fill_captured_table
     fill_captured_table(graph_table, eager, None, 1)   # a replay: the eager table's values
     assert graph_table[0, LR] == 0.4
 

@@ -95,14 +95,16 @@ struct GraphHold {
   std::vector<at::Tensor> tensors;            // freed after release
 };
 
+// These and the table cache are never destroyed: at exit, a graph's release may still
+// come, and freeing device memory after CUDA's teardown would fail.
 std::mutex& released_mutex() {
-  static std::mutex mutex;
-  return mutex;
+  static auto* mutex = new std::mutex;
+  return *mutex;
 }
 
 std::vector<at::Tensor>& released_tensors() {
-  static std::vector<at::Tensor> tensors;
-  return tensors;
+  static auto* tensors = new std::vector<at::Tensor>;
+  return *tensors;
 }
 
 void release_graph_hold(void* p) {   // CUDA's thread
@@ -204,13 +206,13 @@ constexpr size_t kCachedTablesPerStream = 8;   // besides those live graphs use
 size_t round_up_16(size_t n) { return (n + 15) / 16 * 16; }
 
 std::mutex& cache_mutex() {
-  static std::mutex mutex;
-  return mutex;
+  static auto* mutex = new std::mutex;
+  return *mutex;
 }
 
 std::map<std::pair<int, cudaStream_t>, std::list<DeviceTable>>& caches() {
-  static std::map<std::pair<int, cudaStream_t>, std::list<DeviceTable>> tables;
-  return tables;
+  static auto* tables = new std::map<std::pair<int, cudaStream_t>, std::list<DeviceTable>>;
+  return *tables;
 }
 
 // The graph being captured on `stream` keeps `table`.
