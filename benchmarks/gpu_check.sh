@@ -148,8 +148,9 @@ for dtype in (torch.float32, torch.bfloat16):
             p.grad = torch.randn_like(p)
         odd_grad_param.grad = torch.randn(3002, device="cuda", dtype=dtype)[1:]
         opt.step()
-hyper = torch.zeros(2, 8, dtype=torch.float64)
-hyper[:, 0], hyper[:, 1], hyper[:, 2], hyper[:, 3] = 1e-3, 0.9, 0.999, 1e-8
+from noam_ext._hyper import BETA1, BETA2, EPS, LR, NUM_HYPER_COLUMNS
+hyper = torch.zeros(2, NUM_HYPER_COLUMNS, dtype=torch.float64)   # no schedule, no weight decay
+hyper[:, LR], hyper[:, BETA1], hyper[:, BETA2], hyper[:, EPS] = 1e-3, 0.9, 0.999, 1e-8
 p = [torch.randn(n, device="cuda") for n in (3, 5000)]
 torch.ops.noam_ext.fused_adamw_(p, [torch.randn_like(x) for x in p], [torch.zeros_like(x) for x in p],
                                 [torch.zeros_like(x) for x in p], [], [torch.zeros((), device="cuda") for _ in p],

@@ -14,10 +14,11 @@ TORCH_LIBRARY(noam_ext, m) {
   //   max_exp_avg_sqs: empty, or one per parameter (amsgrad)
   //   state_steps:    torch's state["step"]: one-element float32 tensors on the
   //                   device, read for the bias corrections and incremented
-  //   schedule_step:  int64 [2] on the device: completed steps of the in-op Noam
+  //   schedule_step:  int64 [2] on the device: completed steps of the in-op
   //                   schedule, and a reserved zero
-  //   hyper:          float64 [rows, 8]: lr, betas, eps, weight decay, Noam settings
-  //                   and maximize per row (csrc/noam_ext/adamw_math.h); on the CPU,
+  //   hyper:          float64 [rows, kNumHyperColumns]: lr, betas, eps, weight decay,
+  //                   maximize and the schedule's settings per row
+  //                   (csrc/noam_ext/adamw_math.h, schedule_math.h); on the CPU,
   //                   or for CUDA also on the call's device, where the kernels read it
   //                   when they run (so CUDA graph replays see stream-ordered updates)
   //   groups:         the hyper row of each parameter
@@ -28,11 +29,20 @@ TORCH_LIBRARY(noam_ext, m) {
   //   grad_clip:      float64 [1] on the device, or None: every gradient is multiplied
   //                   by it (after the unscaling) as it is read, so that clipping by
   //                   global norm costs no pass of its own (FusedAdamW.clip_grad_norm_)
+  //   masters:        empty, or per param a float32 master (of a bfloat16/float16 param)
+  //                   or an int16 remainder (of a bfloat16 param); see storage.h for the
+  //                   supported combinations of param, grad, moment and master dtypes
+  //   rng_streams, element_offsets: stochastic rounding's stream per param (default:
+  //                   its list index) and the index of its element 0 within the whole
+  //                   parameter (default 0; a shard's offset)
+  //   stochastic_rounding: round what is stored in bfloat16 stochastically, with bits
+  //                   from (stream, the param's step, the element's index) (adamw_math.h)
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor(f!) schedule_step, Tensor hyper, "
       "int[] groups, *, bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_clip=None) -> ()");
+      "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
+      "bool stochastic_rounding=False) -> ()");
   // The CUDA kernels themselves (csrc/cuda/kernels.cuh) run on the host, every
   // (block, thread) of the launches the CUDA op makes on a GPU with `multiprocessors`
   // SMs (same arguments, CPU tensors), so that CI tests them without a GPU
@@ -44,9 +54,10 @@ TORCH_LIBRARY(noam_ext, m) {
       "emulate_cuda_fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
       "Tensor(f!) schedule_step, Tensor hyper, int[] groups, *, int multiprocessors=132, int? num_blocks=None, "
-      "int threads_per_block=256, int[] only_blocks=[], str wrong_launch=\"\", Tensor(g!)? stats=None, "
+      "int threads_per_block=256, int[] only_blocks=[], str wrong_launch=\"\", Tensor(h!)? stats=None, "
       "bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_clip=None) -> ()");
+      "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
+      "bool stochastic_rounding=False) -> ()");
   // The row walk alone (work_split.h) for tensors of the given sizes over the
   // virtual range [begin, end): (row, lo, hi) triples, flattened. Lets tests check
   // 64-bit offsets past 2**31 elements without allocating such tensors.

@@ -1,31 +1,59 @@
-"""noam_ext: fused, exact AdamW with the Noam learning-rate schedule for PyTorch."""
+"""noam_ext: fused, exact AdamW with its learning-rate schedule (Noam, warmup + cosine,
+linear, warmup-stable-decay, inverse square root, constant) computed inside the op."""
 
+from .in_op_schedule_lr import InOpScheduleLR
 from .param_groups import param_groups
+from .schedule_lr import (ScheduleLR, WarmupConstantLR, WarmupCosineLR, WarmupInverseSqrtLR, WarmupLinearLR,
+                          WarmupStableDecayLR)
 from .scheduler import TransformerLRScheduler, noam_lr, noam_peak_lr
+from .schedules import (Noam, Schedule, WarmupConstant, WarmupCosine, WarmupInverseSqrt, WarmupLinear,
+                        WarmupStableDecay, warmup_constant_lr, warmup_cosine_lr, warmup_inverse_sqrt_lr,
+                        warmup_linear_lr, wsd_lr)
 
 __all__ = [
     "FusedAdamW",
-    "Noam",
-    "TransformerLRScheduler",
+    "InOpScheduleLR",
     "param_groups",
-    "noam_lr",
-    "noam_peak_lr",
     "build_info",
     "cpu_capability",
+    # The schedules FusedAdamW evaluates in the op (noam_ext.schedules) ...
+    "Schedule",
+    "Noam",
+    "WarmupConstant",
+    "WarmupLinear",
+    "WarmupCosine",
+    "WarmupStableDecay",
+    "WarmupInverseSqrt",
+    # ... as pure functions ...
+    "noam_lr",
+    "noam_peak_lr",
+    "warmup_constant_lr",
+    "warmup_linear_lr",
+    "warmup_cosine_lr",
+    "wsd_lr",
+    "warmup_inverse_sqrt_lr",
+    # ... and as torch LR schedulers, for any optimizer.
+    "TransformerLRScheduler",
+    "ScheduleLR",
+    "WarmupConstantLR",
+    "WarmupLinearLR",
+    "WarmupCosineLR",
+    "WarmupStableDecayLR",
+    "WarmupInverseSqrtLR",
 ]
 
 __version__ = "0.1.0"
 
 # Importing the package loads the compiled extension, which registers
 # torch.ops.noam_ext.*. Where it cannot be loaded (e.g. a source checkout that was
-# never built), the pure-Python parts (the schedule, its demo, param_groups) still
+# never built), the pure-Python parts (the schedules, their demo, param_groups) still
 # work, and the names that need it raise the extension's import error when used.
 try:
     from . import _extension  # noqa: F401
 except ImportError:
     pass
 
-_COMPILED = {"FusedAdamW": ".optimizer", "Noam": ".optimizer", "build_info": "._extension",
+_COMPILED = {"FusedAdamW": ".optimizer", "build_info": "._extension",
              "cpu_capability": "._extension"}
 
 

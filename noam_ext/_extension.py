@@ -12,9 +12,9 @@ def _source_checkout_hint() -> str:
     here = Path(__file__).resolve().parent
     if (here.parent / "setup.py").exists() and not any(here.glob("_C*.so")):
         return (f" Python imported noam_ext from the source folder {here}, which has no compiled "
-                "extension, probably because the current directory is the repository root. If "
-                "noam_ext is installed (scripts/test.sh and scripts/demo.sh install it in .venv), run "
-                "from another directory; otherwise build it: pip install --no-build-isolation .")
+                "extension: this clone was not built in place (scripts/test.sh and scripts/demo.sh do it, "
+                "into .venv), or the current directory shadows a copy installed elsewhere. Build it in "
+                "place from the repository root: pip install --no-build-isolation -e . (see README.md).")
     return (" Build it against the torch you run with: pip install --no-build-isolation . "
             "(see README.md).")
 

@@ -8,9 +8,15 @@ from typing import Any
 
 import torch
 
+from .schedules import NUM_SCHEDULE_COLUMNS
+
 # Columns of the table; keep in sync with csrc/noam_ext/adamw_math.h (HyperColumn).
-LR, BETA1, BETA2, EPS, WEIGHT_DECAY, D_MODEL, WARMUP, MAXIMIZE = range(8)
-NUM_HYPER_COLUMNS = 8
+# They come in blocks: AdamW's own settings, then the schedule block, whose
+# NUM_SCHEDULE_COLUMNS columns noam_ext/schedules.py lays out. A new block goes
+# after the last one, and NUM_HYPER_COLUMNS moves past it.
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY, MAXIMIZE = range(6)
+SCHEDULE_BLOCK = 6
+NUM_HYPER_COLUMNS = SCHEDULE_BLOCK + NUM_SCHEDULE_COLUMNS
 
 # Complex parameters are updated as their real views, as torch.optim.AdamW does.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
@@ -231,11 +237,13 @@ def fill_captured_table(table: torch.Tensor, eager: _EagerTable, host_at_capture
 
 def table_row(values: list[float], maximize: bool, schedule) -> list[float]:
     """One row of the table, in column order: values are (base lr, beta1, beta2, eps,
-    weight decay); the Noam settings are 0 without a schedule (the op then uses lr as is)."""
+    weight decay); the schedule block is all 0 without a schedule (the op then uses
+    lr as is)."""
     lr, beta1, beta2, eps, weight_decay = values
     row = [0.0] * NUM_HYPER_COLUMNS
     row[LR], row[BETA1], row[BETA2], row[EPS], row[WEIGHT_DECAY] = lr, beta1, beta2, eps, weight_decay
-    if schedule is not None:
-        row[D_MODEL], row[WARMUP] = float(schedule.d_model), float(schedule.warmup_steps)
     row[MAXIMIZE] = 1.0 if maximize else 0.0
+    if schedule is not None:
+        for offset, value in enumerate(schedule.table_block()):
+            row[SCHEDULE_BLOCK + offset] = value
     return row

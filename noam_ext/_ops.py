@@ -10,7 +10,8 @@ import torch
 @torch.library.register_fake("noam_ext::fused_adamw_")
 def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step,
                       hyper, groups, *, advance_schedule=True, grad_scale=None, found_inf=None,
-                      grad_clip=None) -> None:
+                      grad_clip=None, masters=None, rng_streams=(), element_offsets=(),
+                      stochastic_rounding=False) -> None:
     # In-place on its mutable arguments, returns nothing: nothing to allocate.
     torch._check(len(grads) == len(params), lambda: "fused_adamw_: one gradient per parameter")
     return None
@@ -21,7 +22,8 @@ def _emulate_cuda_fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp
                                    schedule_step, hyper, groups, *, multiprocessors=132, num_blocks=None,
                                    threads_per_block=256, only_blocks=(), wrong_launch="", stats=None,
                                    advance_schedule=True, grad_scale=None, found_inf=None,
-                                   grad_clip=None) -> None:
+                                   grad_clip=None, masters=None, rng_streams=(), element_offsets=(),
+                                   stochastic_rounding=False) -> None:
     return None
 
 

@@ -1,11 +1,10 @@
 """FusedAdamW: a drop-in replacement for torch.optim.AdamW whose step() is one
-fused op call per (device, dtype), with an optional Noam schedule computed
-inside the op."""
+fused op call per (device, dtype), with an optional lr schedule (noam_ext.schedules)
+computed inside the op."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,32 +12,20 @@ from torch.optim import Optimizer
 
 from . import _extension
 from ._extension import _C
+from ._lr_mirror import LrMirror
 from ._hyper import (SUPPORTED_DTYPES, DeviceHyperTables, HyperTable, check_hyperparameters,
                      check_tensor_hyperparameters, table_row)
-from ._state import create_state, state_like, step_on_device
-from .scheduler import noam_lr, validate_noam_args
+from ._state import step_on_device
+from ._storage import (MASTER_KEYS, OPTION_KEYS, as_int64, check_options, check_param, draw_seed, loaded_dtype,
+                       master_from_param, master_of, mix64, options_of, remainder_of, rounding_stream, shard_rounding,
+                       state_for)
+from .schedules import Noam, Schedule
 
-__all__ = ["FusedAdamW", "Noam"]
+__all__ = ["FusedAdamW", "Noam"]   # Noam lives in noam_ext.schedules; this name is kept for old imports
 
-# Key under which state_dict() records the schedule's position (torch ignores unknown keys).
+# Key under which state_dict() records the schedule's position (torch ignores unknown
+# keys). It keeps the name it had when Noam was the only schedule, for every schedule.
 SCHEDULE_STEP_KEY = "noam_schedule_step"
-
-
-@dataclass(frozen=True)
-class Noam:
-    """The Noam schedule, applied inside the fused op: each group's lr is its
-    base lr times noam_lr(k - 1, d_model, warmup_steps) at the k-th step()."""
-
-    d_model: int
-    warmup_steps: int = 4000
-
-    def __post_init__(self):
-        d_model, warmup = validate_noam_args(self.d_model, self.warmup_steps)
-        object.__setattr__(self, "d_model", d_model)
-        object.__setattr__(self, "warmup_steps", warmup)
-
-    def factor(self, completed_steps: int) -> float:
-        return noam_lr(completed_steps, self.d_model, self.warmup_steps)
 
 
 class FusedAdamW(Optimizer):
@@ -47,11 +34,33 @@ class FusedAdamW(Optimizer):
     Arguments, defaults, param groups, state_dict format and numerics follow
     torch.optim.AdamW. Additionally:
 
-      schedule: a Noam(d_model, warmup_steps) makes the op compute each step's lr
-        itself from a step counter on the parameters' device (no host sync). Each
-        group's ``initial_lr`` is then its base lr and ``group["lr"]`` shows the lr
-        the next step will use, exactly as with torch.optim.AdamW + TransformerLRScheduler.
+      schedule: a schedule of noam_ext.schedules (Noam, WarmupCosine, WarmupLinear,
+        WarmupStableDecay, WarmupInverseSqrt, WarmupConstant) makes the op compute
+        each step's lr itself from a step counter on the parameters' device (no host
+        sync). Each group's ``initial_lr`` is then its base lr and ``group["lr"]`` shows
+        the lr the next step will use, exactly as with torch.optim.AdamW + the
+        schedule's LambdaLR (noam_ext.schedule_lr, TransformerLRScheduler for Noam).
         Without a schedule the op uses ``group["lr"]``, so any torch LR scheduler drives it.
+        With one, an lr written into ``group["lr"]`` by anything else (a torch LR scheduler)
+        makes the next step() raise before it changes anything; hand trainers
+        noam_ext.InOpScheduleLR(optimizer) instead (docs/integrations.md).
+
+    Fewer bytes per parameter (docs/adamw.md, "Fewer bytes per parameter"; each also a
+    param-group key):
+
+      master_weights: "float32" keeps a float32 master of each bfloat16/float16 parameter
+        in ``state["master_param"]`` and writes the parameter as the master rounded;
+        "remainder" keeps only an int16 remainder per bfloat16 parameter
+        (``state["master_remainder"]``), which rebuilds the same master exactly. Both give
+        the bits of this optimizer run on float32 copies of the parameters.
+      moment_dtype: torch.bfloat16 (or torch.float32) for exp_avg/exp_avg_sq; the default
+        is the parameter's dtype, as torch (float32 with master weights).
+      stochastic_rounding: round what the step stores in bfloat16 (parameters without a
+        master, bfloat16 moments) stochastically, with bits from a counter-based generator
+        keyed on ``seed``, the parameter and its step, and the element's index.
+      seed: the generator's seed, kept in param_groups (so in state_dict()); drawn from
+        torch's default generator when None.
+    Gradients may be bfloat16 for float32 parameters (read and converted in the op).
 
     Like torch's own optimizers it owns nothing that users touch: every step()
     reads ``param_groups``, each ``p.grad`` and ``optimizer.state`` as they are at
@@ -66,23 +75,35 @@ class FusedAdamW(Optimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False, schedule: Noam | None = None, foreach: bool | None = None,
-                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
+                 maximize: bool = False, schedule: Schedule | None = None, foreach: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 master_weights: str | None = None, moment_dtype: torch.dtype | None = None,
+                 stochastic_rounding: bool = False, seed: int | None = None):
         check_tensor_hyperparameters(lr, betas, foreach, capturable)
         check_hyperparameters(lr, betas, eps, weight_decay)
+        check_options(master_weights, moment_dtype, stochastic_rounding, seed)
+        if stochastic_rounding and seed is None:
+            seed = draw_seed()
         if differentiable:
             raise ValueError("FusedAdamW does not support differentiable=True")
-        if schedule is not None and not isinstance(schedule, Noam):
-            raise ValueError(f"schedule must be a noam_ext.Noam or None, got {schedule!r}")
+        if schedule is not None and not isinstance(schedule, Schedule):
+            raise ValueError("schedule must be a noam_ext schedule (Noam, WarmupCosine, WarmupLinear, "
+                             f"WarmupStableDecay, WarmupInverseSqrt, WarmupConstant) or None, got {schedule!r}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused, decoupled_weight_decay=True)
+        # The options become group keys only when set: without them, param_groups and
+        # state_dict() have exactly torch.optim.AdamW's keys.
+        options = dict(master_weights=master_weights, moment_dtype=moment_dtype,
+                       stochastic_rounding=stochastic_rounding, seed=seed)
+        defaults.update({key: value for key, value in options.items() if value not in (None, False)})
         self.schedule = schedule
         self._schedule_steps_done = 0   # host mirror of the device counters, for logging
         self._schedule_counters: dict[torch.device, torch.Tensor] = {}
         self._hyper = HyperTable()
         self._device_hyper = DeviceHyperTables()
         self._pending_clip: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._lr_mirror = LrMirror()   # what a schedule wrote into group["lr"] (checked by step())
         super().__init__(params, defaults)
         if schedule is not None:
             for group in self.param_groups:
@@ -109,13 +130,29 @@ class FusedAdamW(Optimizer):
             if p.is_sparse or p.layout != torch.strided:
                 self.param_groups.pop()
                 raise ValueError(f"FusedAdamW: {name} is not a dense strided tensor")
+        try:
+            check_options(group.get("master_weights"), group.get("moment_dtype"),
+                          group.get("stochastic_rounding", False), group.get("seed"), where)
+            if group.get("stochastic_rounding") and group.get("seed") is None:
+                group["seed"] = draw_seed()
+            options = options_of(group)
+            for index, p in enumerate(group["params"]):
+                check_param(p, options, f"parameter {index} of param group {len(self.param_groups) - 1} "
+                                        f"(shape {tuple(p.shape)})")
+        except ValueError:
+            self.param_groups.pop()
+            raise
         if getattr(self, "schedule", None) is not None:
             group.setdefault("initial_lr", group["lr"])
+            # The mirror of the lr the op will use for this group from the next step on.
+            group["lr"] = group["initial_lr"] * self.schedule.factor(self._schedule_steps_done)
+            self._lr_mirror.record(self.param_groups, first=len(self.param_groups) - 1)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["schedule"] = self.schedule
         state["_schedule_steps_done"] = self._current_schedule_position()
+        state["_lrs_written"] = self._lr_mirror.written_values()
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -124,6 +161,7 @@ class FusedAdamW(Optimizer):
         state = dict(state)
         schedule = state.pop("schedule", None)
         done = state.pop("_schedule_steps_done", 0)
+        lrs_written = state.pop("_lrs_written", None)
         super().__setstate__(state)
         self.schedule = getattr(self, "schedule", schedule)
         self._schedule_steps_done = getattr(self, "_schedule_steps_done", done)
@@ -131,6 +169,12 @@ class FusedAdamW(Optimizer):
         self._hyper = HyperTable()
         self._device_hyper = DeviceHyperTables()
         self._pending_clip = None
+        if not hasattr(self, "_lr_mirror"):   # unpickled or copied (load_state_dict records itself)
+            self._lr_mirror = LrMirror()
+            if lrs_written is not None:
+                self._lr_mirror.restore(self.param_groups, lrs_written)
+            else:
+                self._lr_mirror.record(self.param_groups)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
@@ -145,6 +189,10 @@ class FusedAdamW(Optimizer):
     def step(self, closure: Callable[[], float] | None = None):
         # No torch.no_grad() here: the step runs in C++ below autograd (and bumps the
         # parameters' versions itself), and the decorator would cost microseconds.
+        if self.schedule is not None and not torch.compiler.is_compiling():
+            # Before anything (the closure included): an lr written by an LR scheduler
+            # next to the in-op schedule is an error, not silently ignored.
+            self._lr_mirror.check(self.param_groups, self.schedule, self._schedule_steps_done)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -181,7 +229,21 @@ class FusedAdamW(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         _check_loadable(self.param_groups, state_dict)   # everything first: a bad dict changes nothing
+        # torch casts every floating state entry to its parameter's dtype: entries the
+        # options keep in another dtype (float32 moments or masters of 16-bit parameters,
+        # int16 remainders) are set aside and loaded here in their own.
+        # The storage options stay as this optimizer was built with them (a checkpoint is
+        # converted to them, whatever stored it); the seed is the checkpoint's where it has
+        # one, so that a resumed run draws the same rounding bits.
+        options = [{**{k: g[k] for k in OPTION_KEYS if k in g}, **({"seed": s["seed"]} if "seed" in s else {})}
+                   for g, s in zip(self.param_groups, state_dict["param_groups"])]
+        state_dict, kept = _set_aside_own_dtypes(self.param_groups, options, state_dict)
         super().load_state_dict(state_dict)
+        for group, own in zip(self.param_groups, options):
+            group.update(own)
+        for p, key, value, dtype in kept:
+            self.state[p][key] = value.to(device=p.device, dtype=dtype)
+        _convert_masters(self.param_groups, self.state)
         if self.schedule is not None:
             steps = [float(s["step"]) for s in self.state.values() if isinstance(s, dict) and "step" in s]
             done = state_dict.get(SCHEDULE_STEP_KEY, int(max(steps)) if steps else 0)
@@ -242,27 +304,28 @@ class FusedAdamW(Optimizer):
     # ---- state -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _prepare(self, stateless, misplaced_steps, devices) -> None:
+    def _prepare(self, stateless, misplaced_steps, devices, masterless=()) -> None:
         """Creates the state of parameters taking their first step (as torch does,
-        lazily), moves steps loaded onto the CPU to their parameter's device, and
-        creates the schedule counters of new devices."""
+        lazily), moves steps loaded onto the CPU to their parameter's device, creates
+        the schedule counters of new devices, and the masters of parameters whose state
+        has none (a torch.optim.AdamW checkpoint loaded into a master-weight optimizer)."""
         for device in devices:
             _check_device_supported(device)
             self._schedule_counter(device)
-        fresh, amsgrad, seen = [], [], set()
         for g, j in stateless:   # checked first: an unsupported device creates no state
             _check_device_supported(_local(self.param_groups[g]["params"][j]).device)
         for g, j in stateless:
             p = self.param_groups[g]["params"][j]
-            if id(p) not in seen:   # the same parameter twice in a group: one state
-                seen.add(id(p))
-                fresh.append(p)
-                amsgrad.append(bool(self.param_groups[g]["amsgrad"]))
-        for p, state in zip(fresh, create_state(fresh, amsgrad)):
-            self.state[p] = state
+            if not self.state.get(p):   # the same parameter twice in a group: one state
+                group = self.param_groups[g]
+                self.state[p] = state_for(p, bool(group["amsgrad"]), options_of(group))
         for g, j in misplaced_steps:
             p = self.param_groups[g]["params"][j]
             self.state[p]["step"] = step_on_device(self.state[p]["step"], _local(p).device)
+        for g, j in masterless:
+            p = self.param_groups[g]["params"][j]
+            kind = self.param_groups[g]["master_weights"]
+            self.state[p][MASTER_KEYS[kind]] = master_from_param(p, kind)
 
     # ---- schedule ----------------------------------------------------------------------------
 
@@ -274,6 +337,7 @@ class FusedAdamW(Optimizer):
         factor = self.schedule.factor(self._schedule_steps_done)
         for group in self.param_groups:
             group["lr"] = group["initial_lr"] * factor
+        self._lr_mirror.record(self.param_groups)
 
     def _hyper_tables(self) -> tuple[torch.Tensor, dict | None]:
         """The hyperparameter table on the CPU, and on each GPU taking part (the GPU
@@ -330,37 +394,54 @@ def _traceable_step(opt: FusedAdamW) -> None:
     calls: dict[tuple, dict[str, list]] = {}
     for index, group in enumerate(opt.param_groups):
         amsgrad = bool(group["amsgrad"])
-        for p in group["params"]:
+        options = options_of(group)
+        master_key = MASTER_KEYS.get(options.master_weights)
+        for j, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("FusedAdamW does not support sparse gradients")
             state = opt.state[p]
             if len(state) == 0:
-                state.update(state_like(p, amsgrad))
+                state.update(state_for(p, amsgrad, options))
+            if master_key is not None and master_key not in state:
+                state[master_key] = master_from_param(p, options.master_weights)
             tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
             if p.is_complex():
                 tensors = [torch.view_as_real(t) for t in tensors]
-            call = calls.setdefault((p.device, tensors[0].dtype, amsgrad),
-                                    {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
-                                     "max_exp_avg_sqs": [], "steps": [], "groups": []})
+            master = state[master_key] if master_key is not None else None
+            key = (p.device, tensors[0].dtype, tensors[1].dtype, tensors[2].dtype, options.master_weights, amsgrad,
+                   options.stochastic_rounding)
+            call = calls.setdefault(key, {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
+                                          "max_exp_avg_sqs": [], "masters": [], "steps": [], "groups": [],
+                                          "rng_streams": [], "element_offsets": []})
             call["params"].append(tensors[0])
             call["grads"].append(tensors[1])
             call["exp_avgs"].append(tensors[2])
             call["exp_avg_sqs"].append(tensors[3])
             if amsgrad:
                 call["max_exp_avg_sqs"].append(tensors[4])
+            if master is not None:
+                call["masters"].append(master)
             call["steps"].append(state["step"])
             call["groups"].append(index)
+            if options.stochastic_rounding:
+                offset, salt = (0, 0) if _local(p) is p else shard_rounding(p)
+                stream = rounding_stream(options.seed, index, j)
+                call["rng_streams"].append(as_int64(stream if salt == 0 else mix64(stream ^ salt)))
+                call["element_offsets"].append(offset)
     grad_scale = getattr(opt, "grad_scale", None)
     found_inf = getattr(opt, "found_inf", None)
     grad_clip, found_inf = opt._take_pending_clip(found_inf)
     devices = [key[0] for key in calls]
-    for k, ((device, _, _), call) in enumerate(calls.items()):
+    for k, (key, call) in enumerate(calls.items()):
+        device, stochastic_rounding = key[0], key[-1]
         counter = opt._schedule_counter(device)
         torch.ops.noam_ext.fused_adamw_(
             call["params"], call["grads"], call["exp_avgs"], call["exp_avg_sqs"], call["max_exp_avg_sqs"],
             call["steps"], counter, hyper, call["groups"],
+            masters=call["masters"], rng_streams=call["rng_streams"], element_offsets=call["element_offsets"],
+            stochastic_rounding=stochastic_rounding,
             advance_schedule=device not in devices[k + 1:],
             grad_scale=None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32).reshape(1),
             found_inf=None if found_inf is None else found_inf.to(device=device, dtype=torch.float32).reshape(1),
@@ -368,6 +449,47 @@ def _traceable_step(opt: FusedAdamW) -> None:
     for device, counter in opt._schedule_counters.items():
         if device not in devices:
             counter[:1].add_(1)
+
+
+def _set_aside_own_dtypes(param_groups: list[dict], group_options: list[dict], state_dict: dict[str, Any]):
+    """A copy of state_dict without the state entries that the groups' storage options
+    keep in another dtype than the parameter's, and those entries as (param, key,
+    value, dtype)."""
+    kept, state = [], dict(state_dict["state"])
+    for group, own, saved in zip(param_groups, group_options, state_dict["param_groups"]):
+        options = options_of(own)
+        for p, saved_key in zip(group["params"], saved["params"]):
+            entry = state.get(saved_key)
+            if not isinstance(entry, dict):
+                continue
+            entry = dict(entry)
+            for key in list(entry):
+                dtype = loaded_dtype(p, key, options)
+                if dtype is not None and isinstance(entry[key], torch.Tensor):
+                    kept.append((p, key, entry.pop(key), dtype))
+            state[saved_key] = entry
+    return {**state_dict, "state": state}, kept
+
+
+@torch.no_grad()
+def _convert_masters(param_groups: list[dict], state: dict) -> None:
+    """A loaded state with the other master form than a group's (master_weights switched
+    between "float32" and "remainder"): converted, exactly, instead of made anew from the
+    parameter (which would drop the bits below the bfloat16 parameter)."""
+    for group in param_groups:
+        kind = group.get("master_weights")
+        if kind is None:
+            continue
+        for p in group["params"]:
+            entry = state.get(p)
+            if not entry or MASTER_KEYS[kind] in entry:
+                continue
+            if _local(p) is not p or p.dtype != torch.bfloat16:
+                continue   # a DTensor's master is made anew from the parameter at its next step
+            if kind == "remainder" and "master_param" in entry:
+                entry["master_remainder"] = remainder_of(entry["master_param"])
+            elif kind == "float32" and "master_remainder" in entry:
+                entry["master_param"] = master_of(p.detach(), entry["master_remainder"])
 
 
 def _check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None:

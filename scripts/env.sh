@@ -2,8 +2,8 @@
 # environment with torch and the build/test tools, and finds the CUDA toolkit.
 #
 #   NOAM_EXT_VENV      where the environment lives (default: .venv in the repository)
-#   NOAM_EXT_TORCH     pip requirement for torch when it is missing (default: torch;
-#                      e.g. "torch==2.13.0" for the small CPU-only build)
+#   NOAM_EXT_TORCH     pip arguments that install torch when it is missing (default: torch; e.g.
+#                      "torch --index-url https://download.pytorch.org/whl/cpu" for the CPU-only build)
 #   NOAM_EXT_PYTHON    interpreter that creates the environment (default: python3)
 #   NOAM_EXT_USE_ACTIVE_ENV=1   use the active interpreter and its torch instead of a venv
 set -euo pipefail
@@ -30,10 +30,11 @@ PY
 
 if ! python -c "import torch" 2>/dev/null; then
   say "installing ${NOAM_EXT_TORCH:-torch} (a CUDA build of torch is several GB; this takes a minute or more)"
-  python -m pip install --progress-bar off "${NOAM_EXT_TORCH:-torch}"
+  # shellcheck disable=SC2086  # word splitting intended: NOAM_EXT_TORCH may hold pip options
+  python -m pip install --progress-bar off ${NOAM_EXT_TORCH:-torch}
 fi
-say "installing build and test tools"
-python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja pytest hypothesis numpy matplotlib tqdm
+say "installing build and test tools (transformers: the tests compare the schedules with its functions)"
+python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja pytest hypothesis numpy matplotlib tqdm transformers
 
 # CUDA_HOME: the toolkit that the nvcc on PATH belongs to (nvcc may be a wrapper script).
 if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null 2>&1; then
@@ -52,21 +53,46 @@ cuda_buildable() {
   python -c "import sys, torch; sys.exit(torch.version.cuda is None)"
 }
 
-# Builds and installs noam_ext into the environment (not editable, so the tests
-# exercise what a user gets). Extra arguments become environment for setup.py.
+# Compiler progress from pip's verbose build output on stdin: one line per source ninja
+# compiled, with the time since the build started (the full output goes to the log).
+build_progress() {
+  local line source start=$SECONDS
+  while IFS= read -r line; do
+    if [[ "$line" =~ ^\ *(\[[0-9]+/[0-9]+\])\  && "$line" =~ \ -c\ ([^ ]+\.(cpp|cu))\  ]]; then
+      source="${BASH_REMATCH[1]}"
+      printf '    compiled %s (%d s)\n' "csrc/${source#*/csrc/}" $((SECONDS - start)) >&2
+    elif [[ "$line" == *" -shared "* ]]; then
+      printf '    linked noam_ext._C (%d s)\n' $((SECONDS - start)) >&2
+    fi
+  done
+}
+
+# Builds and installs noam_ext into the environment, editable: the compiled _C is built
+# in place, next to the sources, so `import noam_ext` works from the repository root
+# (a notebook or `python` started there) as well as from anywhere else, and the tests
+# import exactly what was built. Extra arguments become environment for setup.py.
+# Shows which source is being compiled, and a heartbeat while a long one (CUDA) runs.
 install_noam_ext() {
-  local variant="CPU and, where it can be built, CUDA"
+  local variant="CPU and, where it can be built, CUDA" minutes="1-3"
   [[ " $* " == *" NOAM_EXT_NO_CUDA=1 "* ]] && variant="CPU only"
-  [[ " $* " == *" NOAM_EXT_FORCE_CUDA=1 "* ]] && variant="CPU and CUDA (compiling CUDA takes minutes)"
-  say "building noam_ext ($variant) against torch $(python -c 'import torch; print(torch.__version__)')"
+  [[ " $* " == *" NOAM_EXT_FORCE_CUDA=1 "* ]] && variant="CPU and CUDA" && minutes="5-10"
+  say "building noam_ext ($variant) against torch $(python -c 'import torch; print(torch.__version__)'): about $minutes minutes on 2 cores"
   local log="$REPO_ROOT/build/pip-install.log"
   mkdir -p "$REPO_ROOT/build"
-  if ! (cd "$REPO_ROOT" && env "$@" python -m pip install --no-build-isolation --no-deps --force-reinstall -v . \
-        >"$log" 2>&1); then
+  local start=$SECONDS
+  ( while sleep 60; do printf '    ... still building (%d s; compiler output in %s)\n' $((SECONDS - start)) "$log" >&2; done ) &
+  local heartbeat=$!
+  local status=0
+  (cd "$REPO_ROOT" && env "$@" python -m pip install --no-build-isolation --no-deps --force-reinstall -v -e . 2>&1 \
+      | tee "$log" | build_progress) || status=$?
+  kill "$heartbeat" 2>/dev/null || true
+  wait "$heartbeat" 2>/dev/null || true
+  if [[ $status -ne 0 ]]; then
     tail -n 60 "$log" >&2
     echo "ERROR: building noam_ext failed (full log: $log)" >&2
     return 1
   fi
+  say "built in $((SECONDS - start)) s"
   cuda_kernel_checks "$log"
   (cd /tmp && python -c "import noam_ext, json; print('noam_ext build:', json.dumps(noam_ext.build_info()))")
   echo "$(source_hash) $(build_variant "$@")" > "$(python -c 'import sys; print(sys.prefix)')/.noam_ext_source_hash"

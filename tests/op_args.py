@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from noam_ext._hyper import BETA1, BETA2, D_MODEL, EPS, LR, MAXIMIZE, NUM_HYPER_COLUMNS, WARMUP, WEIGHT_DECAY
+from noam_ext import Noam
+from noam_ext._hyper import BETA1, BETA2, EPS, LR, MAXIMIZE, NUM_HYPER_COLUMNS, SCHEDULE_BLOCK, WEIGHT_DECAY
 
 LIST_KEYS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps")
 
@@ -18,7 +19,8 @@ def hyper_table(groups: int = 3) -> torch.Tensor:
     hyper[:, BETA2] = torch.tensor([0.98, 0.999, 0.99])[:groups]
     hyper[:, EPS] = torch.tensor([1e-9, 1e-8, 1e-6])[:groups]
     hyper[:, WEIGHT_DECAY] = torch.tensor([0.01, 0.0, 0.1])[:groups]
-    hyper[:min(2, groups), D_MODEL], hyper[:min(2, groups), WARMUP] = 64.0, 10.0
+    noam = Noam(64, 10).table_block()
+    hyper[:min(2, groups), SCHEDULE_BLOCK:SCHEDULE_BLOCK + len(noam)] = torch.tensor(noam, dtype=torch.float64)
     hyper[:, MAXIMIZE] = torch.tensor([0.0, 1.0, 0.0])[:groups]
     return hyper
 

@@ -9,8 +9,10 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo.testing
 
-from noam_ext import FusedAdamW, Noam
+from noam_ext import (FusedAdamW, Noam, WarmupConstant, WarmupCosine, WarmupInverseSqrt, WarmupLinear,
+                      WarmupStableDecay)
 
 
 def model(seed=0):
@@ -71,3 +73,39 @@ def test_compiled_training_step_trains_like_eager():
     for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert float(compiled.state[next(compiled_model.parameters())]["step"]) == 5.0
+
+
+# Each crosses its switch points (end of warmup, start of decay, end) within STEPS.
+SCHEDULES = {
+    "constant": WarmupConstant(3),
+    "linear": WarmupLinear(3, 12, min_lr_ratio=0.1),
+    "cosine": WarmupCosine(3, 12, min_lr_ratio=0.1),
+    "wsd": WarmupStableDecay(3, 4, 6, decay="1-sqrt", min_lr_ratio=0.1),
+    "inverse-sqrt": WarmupInverseSqrt(3, timescale=5),
+}
+STEPS = 16
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_each_schedule_gives_the_eager_bits_and_its_lr_advances_without_recompiling(name):
+    schedule = SCHEDULES[name]
+    eager_model, compiled_model = model(), model()
+    eager = FusedAdamW(groups(eager_model), lr=1e-2, schedule=schedule)
+    compiled = FusedAdamW(groups(compiled_model), lr=1e-2, schedule=schedule)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    step = torch.compile(compiled.step, fullgraph=True, backend=counter)
+    x = torch.randn(32, 8)
+    compiles_after_warm_up = None
+    for k in range(1, STEPS + 1):
+        for m, opt, run in ((eager_model, eager, eager.step), (compiled_model, compiled, step)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            run()
+        if k == 2:   # the first step creates the state, the second sees it: two compiles
+            compiles_after_warm_up = counter.frame_count
+        # The lr changes at every step here; a compiled step that did not advance it
+        # (or that baked it in) would leave the eager trajectory at once.
+        for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+            assert torch.equal(a, b), k
+    assert 1 <= compiles_after_warm_up <= 2 and counter.frame_count == compiles_after_warm_up
+    assert compiled.state_dict()["noam_schedule_step"] == STEPS

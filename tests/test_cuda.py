@@ -22,9 +22,12 @@ import time
 import pytest
 import torch
 
-from noam_ext import FusedAdamW, Noam, TransformerLRScheduler
+from noam_ext import (FusedAdamW, Noam, TransformerLRScheduler, WarmupConstant, WarmupCosine, WarmupInverseSqrt,
+                      WarmupLinear, WarmupStableDecay)
 
 import op_args
+import test_schedules as schedules
+from lr_probe import op_lrs
 import test_cuda_emulation as emulation
 import test_parity as parity
 
@@ -190,13 +193,13 @@ def capture_step(opt) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def warmed_up_pair(amsgrad: bool = False):
-    """Two identical models with FusedAdamW (Noam in the op) and the same static
+def warmed_up_pair(amsgrad: bool = False, schedule=Noam(64, 10), lr: float = 1.0):
+    """Two identical models with FusedAdamW (the schedule in the op) and the same static
     gradients (as graph capture needs), each stepped once outside any graph (which
     creates the state): (eager model, its optimizer, graph model, its optimizer)."""
     eager_model, graph_model = small_model(), small_model()
-    eager = FusedAdamW(eager_model.parameters(), lr=1.0, schedule=Noam(64, 10), amsgrad=amsgrad)
-    graphed = FusedAdamW(graph_model.parameters(), lr=1.0, schedule=Noam(64, 10), amsgrad=amsgrad)
+    eager = FusedAdamW(eager_model.parameters(), lr=lr, schedule=schedule, amsgrad=amsgrad)
+    graphed = FusedAdamW(graph_model.parameters(), lr=lr, schedule=schedule, amsgrad=amsgrad)
     grads = [torch.randn(p.shape, device=DEVICE) for p in eager_model.parameters()]
     for opt, model in ((eager, eager_model), (graphed, graph_model)):
         for p, g in zip(model.parameters(), grads):
@@ -382,6 +385,57 @@ def test_replays_use_the_float_lr_of_the_latest_eager_step():
     torch.cuda.synchronize()
     for a, b in zip(reference_model.parameters(), graph_model.parameters()):
         assert torch.equal(a, b)
+
+
+def _exact_on_the_gpu(schedule) -> bool:
+    """Schedules made of IEEE operations only (+ - * /, sqrt), which CUDA rounds as the
+    host does; cos and pow are CUDA's own (2 ulp in double, CUDA's documented bounds)."""
+    if isinstance(schedule, (WarmupConstant, WarmupLinear, WarmupInverseSqrt)):
+        return True
+    return isinstance(schedule, WarmupStableDecay) and schedule.decay in ("linear", "1-sqrt")
+
+
+def test_in_op_schedules_on_the_gpu_match_the_host_within_cudas_libm():
+    # docs/adamw.md, "How exact, and where": bit for bit where only IEEE operations are
+    # used. Where cos or pow are (CUDA: 2 ulp, glibc: under 1), the factor, in [0, 1],
+    # within 4 ulp of 1 (cos or pow, then 0.5 * (1 + c) or 2 * p - 1 and the floor's
+    # blend, each rounding once on either side), and one more for the product with the
+    # base lr; Noam's (three pow() and three products) within 10 ulp of itself.
+    rows = [(base, s) for table in (schedules.SHORT, schedules.LONG) for s in table.values() for base in (1.0, 3e-4)]
+    steps = sorted({k for table, pick in ((schedules.SHORT, schedules.short_steps),
+                                          (schedules.LONG, lambda s: schedules.sampled_steps(s, count=60)))
+                    for s in table.values() for k in pick(s)})
+    gpu = op_lrs(rows, steps, device=DEVICE)
+    ulp = 2.0**-52
+    worst = 0.0
+    for k, lrs in zip(steps, gpu):
+        for (base, schedule), lr in zip(rows, lrs):
+            want = base * schedule.factor(k)
+            if _exact_on_the_gpu(schedule):
+                assert lr == want, (schedule, k)
+            elif isinstance(schedule, Noam):
+                assert abs(lr - want) <= 10 * ulp * want, (schedule, k)
+            else:
+                assert abs(lr - want) <= 5 * ulp * base, (schedule, k)
+                worst = max(worst, abs(lr - want) / base)
+    print(f"largest difference of a cos/pow factor from the host's: {worst / ulp:.2f} ulp of 1")
+
+
+@pytest.mark.parametrize("schedule", [WarmupCosine(3, 15, min_lr_ratio=0.1),
+                                      WarmupStableDecay(2, 5, 10, decay="exponential", min_lr_ratio=0.1)],
+                         ids=["cosine", "wsd-exponential"])
+def test_one_captured_step_replays_a_whole_schedule(schedule):
+    # Captured once, replayed through the warmup, the decay and past its end: the lr
+    # comes from the device counter, so the replays follow the eager steps bit for bit.
+    eager_model, eager, graph_model, graphed = warmed_up_pair(schedule=schedule, lr=1e-2)
+    graph = capture_step(graphed)
+    for _ in range(25):
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for a, b in zip(eager_model.parameters(), graph_model.parameters()):
+        assert torch.equal(a, b)
+    assert graphed.state_dict()["noam_schedule_step"] == eager.state_dict()["noam_schedule_step"] == 26
 
 
 # ---- issue 16: the first GPU session -----------------------------------------------------------------------

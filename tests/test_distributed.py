@@ -9,6 +9,11 @@ Scenarios (one pair of worker processes each):
   fsdp2
       torch.distributed.fsdp.fully_shard on a CPU device mesh: every Linear, then the root;
       the optimizer is built on the sharded (DTensor) parameters.
+  tensor_parallel
+      Tensor parallelism on a CPU device mesh (torch.distributed.tensor.parallel): the first
+      two Linears ColwiseParallel (weight and bias Shard(0)), the last RowwiseParallel
+      (weight Shard(1), bias Replicate), the LayerNorm's weight and bias Replicate; every
+      rank trains on the same batch, as tensor parallelism does.
 
 In each scenario the same small MLP (Linear/LayerNorm/Linear/Linear, biases, float32,
 3509 parameters) is trained for STEPS steps on data that differs per rank, in four runs
@@ -20,8 +25,9 @@ Checks, per scenario and schedule variant:
   (a) after training, the full parameters are bitwise equal on both ranks;
   (b) FusedAdamW's parameters equal torch's under the same wrapper, within float32 rounding;
   (c) the optimizer state: "step" == STEPS on both ranks, exp_avg and exp_avg_sq for every
-      parameter the rank optimizes, of the parameter's shape and tensor type (DTensor under
-      FSDP2, as torch's); under ZeRO each parameter is optimized by exactly one rank;
+      parameter the rank optimizes, of the parameter's shape, tensor type and placements
+      (DTensors placed like their parameters under FSDP2 and tensor parallelism, as torch's);
+      under ZeRO each parameter is optimized by exactly one rank;
   and the loss went down.
 
 How the processes are run: each rank is a fresh Python running this file as a script
@@ -60,7 +66,8 @@ CONSTANT_LR = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
 NOAM_LR = dict(lr=1.0, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.01)
 D_MODEL, WARMUP = 16, 3
 
-SCENARIOS = ["ddp-grad_copy", "ddp-grad_bucket_view", "zero-param_copy", "zero-param_bucket_view", "fsdp2"]
+SCENARIOS = ["ddp-grad_copy", "ddp-grad_bucket_view", "zero-param_copy", "zero-param_bucket_view", "fsdp2",
+             "tensor_parallel"]
 VARIANTS = ["constant_lr", "noam"]
 IMPLS = ["torch", "fused"]
 # The runs of a scenario, in the order the workers do them: torch's first, so that the
@@ -89,6 +96,17 @@ def _fully_shard():
     except ImportError:
         from torch.distributed._composable.fsdp import fully_shard  # torch 2.4, 2.5
     return fully_shard
+
+
+def _tensor_parallel_api():
+    """(parallelize_module, ColwiseParallel, RowwiseParallel, distribute_module,
+    distribute_tensor, Replicate)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    try:
+        from torch.distributed.tensor import Replicate, distribute_module, distribute_tensor   # torch >= 2.5
+    except ImportError:
+        from torch.distributed._tensor import Replicate, distribute_module, distribute_tensor
+    return parallelize_module, ColwiseParallel, RowwiseParallel, distribute_module, distribute_tensor, Replicate
 
 
 def _skip_reason() -> str | None:
@@ -133,9 +151,37 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.detach().clone().contiguous()
 
 
-def _kind(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
-    """("DTensor" or "Tensor", the (global) shape): what a state tensor must match."""
-    return ("DTensor" if hasattr(t, "full_tensor") else "Tensor", tuple(t.shape))
+def _kind(t: torch.Tensor) -> tuple[str, tuple[int, ...], tuple[str, ...]]:
+    """("DTensor" or "Tensor", the (global) shape, the DTensor placements): what a state
+    tensor must match."""
+    if hasattr(t, "full_tensor"):
+        return ("DTensor", tuple(t.shape), tuple(_placement_name(p) for p in t.placements))
+    return ("Tensor", tuple(t.shape), ())
+
+
+def _placement_name(placement) -> str:
+    """"Shard(0)", "Replicate", ...: the same text on every torch version."""
+    if placement.is_shard():
+        return f"Shard({placement.dim})"
+    if placement.is_replicate():
+        return "Replicate"
+    return str(placement)
+
+
+def _tensor_parallel(model: torch.nn.Module) -> None:
+    """Places make_model()'s parameters for tensor parallelism on a CPU mesh of all ranks:
+    Linear 0 and 1 colwise (Shard(0)), Linear 2 rowwise (weight Shard(1), bias Replicate),
+    the LayerNorm replicated. Linear 0 hands the LayerNorm a replicated DTensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    parallelize_module, Colwise, Rowwise, distribute_module, distribute_tensor, Replicate = _tensor_parallel_api()
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    parallelize_module(model, mesh, {"0": Colwise(output_layouts=Replicate(), use_local_output=False),
+                                     "3": Colwise(), "5": Rowwise()})
+
+    def replicate(_name, module, mesh):
+        for name, p in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, torch.nn.Parameter(distribute_tensor(p.data, mesh, [Replicate()])))
+    distribute_module(model[1], mesh, replicate)
 
 
 def _make_optimizer(impl: str, variant: str, params, zero: bool, bucket_view: bool):
@@ -186,12 +232,17 @@ def train(scenario: str, impl: str, variant: str, rank: int) -> dict:
         wrapped = model
         # fully_shard replaced the parameters by sharded DTensor parameters.
         names = {id(p): name for name, p in model.named_parameters()}
+    elif kind == "tensor_parallel":
+        _tensor_parallel(model)
+        wrapped = model
+        names = {id(p): name for name, p in model.named_parameters()}
     else:
         raise ValueError(scenario)
 
     opt, scheduler, local = _make_optimizer(impl, variant, list(wrapped.parameters()),
                                             zero=(kind == "zero"), bucket_view=(mode == "param_bucket_view"))
-    x, y = make_batch(rank)
+    # Tensor parallelism splits the weights, not the data: every rank sees the same batch.
+    x, y = make_batch(0 if kind == "tensor_parallel" else rank)
     losses = []
     for _ in range(STEPS):
         opt.zero_grad()
@@ -218,8 +269,9 @@ def train(scenario: str, impl: str, variant: str, rank: int) -> dict:
             state[names[id(p)]] = {
                 "keys": sorted(s),
                 "step": None if step is None else float(step),
-                # Same shape and tensor type as the parameter: a DTensor under FSDP2, as
-                # torch.optim.AdamW's are (torch.distributed.checkpoint relies on it).
+                # Same shape, tensor type and placements as the parameter: a DTensor under
+                # FSDP2 and tensor parallelism, as torch.optim.AdamW's are
+                # (torch.distributed.checkpoint relies on it).
                 "moments": {k: _kind(s[k]) for k in ("exp_avg", "exp_avg_sq") if k in s},
                 "param": _kind(p),
             }
@@ -343,6 +395,11 @@ def run_of(tmp_path_factory):
                 _fully_shard()
             except ImportError:
                 pytest.skip(f"this torch ({torch.__version__}) has no FSDP2 fully_shard")
+        if scenario == "tensor_parallel":
+            try:
+                _tensor_parallel_api()
+            except ImportError as e:
+                pytest.skip(f"this torch ({torch.__version__}) lacks the tensor-parallel API: {e}")
         if scenario not in _RUNS:
             _RUNS[scenario] = _run_workers(scenario, tmp_path_factory.mktemp(scenario))
         return _RUNS[scenario]
@@ -378,8 +435,9 @@ def _assert_state(results: list[dict], scenario: str, what: str) -> None:
                 "expected exp_avg and exp_avg_sq")
             for key, kind in s["moments"].items():
                 assert kind == s["param"], (
-                    f"{what}: rank {rank}: state[{key!r}] of {name!r} is a {kind[0]} of shape {kind[1]}, "
-                    f"expected a {s['param'][0]} of shape {s['param'][1]} like the parameter")
+                    f"{what}: rank {rank}: state[{key!r}] of {name!r} is a {kind[0]} of shape {kind[1]} "
+                    f"placed {kind[2]}, expected a {s['param'][0]} of shape {s['param'][1]} placed "
+                    f"{s['param'][2]} like the parameter")
             assert s["step"] == STEPS, f"{what}: rank {rank}: state['step'] of {name!r} is {s['step']}, expected {STEPS}"
     if scenario.startswith("zero"):
         # ZeRO partitions the parameters: each is stepped by exactly one rank.
@@ -409,6 +467,23 @@ def test_torch_reference(run_of, scenario, variant):
     _assert_ranks_bitwise_equal(torch_results, what)
     _assert_state(torch_results, scenario, what)
     _assert_loss_decreased(torch_results, what)
+
+
+# What _tensor_parallel places where: the scenario covers Shard(0), Shard(1) and Replicate.
+TENSOR_PARALLEL_PLACEMENTS = {
+    "0.weight": ("Shard(0)",), "0.bias": ("Shard(0)",), "1.weight": ("Replicate",), "1.bias": ("Replicate",),
+    "3.weight": ("Shard(0)",), "3.bias": ("Shard(0)",), "5.weight": ("Shard(1)",), "5.bias": ("Replicate",)}
+
+
+@variant_param
+def test_tensor_parallel_placements(run_of, variant):
+    """The harness: the tensor-parallel scenario's parameters are DTensors placed as
+    TENSOR_PARALLEL_PLACEMENTS says, on both ranks, in torch's run and in ours."""
+    run = run_of("tensor_parallel")
+    for impl in IMPLS:
+        for rank, result in enumerate(run.get(impl, variant)):
+            placed = {name: s["param"][2] for name, s in result["state"].items()}
+            assert placed == TENSOR_PARALLEL_PLACEMENTS, f"{impl}, {variant}, rank {rank}: placements {placed}"
 
 
 @variant_param

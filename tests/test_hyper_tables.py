@@ -6,9 +6,11 @@ again). The GPU side (real captures and replays) is in test_cuda.py."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from noam_ext._hyper import BETA1, LR, NUM_HYPER_COLUMNS, DeviceHyperTables, HyperTable, fill_captured_table
+from op_args import make_args, positional
 
 
 def groups(lr0, lr1=0.5):
@@ -121,3 +123,13 @@ def test_a_replaced_device_table_is_a_new_one():
     second = tables.get(torch.device("cpu"), hyper.get(more, schedule=None), [])
     assert second.shape == (3, NUM_HYPER_COLUMNS) and first.shape == (2, NUM_HYPER_COLUMNS)
     assert torch.equal(second, hyper.get(more, schedule=None))
+
+
+def test_python_and_the_op_agree_on_the_number_of_columns():
+    # kNumHyperColumns (adamw_math.h) against NUM_HYPER_COLUMNS: the op names the width
+    # it expects. (Where each column sits is checked through what the op does with it:
+    # test_schedules_in_op.py reads the schedule block's lr bit for bit, test_op.py maximize.)
+    args = make_args([3, 5])
+    args["hyper"] = args["hyper"][:, :-1].contiguous()
+    with pytest.raises(RuntimeError, match=rf"\[groups, {NUM_HYPER_COLUMNS}\]"):
+        torch.ops.noam_ext.fused_adamw_(*positional(args))

@@ -77,15 +77,15 @@ const char* compiled_cpu_capabilities() {
       ;
 }
 
-SegmentKernel select_segment_kernel(c10::ScalarType dtype, bool amsgrad) {
+SegmentKernel select_segment_kernel(const StorageTypes& storage, bool amsgrad) {
   switch (active_isa()) {
 #if defined(NOAM_EXT_HAVE_AVX512)
-    case Isa::kAvx512: return select_segment_kernel_AVX512(dtype, amsgrad);
+    case Isa::kAvx512: return select_segment_kernel_AVX512(storage, amsgrad);
 #endif
 #if defined(NOAM_EXT_HAVE_AVX2)
-    case Isa::kAvx2: return select_segment_kernel_AVX2(dtype, amsgrad);
+    case Isa::kAvx2: return select_segment_kernel_AVX2(storage, amsgrad);
 #endif
-    default: return select_segment_kernel_DEFAULT(dtype, amsgrad);
+    default: return select_segment_kernel_DEFAULT(storage, amsgrad);
   }
 }
 

@@ -15,8 +15,8 @@ const std::string& active_cpu_capability();
 // Instruction sets compiled into this build, comma separated.
 const char* compiled_cpu_capabilities();
 
-// The element loop for a dtype under the active instruction set (null for an
-// unsupported dtype).
-SegmentKernel select_segment_kernel(c10::ScalarType dtype, bool amsgrad);
+// The element loop for a call's storage under the active instruction set (null for
+// an unsupported one).
+SegmentKernel select_segment_kernel(const StorageTypes& storage, bool amsgrad);
 
 }  // namespace noam_ext::cpu

@@ -86,6 +86,10 @@ constexpr int kNumStats = 5;   // prepare blocks, update blocks, threads per blo
 
 void run_rows_on_host(const RowsCall& call, const HostRunOptions& options, int64_t* stats) {
   TORCH_CHECK(call.hyper.is_cpu(), "emulate_cuda_fused_adamw_: hyper must be a CPU tensor");
+  TORCH_CHECK(call.layouts.empty(), "emulate_cuda_fused_adamw_: tensors that are not dense and laid out alike "
+              "(strided rows) are not supported by the CUDA kernels yet");
+  TORCH_CHECK(call.storage.is_plain() && !call.stochastic_rounding,
+              "emulate_cuda_fused_adamw_: the low-byte options are not supported by the CUDA kernels yet");
   const auto num_rows = static_cast<int64_t>(call.rows.size());
   StepLaunches launches = step_launches(call.dtype, call.amsgrad, num_rows, call.total, options.multiprocessors);
   if (options.threads_per_block != kThreadsPerBlock) {
@@ -128,7 +132,9 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
                               const std::optional<at::Tensor>& stats, bool advance_schedule,
                               const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf,
-                              const std::optional<at::Tensor>& grad_clip) {
+                              const std::optional<at::Tensor>& grad_clip, std::optional<at::TensorList> masters,
+                              at::IntArrayRef rng_streams, at::IntArrayRef element_offsets,
+                              bool stochastic_rounding) {
   TORCH_CHECK(multiprocessors >= 1, "emulate_cuda_fused_adamw_: multiprocessors must be at least 1");
   TORCH_CHECK(!num_blocks || *num_blocks >= 1, "emulate_cuda_fused_adamw_: num_blocks must be at least 1");
   TORCH_CHECK(threads_per_block >= 1 && threads_per_block <= kThreadsPerBlock,
@@ -139,7 +145,9 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
   const HostRunOptions options{multiprocessors, num_blocks, threads_per_block, only_blocks.vec(),
                                wrong_launch_from(std::string(wrong_launch))};
   checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper,
-                      groups, advance_schedule, grad_scale, found_inf, grad_clip, [&](const RowsCall& call) {
+                      groups, advance_schedule, grad_scale, found_inf, grad_clip,
+                      {masters.value_or(at::TensorList{}), rng_streams, element_offsets, stochastic_rounding},
+                      [&](const RowsCall& call) {
                         run_rows_on_host(call, options, stats ? stats->data_ptr<int64_t>() : nullptr);
                       });
 }

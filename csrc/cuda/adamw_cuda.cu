@@ -378,6 +378,11 @@ void run_rows(const RowsCall& call) {
   const at::Device device = call.schedule_step.device();
   TORCH_CHECK(call.hyper.is_cpu() || call.hyper.device() == device, "fused_adamw_: hyper must be on the CPU or on ",
               device, ", got ", call.hyper.device());
+  TORCH_CHECK(call.layouts.empty(), "fused_adamw_: parameters that are not dense in memory, or whose gradient or "
+              "state has other strides than the parameter, are not supported on CUDA yet");
+  TORCH_CHECK(call.storage.is_plain() && !call.stochastic_rounding,
+              "fused_adamw_: master weights, 16-bit moments, gradients in another dtype and stochastic rounding "
+              "are not supported on CUDA yet");
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const bool hyper_on_host = call.hyper.is_cpu();

@@ -1,4 +1,4 @@
-// The AdamW update and the Noam learning rate, written once.
+// The AdamW update and the hyperparameter table it reads, written once.
 //
 // Every implementation (the CPU op in csrc/cpu, the CUDA kernel in csrc/cuda,
 // the host emulation of the CUDA work split) includes this header and calls
@@ -13,6 +13,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+
+#include "schedule_math.h"
 
 namespace noam_ext {
 
@@ -20,39 +23,26 @@ namespace noam_ext {
 // that the optimizer hands to the op. Keep in sync with noam_ext/_hyper.py.
 // amsgrad is not a column: a call either passes max_exp_avg_sqs for every tensor or
 // for none, and the optimizer makes one call per (device, dtype, amsgrad).
+// Columns come in blocks: AdamW's own settings, then the schedule block. A new block
+// goes after the last one, and kNumHyperColumns moves past it.
 enum HyperColumn : int {
   kLr = 0,          // base lr of the group (the schedule multiplies it)
   kBeta1 = 1,
   kBeta2 = 2,
   kEps = 3,
   kWeightDecay = 4,
-  kDModel = 5,      // Noam d_model; only read when kWarmup > 0
-  kWarmup = 6,      // Noam warmup steps; 0 means "no in-op schedule: use kLr as is"
-  kMaximize = 7,    // 1.0 or 0.0
-  kNumHyperColumns = 8,
+  kMaximize = 5,    // 1.0 or 0.0
+  kScheduleBlock = 6,  // kNumScheduleColumns columns: which schedule, and its settings (schedule_math.h)
+  kNumHyperColumns = kScheduleBlock + kNumScheduleColumns,
 };
-
-// The Noam factor of "Attention Is All You Need":
-//   d_model^-0.5 * min(s^-0.5, s * warmup^-1.5),  s = max(step, 1).
-// Evaluated with pow() in double exactly as Python evaluates the same
-// expression, so the host result is bit-identical to noam_ext.noam_lr().
-C10_HOST_DEVICE inline double noam_lambda(double step, double d_model, double warmup) {
-  const double s = step < 1.0 ? 1.0 : step;
-  const double decay = ::pow(s, -0.5);
-  const double ramp = s * ::pow(warmup, -1.5);
-  return ::pow(d_model, -0.5) * (decay < ramp ? decay : ramp);
-}
 
 // The learning rate a group uses in the step that follows `schedule_step`
 // completed steps. The k-th step() of a scheduled optimizer sees
 // schedule_step = k - 1, which is the value LambdaLR's last_epoch has at the
 // k-th optimizer.step() of the usual "optimizer.step(); scheduler.step()" loop.
+// Without a schedule the factor is exactly 1, and lr * 1.0 is lr.
 C10_HOST_DEVICE inline double group_lr(const double* hyper_row, int64_t schedule_step) {
-  const double lr = hyper_row[kLr];
-  if (hyper_row[kWarmup] > 0.0) {
-    return lr * noam_lambda(static_cast<double>(schedule_step), hyper_row[kDModel], hyper_row[kWarmup]);
-  }
-  return lr;
+  return hyper_row[kLr] * schedule_factor(hyper_row + kScheduleBlock, static_cast<double>(schedule_step));
 }
 
 // What the element update needs, already reduced from (lr, betas, eps,
@@ -174,6 +164,110 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void adamw_update(
   }
   const T denom = Ops::sqrt(second_moment) / T(c.bias_correction2_sqrt) + T(c.eps);
   param = param + T(c.neg_step_size) * exp_avg / denom;
+}
+
+// ---- Storing in 16 bits: master remainders and stochastic rounding ------------------------
+// (FusedAdamW's low-byte options; docs/adamw.md, "Fewer bytes per parameter".) Integer
+// operations only, so every implementation gets the same bits.
+
+C10_HOST_DEVICE inline uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+#endif
+}
+
+C10_HOST_DEVICE inline float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+#endif
+}
+
+C10_HOST_DEVICE inline bool bits_are_nan(uint32_t u) {
+  return (u & 0x7FFFFFFFu) > 0x7F800000u;
+}
+
+// A float32 master as a bfloat16 parameter and a 16-bit remainder that together rebuild
+// it exactly (TransformerEngine's "param remainders"). The parameter is the master
+// rounded to nearest with ties away from zero: round-to-even would need a 17th bit at
+// exact ties (a bfloat16 value has 65537 float32 values that round to it when its last
+// bit is even), so both master forms round this way and agree bit for bit. A NaN master
+// gives a NaN parameter and remainder 0 (its payload is not kept).
+struct MasterSplit {
+  uint16_t param_bits;
+  int16_t remainder;
+};
+
+C10_HOST_DEVICE inline MasterSplit split_master(float master) {
+  const uint32_t m = float_bits(master);
+  if (bits_are_nan(m)) {
+    return {static_cast<uint16_t>((m >> 16) | 0x0040u), 0};
+  }
+  const uint32_t rounded = (m + 0x8000u) & 0xFFFF0000u;   // carries into the magnitude at lo >= 0x8000
+  return {static_cast<uint16_t>(rounded >> 16), static_cast<int16_t>(static_cast<uint16_t>(m - rounded))};
+}
+
+C10_HOST_DEVICE inline float join_master(uint16_t param_bits, int16_t remainder) {
+  return bits_float((static_cast<uint32_t>(param_bits) << 16) + static_cast<uint32_t>(static_cast<int32_t>(remainder)));
+}
+
+// The bfloat16 a float32 master writes to its parameter, as a float (exactly representable).
+C10_HOST_DEVICE inline float master_to_bfloat16_value(float master) {
+  const uint32_t m = float_bits(master);
+  return bits_are_nan(m) ? master : bits_float((m + 0x8000u) & 0xFFFF0000u);
+}
+
+// Stochastic rounding's random bits: a counter-based generator, a pure function of a key
+// and an element's index, so the bits depend on neither threads, blocks nor launches.
+// The key hashes the parameter's stream (its optimizer seed and place, and for a shard
+// where that is needed, the shard), its step count, which pair of tensors it rounds, and
+// the high 32 bits of the index; the bits hash the key with the low 32 bits.
+C10_HOST_DEVICE inline uint64_t mix64(uint64_t x) {   // splitmix64's finaliser
+  x ^= x >> 30;
+  x *= 0xBF58476D1CE4E5B9ull;
+  x ^= x >> 27;
+  x *= 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  return x;
+}
+
+C10_HOST_DEVICE inline uint32_t mix32(uint32_t x) {   // "lowbias32", a well-mixing bijection
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// Which pair of tensors a key rounds: the parameter (low 16 bits) and exp_avg (high 16
+// bits) share one draw, exp_avg_sq (low) and max_exp_avg_sq (high) another.
+enum RoundingPair : uint32_t { kParamAndExpAvg = 0, kExpAvgSqAndMax = 1 };
+
+C10_HOST_DEVICE inline uint32_t rounding_key(uint64_t stream, float step, uint32_t pair, uint32_t index_high) {
+  const uint64_t h = mix64(stream ^ mix64(static_cast<uint64_t>(step) * 4 + pair) ^
+                           (static_cast<uint64_t>(index_high) << 32));
+  return static_cast<uint32_t>(h ^ (h >> 32));
+}
+
+C10_HOST_DEVICE inline uint32_t rounding_bits(uint32_t key, uint32_t index_low) {
+  return mix32(index_low * 0x9E3779B9u + key);
+}
+
+// x rounded to a bfloat16 value stochastically: up in magnitude with probability
+// (the dropped low 16 bits) / 2**16, so the expected result is x. `random16` is 16
+// random bits. Returned as a float that bfloat16 represents exactly; a NaN is returned
+// as is, for the conversion to make a bfloat16 NaN of it.
+C10_HOST_DEVICE inline float stochastic_bfloat16_value(float x, uint32_t random16) {
+  const uint32_t m = float_bits(x);
+  return bits_are_nan(m) ? x : bits_float((m + (random16 & 0xFFFFu)) & 0xFFFF0000u);
 }
 
 }  // namespace noam_ext

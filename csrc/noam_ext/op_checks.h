@@ -6,6 +6,7 @@
 // param group 1") when it checks a call before making it.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/FunctionRef.h>
@@ -18,6 +19,7 @@
 #include <vector>
 
 #include "adamw_math.h"
+#include "storage.h"
 #include "work_split.h"
 
 namespace noam_ext {
@@ -37,7 +39,36 @@ struct OpTensors {
   at::TensorList exp_avg_sqs;
   at::TensorList max_exp_avg_sqs;   // empty (no amsgrad) or one per param
   at::TensorList state_steps;
+  at::TensorList masters = {};      // empty, or one float32 master / int16 remainder per param
+  at::IntArrayRef rng_streams = {};       // empty (stream = list index) or one per param
+  at::IntArrayRef element_offsets = {};   // empty (all 0) or one per param
 };
+
+// One parameter's tensors within a call.
+struct RowTensors {
+  const at::Tensor& param;
+  const at::Tensor& grad;
+  const at::Tensor& exp_avg;
+  const at::Tensor& exp_avg_sq;
+  const at::Tensor* max_exp_avg_sq;   // null without amsgrad
+  const at::Tensor* master;           // null without a master
+  const at::Tensor& step;
+};
+
+// The storage types of a call, from its first parameter's tensors (every other
+// parameter must match them).
+inline StorageTypes storage_of(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                               const at::Tensor* master) {
+  MasterKind kind = MasterKind::kNone;
+  if (master != nullptr) {
+    TORCH_CHECK(master->defined() && (master->scalar_type() == at::kFloat || master->scalar_type() == at::kShort),
+                "fused_adamw_: masters must be float32 (master weights) or int16 (remainders of bfloat16 "
+                "parameters), got ", master->defined() ? c10::toString(master->scalar_type()) : "an undefined tensor");
+    kind = master->scalar_type() == at::kShort ? MasterKind::kRemainder : MasterKind::kFloat32;
+  }
+  return {param.scalar_type(), grad.defined() ? grad.scalar_type() : param.scalar_type(),
+          exp_avg.defined() ? exp_avg.scalar_type() : param.scalar_type(), kind};
+}
 
 inline bool is_supported_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
@@ -57,12 +88,63 @@ inline void check_call_arguments(const at::Tensor& schedule_step, const at::Tens
               "] tensor on the CPU or on the call's device (", schedule_step.device(), ")");
 }
 
+// The strided layout of a row (work_split.h) from its tensors' strides: dimensions of
+// size 1 dropped, and neighbouring dimensions merged where every tensor lays them out
+// contiguously one within the other. `tensors` holds the row's tensors in RowTensor
+// order; a null one (no amsgrad) gets zero strides.
+inline StridedLayout make_strided_layout(at::IntArrayRef sizes, const at::Tensor* const (&tensors)[kRowTensors],
+                                         const std::string& name) {
+  StridedLayout layout{};
+  int64_t ndim = 0;
+  for (size_t d = 0; d < sizes.size(); ++d) {
+    if (sizes[d] == 1) {
+      continue;
+    }
+    auto stride_of = [&](int t) { return tensors[t] != nullptr ? tensors[t]->stride(static_cast<int64_t>(d)) : 0; };
+    bool merges = ndim > 0;
+    for (int t = 0; t < kRowTensors && merges; ++t) {
+      merges = layout.strides[t][ndim - 1] == stride_of(t) * sizes[d];
+    }
+    if (merges) {   // the previous dimension steps over this whole one in every tensor
+      layout.sizes[ndim - 1] *= sizes[d];
+      for (int t = 0; t < kRowTensors; ++t) {
+        layout.strides[t][ndim - 1] = stride_of(t);
+      }
+      continue;
+    }
+    TORCH_CHECK(ndim < kMaxStridedDims, "fused_adamw_: ", name, " and its gradient and state are laid out in "
+                "more than ", kMaxStridedDims, " dimensions that cannot be merged; make them contiguous");
+    layout.sizes[ndim] = sizes[d];
+    for (int t = 0; t < kRowTensors; ++t) {
+      layout.strides[t][ndim] = stride_of(t);
+    }
+    ++ndim;
+  }
+  layout.ndim = ndim;
+  return layout;
+}
+
+// Elements from a tensor's data pointer to one past its last element (a view with gaps
+// spans more than its numel).
+inline int64_t element_extent(const at::Tensor& t) {
+  if (t.numel() == 0) {
+    return 0;
+  }
+  int64_t last = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    last += (t.size(d) - 1) * t.stride(d);
+  }
+  return last + 1;
+}
+
 // Checks the tensors of the i-th parameter of a call and returns its row (offset
-// left for the caller). vmax is null without amsgrad.
-inline TensorRow check_and_make_row(const at::Tensor& p, const at::Tensor& grad, const at::Tensor& exp_avg,
-                                    const at::Tensor& exp_avg_sq, const at::Tensor* vmax, const at::Tensor& step,
-                                    const at::Device& device, at::ScalarType call_dtype, int64_t group,
-                                    int64_t n_groups, int64_t i, const TensorNamer& name_of) {
+// and rounding stream left for the caller). Their dtypes must be the call's
+// `types`. A row whose tensors are not dense and laid out alike gets a strided
+// layout, appended to `layouts`.
+inline TensorRow check_and_make_row(const RowTensors& t, const at::Device& device, const StorageTypes& types,
+                                    int64_t group, int64_t n_groups, int64_t i, const TensorNamer& name_of,
+                                    std::vector<StridedLayout>& layouts) {
+  const at::Tensor& p = t.param;
   TORCH_CHECK(p.defined() && p.layout() == at::kStrided, "fused_adamw_: ", name_of(i),
               " must be a dense (strided) tensor");
   const at::ScalarType dtype = p.scalar_type();
@@ -70,42 +152,61 @@ inline TensorRow check_and_make_row(const at::Tensor& p, const at::Tensor& grad,
               " must be float32, float64, bfloat16 or float16, got ", dtype);
   TORCH_CHECK(p.device() == device, "fused_adamw_: ", name_of(i), " is on ", p.device(), " but this call runs on ",
               device, " (one call takes one device)");
-  TORCH_CHECK(dtype == call_dtype, "fused_adamw_: ", name_of(i), " has dtype ", dtype, " but this call's "
-              "parameters have ", call_dtype, " (one call takes one dtype)");
+  TORCH_CHECK(dtype == types.param, "fused_adamw_: ", name_of(i), " has dtype ", dtype, " but this call's "
+              "parameters have ", types.param, " (one call takes one dtype)");
   const bool contiguous = p.is_contiguous();
-  TORCH_CHECK(contiguous || p.is_non_overlapping_and_dense(), "fused_adamw_: ", name_of(i),
-              " must be non-overlapping and dense in memory (e.g. contiguous)");
+  // A view with gaps (torch.randn(10, 5, 2)[..., 0]) is updated through a strided
+  // layout; one whose elements share memory (expand) cannot be written in place.
+  const bool dense = contiguous || p.is_non_overlapping_and_dense();
+  auto check_writable = [&](const at::Tensor& x, const char* what) {
+    TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, "fused_adamw_: ", what, name_of(i),
+                " has elements that share memory (an expanded tensor?); it cannot be updated in place");
+  };
+  if (!dense) {
+    check_writable(p, "");
+  }
   const at::IntArrayRef sizes = p.sizes();
   const int64_t numel = p.numel();
-  // The common case first, in few reads: same layout, dtype, device, shape and
-  // (for a contiguous parameter) contiguous. Anything else gets the detailed checks.
-  auto like_param = [&](const at::Tensor& x) {
-    return x.defined() && x.layout() == at::kStrided && x.scalar_type() == dtype && x.device() == device &&
+  // The common case first, in few reads: same layout, device, shape and (for a
+  // contiguous parameter) contiguous, and the call's dtype for its kind of tensor.
+  // Anything else gets the detailed checks.
+  auto like_param = [&](const at::Tensor& x, at::ScalarType expected) {
+    return x.defined() && x.layout() == at::kStrided && x.scalar_type() == expected && x.device() == device &&
            x.sizes() == sizes && (numel <= 1 || (contiguous ? x.is_contiguous() : x.strides() == p.strides()));
   };
-  auto check_like_param = [&](const at::Tensor& x, const char* what) {
-    if (like_param(x)) {
+  bool alike = dense;   // every tensor dense with the parameter's strides: one linear walk serves all
+  auto check_like_param = [&](const at::Tensor& x, at::ScalarType expected, const char* what, bool written) {
+    if (like_param(x, expected)) {
       return;
     }
     TORCH_CHECK(x.defined() && x.layout() == at::kStrided, "fused_adamw_: the ", what, " of ", name_of(i),
                 " must be a dense (strided) tensor", x.defined() && x.is_sparse() ? ", got a sparse one" : "");
     TORCH_CHECK(x.device() == device, "fused_adamw_: the ", what, " of ", name_of(i), " is on ", x.device(),
                 " but the parameter is on ", p.device());
-    TORCH_CHECK(x.scalar_type() == dtype, "fused_adamw_: the ", what, " of ", name_of(i), " has dtype ",
-                x.scalar_type(), " but the parameter has ", dtype);
+    TORCH_CHECK(x.scalar_type() == expected, "fused_adamw_: the ", what, " of ", name_of(i), " has dtype ",
+                x.scalar_type(), " but this call's ", what, "s have ", expected, " (", describe(types), ")");
     TORCH_CHECK(x.sizes() == sizes, "fused_adamw_: the ", what, " of ", name_of(i), " has shape ", x.sizes(),
                 " but the parameter has ", sizes);
-    // Same strides (or at most one element): element k of each tensor is then
-    // at the same distance from its start, so one linear walk serves all.
-    TORCH_CHECK(false, "fused_adamw_: the ", what, " of ", name_of(i), " has strides ", x.strides(),
-                " but the parameter has ", p.strides());
+    // Other strides than the parameter's: a strided layout walks each tensor by its own.
+    if (written) {
+      const std::string of = std::string("the ") + what + " of ";
+      check_writable(x, of.c_str());
+    }
+    alike = false;
   };
-  check_like_param(grad, "gradient");
-  check_like_param(exp_avg, "exp_avg");
-  check_like_param(exp_avg_sq, "exp_avg_sq");
-  if (vmax != nullptr) {
-    check_like_param(*vmax, "max_exp_avg_sq");
+  check_like_param(t.grad, types.grad, "gradient", false);
+  check_like_param(t.exp_avg, types.moment, "exp_avg", true);
+  check_like_param(t.exp_avg_sq, types.moment, "exp_avg_sq", true);
+  if (t.max_exp_avg_sq != nullptr) {
+    check_like_param(*t.max_exp_avg_sq, types.moment, "max_exp_avg_sq", true);
   }
+  TORCH_CHECK((t.master != nullptr) == (types.master != MasterKind::kNone), "fused_adamw_: ", name_of(i),
+              t.master != nullptr ? " has a master but this call's parameters have none"
+                                  : " has no master but this call's parameters have one");
+  if (t.master != nullptr) {
+    check_like_param(*t.master, master_dtype(types.master), "master", true);
+  }
+  const at::Tensor& step = t.step;
   TORCH_CHECK(step.defined() && step.scalar_type() == at::kFloat && step.numel() == 1 && step.device() == device,
               "fused_adamw_: the step of ", name_of(i), " must be a one-element float32 tensor on ", device);
   TORCH_CHECK(group >= 0 && group < n_groups, "fused_adamw_: ", name_of(i), " names hyperparameter row ", group,
@@ -113,12 +214,20 @@ inline TensorRow check_and_make_row(const at::Tensor& p, const at::Tensor& grad,
   TensorRow r{};
   r.numel = numel;
   r.param = p.data_ptr();
-  r.grad = grad.const_data_ptr();
-  r.exp_avg = exp_avg.data_ptr();
-  r.exp_avg_sq = exp_avg_sq.data_ptr();
-  r.max_exp_avg_sq = vmax != nullptr ? vmax->data_ptr() : nullptr;
+  r.grad = t.grad.const_data_ptr();
+  r.exp_avg = t.exp_avg.data_ptr();
+  r.exp_avg_sq = t.exp_avg_sq.data_ptr();
+  r.max_exp_avg_sq = t.max_exp_avg_sq != nullptr ? t.max_exp_avg_sq->data_ptr() : nullptr;
+  r.master = t.master != nullptr ? t.master->data_ptr() : nullptr;
   r.step = step.data_ptr<float>();
   r.group = static_cast<int32_t>(group);
+  r.layout = -1;
+  if (!alike && numel > 0) {
+    const at::Tensor* const tensors[kRowTensors] = {&p, &t.grad, &t.exp_avg, &t.exp_avg_sq, t.max_exp_avg_sq,
+                                                    t.master};
+    layouts.push_back(make_strided_layout(sizes, tensors, name_of(i)));
+    r.layout = static_cast<int32_t>(layouts.size() - 1);
+  }
   return r;
 }
 
@@ -150,9 +259,11 @@ inline void check_distinct_steps(const std::vector<TensorRow>& rows, const Tenso
 
 // Checks the tensors of one call (all on `device`, hyper rows 0..n_groups-1) and
 // returns their rows, in list order, with virtual offsets (work_split.h); `total`
-// receives the virtual length.
+// receives the virtual length, `layouts` the strided layouts the rows refer to, and
+// `types` what the call's tensors are stored in.
 inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::Device& device, int64_t n_groups,
                                                 at::IntArrayRef groups, int64_t& total,
+                                                std::vector<StridedLayout>& layouts, StorageTypes& types,
                                                 const TensorNamer& name_of = list_element_name) {
   const int64_t n = static_cast<int64_t>(t.params.size());
   TORCH_CHECK(static_cast<int64_t>(t.grads.size()) == n && static_cast<int64_t>(t.exp_avgs.size()) == n &&
@@ -166,13 +277,30 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
               "fused_adamw_: max_exp_avg_sqs must be empty (no amsgrad) or have one tensor per param, got ",
               t.max_exp_avg_sqs.size(), " for ", n, " params");
 
+  TORCH_CHECK(t.masters.empty() || static_cast<int64_t>(t.masters.size()) == n,
+              "fused_adamw_: masters must be empty or have one tensor per param, got ", t.masters.size(), " for ",
+              n, " params");
+  TORCH_CHECK(t.rng_streams.empty() || static_cast<int64_t>(t.rng_streams.size()) == n,
+              "fused_adamw_: rng_streams must be empty or have one stream per param, got ", t.rng_streams.size(),
+              " for ", n, " params");
+  TORCH_CHECK(t.element_offsets.empty() || static_cast<int64_t>(t.element_offsets.size()) == n,
+              "fused_adamw_: element_offsets must be empty or have one offset per param, got ",
+              t.element_offsets.size(), " for ", n, " params");
   std::vector<TensorRow> rows(n);
   int64_t end = 0;
-  const at::ScalarType call_dtype = n > 0 ? t.params[0].scalar_type() : at::kFloat;
+  types = n > 0 ? storage_of(t.params[0], t.grads[0], t.exp_avgs[0],
+                                                t.masters.empty() ? nullptr : &t.masters[0])
+                                   : StorageTypes{at::kFloat, at::kFloat, at::kFloat, MasterKind::kNone};
+  TORCH_CHECK(is_supported_storage(types), "fused_adamw_: ", n > 0 ? name_of(0) : std::string("the call"),
+              " is stored as ", describe(types), ", which is not supported; supported:", supported_storage_list());
   for (int64_t i = 0; i < n; ++i) {
-    rows[i] = check_and_make_row(t.params[i], t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i],
-                                 amsgrad ? &t.max_exp_avg_sqs[i] : nullptr, t.state_steps[i], device, call_dtype,
-                                 groups[i], n_groups, i, name_of);
+    const RowTensors row{t.params[i], t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i],
+                         amsgrad ? &t.max_exp_avg_sqs[i] : nullptr, t.masters.empty() ? nullptr : &t.masters[i],
+                         t.state_steps[i]};
+    rows[i] = check_and_make_row(row, device, types, groups[i], n_groups, i, name_of, layouts);
+    rows[i].rng_stream = t.rng_streams.empty() ? static_cast<uint64_t>(i) : static_cast<uint64_t>(t.rng_streams[i]);
+    rows[i].element_offset = t.element_offsets.empty() ? 0 : t.element_offsets[i];
+    TORCH_CHECK(rows[i].element_offset >= 0, "fused_adamw_: element_offsets[", i, "] is negative");
     rows[i].offset = next_row_offset(end);
     end = rows[i].offset + rows[i].numel;
   }
@@ -181,10 +309,23 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
   return rows;
 }
 
+// Elements from a row's parameter pointer to one past its last element.
+inline int64_t row_param_extent(const TensorRow& row, const std::vector<StridedLayout>& layouts) {
+  if (row.layout < 0 || row.numel == 0) {
+    return row.numel;
+  }
+  const StridedLayout& l = layouts[row.layout];
+  int64_t last = 0;
+  for (int64_t d = 0; d < l.ndim; ++d) {
+    last += (l.sizes[d] - 1) * l.strides[kParamTensor][d];
+  }
+  return last + 1;
+}
+
 // Parameters written by one call must not share memory: their elements would be
 // updated concurrently. (FusedAdamW splits tied parameters over several calls.)
-inline void check_no_shared_memory(const std::vector<TensorRow>& rows, int64_t element_size,
-                                   const TensorNamer& name_of = list_element_name) {
+inline void check_no_shared_memory(const std::vector<TensorRow>& rows, const std::vector<StridedLayout>& layouts,
+                                   int64_t element_size, const TensorNamer& name_of = list_element_name) {
   std::vector<std::pair<uintptr_t, int64_t>> spans;  // (start, row) of params with elements
   spans.reserve(rows.size());
   for (size_t i = 0; i < rows.size(); ++i) {
@@ -198,7 +339,7 @@ inline void check_no_shared_memory(const std::vector<TensorRow>& rows, int64_t e
   for (const auto& [start, i] : spans) {
     TORCH_CHECK(reacher < 0 || start >= reach, "fused_adamw_: ", name_of(reacher), " and ", name_of(i),
                 " share memory; pass tensors that share memory in separate calls");
-    const uintptr_t span_end = start + static_cast<uintptr_t>(rows[i].numel * element_size);
+    const uintptr_t span_end = start + static_cast<uintptr_t>(row_param_extent(rows[i], layouts) * element_size);
     if (span_end > reach) {
       reach = span_end;
       reacher = i;

@@ -15,6 +15,20 @@ namespace noam_ext {
 
 using RunRows = void (*)(const RowsCall&);
 
+// The arguments of the low-byte options (storage.h): float32 masters or int16
+// remainders, and stochastic rounding's per-parameter streams and element offsets.
+struct LowByteArgs {
+  at::TensorList masters;
+  at::IntArrayRef rng_streams;
+  at::IntArrayRef element_offsets;
+  bool stochastic_rounding = false;
+};
+
+inline void check_stochastic_rounding(const StorageTypes& types, bool stochastic_rounding) {
+  TORCH_CHECK(!stochastic_rounding || types.stores_bfloat16(), "fused_adamw_: stochastic_rounding rounds what the "
+              "step stores in bfloat16, and this call stores nothing in bfloat16 (", describe(types), ")");
+}
+
 // `run` is called with the checked call: a device's run_rows, or the host
 // emulation of the CUDA kernels (csrc/cpu/cuda_emulation.cpp).
 template <typename Run>
@@ -23,17 +37,20 @@ void checked_fused_adamw(at::TensorList params, at::TensorList grads, at::Tensor
                          const at::Tensor& schedule_step, const at::Tensor& hyper, at::IntArrayRef groups,
                          bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& grad_clip,
-                         Run&& run) {
+                         const LowByteArgs& low_byte, Run&& run) {
   check_call_arguments(schedule_step, hyper);
   int64_t total = 0;
+  std::vector<StridedLayout> layouts;
+  StorageTypes types{};
   const std::vector<TensorRow> rows = build_tensor_rows(
-      {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps}, schedule_step.device(), hyper.size(0),
-      groups, total);
-  check_no_shared_memory(rows, params.empty() ? 1 : params[0].element_size());
+      {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, low_byte.masters, low_byte.rng_streams,
+       low_byte.element_offsets},
+      schedule_step.device(), hyper.size(0), groups, total, layouts, types);
+  check_no_shared_memory(rows, layouts, params.empty() ? 1 : params[0].element_size());
   check_scaler_tensors(grad_scale, found_inf, schedule_step.device(), grad_clip);
-  const at::ScalarType dtype = params.empty() ? at::kFloat : params[0].scalar_type();
-  run({rows, total, dtype, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule, grad_scale, found_inf,
-       grad_clip});
+  check_stochastic_rounding(types, low_byte.stochastic_rounding);
+  run({rows, layouts, total, types.param, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule,
+       grad_scale, found_inf, grad_clip, types, low_byte.stochastic_rounding});
 }
 
 // The function a device registers for fused_adamw_: the checked entry above, in
@@ -43,9 +60,11 @@ void fused_adamw_op(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList max_exp_avg_sqs, at::TensorList state_steps, const at::Tensor& schedule_step,
                     const at::Tensor& hyper, at::IntArrayRef groups, bool advance_schedule,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                    const std::optional<at::Tensor>& grad_clip) {
+                    const std::optional<at::Tensor>& grad_clip, std::optional<at::TensorList> masters,
+                    at::IntArrayRef rng_streams, at::IntArrayRef element_offsets, bool stochastic_rounding) {
   checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper, groups,
-                      advance_schedule, grad_scale, found_inf, grad_clip, run);
+                      advance_schedule, grad_scale, found_inf, grad_clip,
+                      {masters.value_or(at::TensorList{}), rng_streams, element_offsets, stochastic_rounding}, run);
 }
 
 }  // namespace noam_ext

@@ -11,12 +11,14 @@
 #include <optional>
 #include <vector>
 
+#include "storage.h"
 #include "work_split.h"
 
 namespace noam_ext {
 
 struct RowsCall {
   const std::vector<TensorRow>& rows;
+  const std::vector<StridedLayout>& layouts;   // of the rows whose layout is not -1
   int64_t total;                 // virtual length (build_tensor_rows)
   at::ScalarType dtype;
   bool amsgrad;
@@ -26,6 +28,8 @@ struct RowsCall {
   const std::optional<at::Tensor>& grad_scale;
   const std::optional<at::Tensor>& found_inf;
   const std::optional<at::Tensor>& grad_clip;   // float64 [1]: multiplies every gradient
+  StorageTypes storage;          // what the tensors are stored in (storage.h); dtype is storage.param
+  bool stochastic_rounding;      // round bfloat16 stores stochastically (adamw_math.h)
 };
 
 namespace cpu {

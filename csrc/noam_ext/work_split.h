@@ -30,8 +30,80 @@ struct TensorRow {
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;    // null without amsgrad
+  void* master;            // float32 master or int16 remainder (storage.h), or null
   float* step;             // torch's state["step"] (float32, one element, on the device)
+  uint64_t rng_stream;     // stochastic rounding: the parameter's stream (adamw_math.h, rounding_key)
+  int64_t element_offset;  // stochastic rounding: the index of element 0 within the whole parameter
   int32_t group;           // row of the hyperparameter table
+  int32_t layout = -1;     // -1: the tensors are dense and share the parameter's strides, so
+                           // element k of each lives at pointer + k; otherwise the index of
+                           // the row's StridedLayout in the call's layout table
+  int32_t reserved = 0;
+};
+
+// The strided layout of a row whose tensors are not laid out alike and densely: a
+// parameter that is a view with gaps (torch.randn(10, 5, 2)[..., 0]), or a gradient or
+// state tensor with other strides than its parameter. Element k is the k-th of the
+// parameter's shape in row-major order; in tensor t it lives at
+// pointer_t + sum_d index_d(k) * strides[t][d] (elements). Dimensions that are laid out
+// alike in every tensor are merged and dimensions of size 1 dropped first
+// (make_strided_layout in op_checks.h), so kMaxStridedDims is ample.
+constexpr int kMaxStridedDims = 8;
+constexpr int kRowTensors = 6;   // param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, master
+enum RowTensor : int {
+  kParamTensor = 0, kGradTensor, kExpAvgTensor, kExpAvgSqTensor, kMaxExpAvgSqTensor, kMasterTensor
+};
+
+struct StridedLayout {
+  int64_t ndim;
+  int64_t sizes[kMaxStridedDims];
+  int64_t strides[kRowTensors][kMaxStridedDims];
+};
+
+// The element offsets of element k in each of the row's tensors.
+C10_HOST_DEVICE inline void strided_offsets(const StridedLayout& layout, int64_t k, int64_t (&offsets)[kRowTensors]) {
+  for (int t = 0; t < kRowTensors; ++t) {
+    offsets[t] = 0;
+  }
+  for (int64_t d = layout.ndim - 1; d >= 0; --d) {
+    const int64_t size = layout.sizes[d];
+    const int64_t index = k % size;
+    k /= size;
+    for (int t = 0; t < kRowTensors; ++t) {
+      offsets[t] += index * layout.strides[t][d];
+    }
+  }
+}
+
+// Walks consecutive elements of a strided row, keeping their offsets without a
+// division per element (the CPU's strided loop).
+struct StridedCursor {
+  const StridedLayout* layout;
+  int64_t index[kMaxStridedDims];
+  int64_t offsets[kRowTensors];
+
+  C10_HOST_DEVICE StridedCursor(const StridedLayout& l, int64_t k) : layout(&l) {
+    strided_offsets(l, k, offsets);
+    for (int64_t d = l.ndim - 1; d >= 0; --d) {
+      index[d] = k % l.sizes[d];
+      k /= l.sizes[d];
+    }
+  }
+
+  C10_HOST_DEVICE void advance() {
+    for (int64_t d = layout->ndim - 1; d >= 0; --d) {
+      for (int t = 0; t < kRowTensors; ++t) {
+        offsets[t] += layout->strides[t][d];
+      }
+      if (++index[d] < layout->sizes[d]) {
+        return;
+      }
+      for (int t = 0; t < kRowTensors; ++t) {
+        offsets[t] -= index[d] * layout->strides[t][d];
+      }
+      index[d] = 0;
+    }
+  }
 };
 
 // Where the next row starts after a row ending at virtual index `end`.

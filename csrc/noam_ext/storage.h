@@ -1,0 +1,121 @@
+// What one op call's tensors are stored in: the parameter's dtype, the gradient's,
+// the moments', and whether a float32 master of each parameter is kept (as a
+// float32 tensor, or as the 16-bit remainder that rebuilds it exactly from a
+// bfloat16 parameter). The math always runs in float32 (float64 for float64).
+//
+// Every implementation supports the same list of combinations (kSupportedStorage):
+// each is a compiled instantiation of the CPU loops and the CUDA kernel, so the
+// list is kept to what training runs use. A call outside it is refused with the
+// list. See docs/adamw.md, "Fewer bytes per parameter".
+#pragma once
+
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+namespace noam_ext {
+
+enum class MasterKind : int32_t {
+  kNone = 0,        // the parameter is its own master
+  kFloat32 = 1,     // a float32 master; the parameter is the master rounded
+  kRemainder = 2,   // an int16 remainder: (bfloat16 parameter, remainder) is the float32 master, exactly
+};
+
+struct StorageTypes {
+  c10::ScalarType param;
+  c10::ScalarType grad;
+  c10::ScalarType moment;   // exp_avg, exp_avg_sq and max_exp_avg_sq
+  MasterKind master;
+
+  constexpr bool operator==(const StorageTypes& o) const {
+    return param == o.param && grad == o.grad && moment == o.moment && master == o.master;
+  }
+  // torch's own storage: every tensor in the parameter's dtype, no master.
+  constexpr bool is_plain() const { return grad == param && moment == param && master == MasterKind::kNone; }
+  // Whether any value the step writes is stored in bfloat16 (what stochastic rounding rounds).
+  constexpr bool stores_bfloat16() const {
+    return (param == c10::ScalarType::BFloat16 && master == MasterKind::kNone) ||
+           moment == c10::ScalarType::BFloat16;
+  }
+};
+
+constexpr auto kF64 = c10::ScalarType::Double;
+constexpr auto kF32 = c10::ScalarType::Float;
+constexpr auto kBF16 = c10::ScalarType::BFloat16;
+constexpr auto kF16 = c10::ScalarType::Half;
+
+// The supported combinations. The first four are torch's own (every tensor in the
+// parameter's dtype); the rest are the low-byte options of FusedAdamW.
+constexpr StorageTypes kSupportedStorage[] = {
+    {kF64, kF64, kF64, MasterKind::kNone},
+    {kF32, kF32, kF32, MasterKind::kNone},
+    {kBF16, kBF16, kBF16, MasterKind::kNone},
+    {kF16, kF16, kF16, MasterKind::kNone},
+    // float32 parameters: bfloat16 gradients, bfloat16 moments, or both
+    {kF32, kBF16, kF32, MasterKind::kNone},
+    {kF32, kF32, kBF16, MasterKind::kNone},
+    {kF32, kBF16, kBF16, MasterKind::kNone},
+    // bfloat16 parameters with a float32 master, or its remainder; float32 or bfloat16 moments
+    {kBF16, kBF16, kF32, MasterKind::kFloat32},
+    {kBF16, kBF16, kBF16, MasterKind::kFloat32},
+    {kBF16, kBF16, kF32, MasterKind::kRemainder},
+    {kBF16, kBF16, kBF16, MasterKind::kRemainder},
+    // float16 parameters with a float32 master
+    {kF16, kF16, kF32, MasterKind::kFloat32},
+};
+
+constexpr bool is_supported_storage(const StorageTypes& s) {
+  for (const StorageTypes& t : kSupportedStorage) {
+    if (t == s) {
+      return true;
+    }
+  }
+  return false;
+}
+
+inline const char* master_kind_name(MasterKind k) {
+  switch (k) {
+    case MasterKind::kFloat32: return "float32 master";
+    case MasterKind::kRemainder: return "int16 remainder";
+    default: return "no master";
+  }
+}
+
+inline std::string describe(const StorageTypes& s) {
+  return std::string("parameter ") + c10::toString(s.param) + ", gradient " + c10::toString(s.grad) + ", moments " +
+         c10::toString(s.moment) + ", " + master_kind_name(s.master);
+}
+
+inline std::string supported_storage_list() {
+  std::string out;
+  for (const StorageTypes& t : kSupportedStorage) {
+    out += "\n  " + describe(t);
+  }
+  return out;
+}
+
+// The dtype of a master tensor of this kind.
+inline c10::ScalarType master_dtype(MasterKind k) {
+  return k == MasterKind::kRemainder ? c10::ScalarType::Short : c10::ScalarType::Float;
+}
+
+// Calls f(std::integral_constant<int, i>{}) for the index i of `s` in kSupportedStorage
+// (callers instantiate their loop or kernel for kSupportedStorage[i]).
+template <int I = 0, typename F>
+void dispatch_storage(const StorageTypes& s, F&& f) {
+  constexpr int n = static_cast<int>(sizeof(kSupportedStorage) / sizeof(kSupportedStorage[0]));
+  if constexpr (I < n) {
+    if (kSupportedStorage[I] == s) {
+      return f(std::integral_constant<int, I>{});
+    }
+    return dispatch_storage<I + 1>(s, std::forward<F>(f));
+  } else {
+    TORCH_CHECK(false, "fused_adamw_: unsupported storage (", describe(s), "); supported:", supported_storage_list());
+  }
+}
+
+}  // namespace noam_ext

@@ -1,0 +1,315 @@
+// Planning one FusedAdamW step from param_groups and optimizer.state as they are
+// now (python_module.cpp): for every parameter, in order, read it where torch keeps
+// it, check it, and plan it into its bucket with a checked row. Nothing is written.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+
+#include "noam_ext/op_checks.h"
+#include "step/step_plan.h"
+#include "step/torch_objects.h"
+
+namespace noam_ext::step {
+
+// One param group as the step reads it.
+struct GroupView {
+  py::object params;   // a fast sequence (a list as torch keeps it; a tuple works too)
+  Py_ssize_t size = 0;
+  bool amsgrad = false;
+  MasterKind master = MasterKind::kNone;   // group["master_weights"]: None, "float32", "remainder"
+  bool stochastic_rounding = false;        // group["stochastic_rounding"]
+  uint64_t seed = 0;                       // group["seed"], stochastic rounding's seed
+};
+
+// A group's truthy option (absent: false).
+inline bool group_flag(PyObject* group, PyObject* key) {
+  PyObject* value = dict_item(group, key);
+  const int truth = value == nullptr ? 0 : PyObject_IsTrue(value);
+  if (truth < 0) {
+    throw py::error_already_set();
+  }
+  return truth == 1;
+}
+
+inline MasterKind group_master(PyObject* group, int64_t g) {
+  static PyObject* const kMasterWeights = PyUnicode_InternFromString("master_weights");
+  PyObject* value = dict_item(group, kMasterWeights);
+  if (value == nullptr || value == Py_None) {
+    return MasterKind::kNone;
+  }
+  if (PyUnicode_Check(value) && PyUnicode_CompareWithASCIIString(value, "float32") == 0) {
+    return MasterKind::kFloat32;
+  }
+  if (PyUnicode_Check(value) && PyUnicode_CompareWithASCIIString(value, "remainder") == 0) {
+    return MasterKind::kRemainder;
+  }
+  throw py::value_error("FusedAdamW: param group " + std::to_string(g) +
+                        " has master_weights other than None, 'float32' or 'remainder'");
+}
+
+inline GroupView read_group(PyObject* group, int64_t g) {
+  static PyObject* const kParams = PyUnicode_InternFromString("params");
+  static PyObject* const kAmsgrad = PyUnicode_InternFromString("amsgrad");
+  static PyObject* const kStochasticRounding = PyUnicode_InternFromString("stochastic_rounding");
+  static PyObject* const kSeed = PyUnicode_InternFromString("seed");
+  if (!PyDict_Check(group)) {
+    throw py::type_error("FusedAdamW: param group " + std::to_string(g) + " is not a dict");
+  }
+  PyObject* params = dict_item(group, kParams);
+  if (params == nullptr) {
+    throw py::value_error("FusedAdamW: param group " + std::to_string(g) + " has no 'params'");
+  }
+  GroupView view;
+  view.params = py::reinterpret_steal<py::object>(
+      PySequence_Fast(params, "FusedAdamW: a param group's 'params' must be a sequence"));
+  if (!view.params) {
+    throw py::error_already_set();
+  }
+  view.size = PySequence_Fast_GET_SIZE(view.params.ptr());
+  PyObject* amsgrad = dict_item(group, kAmsgrad);
+  const int truth = amsgrad == nullptr ? 0 : PyObject_IsTrue(amsgrad);
+  if (truth < 0) {
+    throw py::error_already_set();
+  }
+  view.amsgrad = truth == 1;
+  view.master = group_master(group, g);
+  view.stochastic_rounding = group_flag(group, kStochasticRounding);
+  if (view.stochastic_rounding) {
+    PyObject* seed = dict_item(group, kSeed);
+    view.seed = seed == nullptr || seed == Py_None ? 0 : PyLong_AsUnsignedLongLongMask(seed);
+    if (PyErr_Occurred()) {
+      throw py::error_already_set();
+    }
+  }
+  return view;
+}
+
+// One parameter and its gradient as the step reads them (local shards of DTensors).
+struct ParamView {
+  int64_t group = 0;
+  int64_t index = 0;
+  PyObject* object = nullptr;
+  const at::Tensor* param = nullptr;
+  const at::Tensor* grad = nullptr;          // undefined: the parameter has no gradient
+  at::ScalarType math_dtype = at::kFloat;    // a complex parameter's real dtype
+  bool complex = false;
+  std::string name() const { return param_name(group, index, *param); }
+};
+
+inline ParamView read_param(const GroupView& group, int64_t g, Py_ssize_t j) {
+  ParamView p;
+  p.group = g;
+  p.index = j;
+  p.object = PySequence_Fast_GET_ITEM(group.params.ptr(), j);
+  p.param = &local_tensor(p.object, "a parameter");
+  p.grad = &local_grad(p.object, *p.param);
+  // A complex parameter is updated as its real view, pairs of reals, as
+  // torch.optim.AdamW updates it (view_as_real): it joins its real dtype's call.
+  p.complex = at::isComplexType(p.param->scalar_type());
+  p.math_dtype = p.complex ? c10::toRealValueType(p.param->scalar_type()) : p.param->scalar_type();
+  return p;
+}
+
+// What torch refuses before looking at the state: a sparse gradient, a dtype the op lacks.
+inline void check_param(const ParamView& p) {
+  if (p.grad->is_sparse() || p.grad->layout() != at::kStrided) {
+    throw std::runtime_error("FusedAdamW does not support sparse gradients (" + p.name() + ")");
+  }
+  if (!is_supported_dtype(p.math_dtype)) {
+    throw py::value_error("FusedAdamW: " + p.name() + " has dtype " +
+                          std::string(c10::toString(p.param->scalar_type())) +
+                          "; supported: float32, float64, bfloat16, float16, complex64, complex128");
+  }
+}
+
+// The state entries a parameter's step reads; `ready` is false when its step
+// counter must be moved to the parameter's device first (a torch.optim.AdamW
+// checkpoint keeps it on the CPU). `master` is the master entry its group needs
+// (null when it needs none, or when it has none yet: `has_master` tells).
+struct StateView {
+  StateEntries entries;
+  PyObject* master = nullptr;
+  bool ready = false;
+  bool has_master = true;
+};
+
+inline StateView read_state(const ParamView& p, PyObject* state, bool amsgrad, MasterKind master) {
+  StateView s;
+  s.entries = read_state_entries(state);
+  auto require = [&](PyObject* entry, const char* key) {
+    if (entry == nullptr) {
+      // torch.optim.AdamW fails the same way (a KeyError on the missing entry).
+      throw py::key_error("FusedAdamW: the optimizer state of " + p.name() + " has no '" + key + "'");
+    }
+  };
+  require(s.entries.step, "step");
+  require(s.entries.exp_avg, "exp_avg");
+  require(s.entries.exp_avg_sq, "exp_avg_sq");
+  if (amsgrad) {
+    require(s.entries.max_exp_avg_sq, "max_exp_avg_sq");
+  }
+  if (master != MasterKind::kNone) {
+    s.master = master == MasterKind::kFloat32 ? s.entries.master_param : s.entries.master_remainder;
+    s.has_master = s.master != nullptr;
+  }
+  s.ready = THPVariable_Check(s.entries.step) && [&] {
+    const at::Tensor& step = THPVariable_Unpack(s.entries.step);
+    return step.scalar_type() == at::kFloat && step.numel() == 1 && step.device() == p.param->device() &&
+           !step.unsafeGetTensorImpl()->is_python_dispatch();
+  }();
+  return s;
+}
+
+// Adds a read and checked parameter to its bucket: its tensors (real views of
+// complex ones, owned by the bucket), and its row, checked now while its tensors
+// are in cache, as a row of the bucket's single call. Parameters that share memory
+// (rare) are split into rounds and checked again by StepPlan::check().
+using BucketKey = std::tuple<int, int, int, int, int, int, bool, bool>;
+
+// Stochastic rounding's stream of parameter j of group g (adamw_math.h, rounding_key):
+// the group's seed and the parameter's place, the same on every rank of a sharded run.
+// noam_ext/_storage.py computes the same for the compiled step.
+inline uint64_t rounding_stream(uint64_t seed, int64_t g, int64_t j) {
+  return mix64(seed ^ mix64((static_cast<uint64_t>(g) << 32) | static_cast<uint64_t>(j)));
+}
+
+// Where a shard's elements lie in its whole parameter, for stochastic rounding:
+// (offset of element 0, salt), from noam_ext._storage.shard_rounding (cached there).
+inline std::pair<int64_t, uint64_t> shard_rounding(PyObject* param) {
+  static PyObject* const function = [] {
+    py::object module = py::module_::import("noam_ext._storage");
+    return py::object(module.attr("shard_rounding")).release().ptr();   // held for the process
+  }();
+  py::object result = py::reinterpret_steal<py::object>(PyObject_CallOneArg(function, param));
+  if (!result) {
+    throw py::error_already_set();
+  }
+  const auto pair = result.cast<std::pair<int64_t, uint64_t>>();
+  return pair;
+}
+
+inline void plan_param(StepPlan& plan, std::map<BucketKey, size_t>& bucket_of, const ParamView& p,
+                       const StateView& s, const GroupView& group) {
+  const at::Device device = p.param->device();
+  const at::Tensor& exp_avg = local_tensor(s.entries.exp_avg, "state['exp_avg']");
+  const at::Tensor* master = s.master != nullptr ? &local_tensor(s.master, "the master in the state") : nullptr;
+  // What the tensors are stored in, as they are (a complex parameter's as its real view).
+  StorageTypes storage = storage_of(*p.param, *p.grad, exp_avg, master);
+  storage.param = p.math_dtype;
+  storage.grad = p.grad->is_complex() ? c10::toRealValueType(storage.grad) : storage.grad;
+  storage.moment = exp_avg.is_complex() ? c10::toRealValueType(storage.moment) : storage.moment;
+  const BucketKey key{static_cast<int>(device.type()), static_cast<int>(device.index()),
+                      static_cast<int>(storage.param), static_cast<int>(storage.grad),
+                      static_cast<int>(storage.moment), static_cast<int>(storage.master), group.amsgrad,
+                      group.stochastic_rounding};
+  auto slot = bucket_of.find(key);
+  if (slot == bucket_of.end()) {
+    TORCH_CHECK(is_supported_storage(storage), "FusedAdamW: ", p.name(), " is stored as ", describe(storage),
+                ", which is not supported; supported:", supported_storage_list());
+    TORCH_CHECK(!group.stochastic_rounding || storage.stores_bfloat16(), "FusedAdamW: param group ", p.group,
+                " has stochastic_rounding=True, but ", p.name(), " stores nothing in bfloat16 (",
+                describe(storage), ")");
+    slot = bucket_of.emplace(key, plan.buckets.size()).first;
+    plan.buckets.emplace_back();
+    Bucket& fresh = plan.buckets.back();
+    fresh.device = device;
+    fresh.dtype = storage.param;
+    fresh.storage = storage;
+    fresh.amsgrad = group.amsgrad;
+    fresh.stochastic_rounding = group.stochastic_rounding;
+    fresh.reserve_more(static_cast<size_t>(group.size));
+  }
+  Bucket& b = plan.buckets[slot->second];
+  const bool amsgrad = group.amsgrad;
+  b.rows.push_back(p.group);
+  auto add = [&](BorrowedTensors& list, const at::Tensor& t) {
+    if (!p.complex) {
+      list.push_back(t);
+      return;
+    }
+    const at::NoGradGuard no_grad;
+    // The real views are new tensors: the bucket owns them while it borrows them.
+    b.owned.push_back(t.is_complex() ? at::view_as_real(t) : t);
+    list.push_back(b.owned.back());
+  };
+  add(b.params, *p.param);
+  add(b.grads, *p.grad);
+  add(b.exp_avgs, exp_avg);
+  add(b.exp_avg_sqs, local_tensor(s.entries.exp_avg_sq, "state['exp_avg_sq']"));
+  if (amsgrad) {
+    add(b.max_exp_avg_sqs, local_tensor(s.entries.max_exp_avg_sq, "state['max_exp_avg_sq']"));
+  }
+  if (master != nullptr) {
+    b.masters.push_back(*master);   // a real tensor: a complex parameter has no master (FusedAdamW refuses it)
+  }
+  b.steps.push_back(THPVariable_Unpack(s.entries.step));
+  b.where.emplace_back(p.group, p.index);
+  const size_t i = b.params.size() - 1;
+  const auto name_of = [&](int64_t) { return p.name(); };
+  const RowTensors tensors{b.params[i], b.grads[i], b.exp_avgs[i], b.exp_avg_sqs[i],
+                           amsgrad ? &b.max_exp_avg_sqs[i] : nullptr, master != nullptr ? &b.masters[i] : nullptr,
+                           b.steps[i]};
+  TensorRow row = check_and_make_row(tensors, b.device, b.storage, b.rows[i], plan.num_groups,
+                                     static_cast<int64_t>(i), name_of, b.single_call_layouts);
+  if (group.stochastic_rounding) {
+    uint64_t stream = rounding_stream(group.seed, p.group, p.index);
+    int64_t offset = 0;
+    if (THPVariable_Unpack(p.object).unsafeGetTensorImpl()->is_python_dispatch()) {   // a shard (DTensor)
+      const auto [shard_offset, salt] = shard_rounding(p.object);
+      offset = shard_offset;
+      stream = salt != 0 ? mix64(stream ^ salt) : stream;
+    }
+    row.rng_stream = stream;
+    row.element_offset = offset;
+    b.rng_streams.push_back(static_cast<int64_t>(stream));
+    b.element_offsets.push_back(offset);
+  }
+  row.offset = next_row_offset(b.single_call_total);
+  b.single_call_total = row.offset + row.numel;
+  b.single_call_rows.push_back(row);
+}
+
+// Reads param_groups and optimizer.state as they are now and plans the step:
+// read -> check -> plan, parameter by parameter, in order.
+inline std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
+  StateIndex states(state.ptr());
+  auto plan = std::make_unique<StepPlan>();
+  std::map<BucketKey, size_t> bucket_of;   // (device type, index, storage dtypes, master, amsgrad, rounding)
+  plan->num_groups = static_cast<int64_t>(param_groups.size());
+  for (int64_t g = 0; g < plan->num_groups; ++g) {
+    const GroupView group = read_group(PyList_GET_ITEM(param_groups.ptr(), g), g);
+    for (Bucket& b : plan->buckets) {
+      b.reserve_more(static_cast<size_t>(group.size));
+    }
+    for (Py_ssize_t j = 0; j < group.size; ++j) {
+      const ParamView p = read_param(group, g, j);
+      if (!p.grad->defined()) {
+        continue;  // as torch: a parameter whose .grad is None is not stepped
+      }
+      check_param(p);
+      PyObject* st = states.find(p.object);
+      if (st == nullptr || PyDict_Size(st) == 0) {
+        plan->stateless.emplace_back(g, j);   // FusedAdamW creates it, as torch does lazily
+        continue;
+      }
+      const StateView s = read_state(p, st, group.amsgrad, group.master);
+      if (!s.ready) {
+        plan->misplaced_steps.emplace_back(g, j);
+        continue;
+      }
+      if (!s.has_master) {
+        plan->masterless.emplace_back(g, j);
+        continue;
+      }
+      plan_param(*plan, bucket_of, p, s, group);
+    }
+  }
+  return plan;
+}
+
+}  // namespace noam_ext::step

@@ -1,0 +1,219 @@
+"""FusedAdamW's low-byte options (docs/adamw.md, "Fewer bytes per parameter"):
+checking them per parameter, the state they need, the dtypes of loaded state, and
+stochastic rounding's streams.
+
+Group options (defaults of the constructor, or keys of a param group):
+  master_weights:  None, "float32" (a float32 master per 16-bit parameter, in
+                   state["master_param"]) or "remainder" (an int16 remainder per bfloat16
+                   parameter, in state["master_remainder"], rebuilding the master exactly)
+  moment_dtype:    None (torch's: the parameter's dtype; float32 with master weights),
+                   torch.float32 or torch.bfloat16
+  stochastic_rounding: round what the step stores in bfloat16 stochastically
+  seed:            stochastic rounding's seed (drawn from torch's generator when None)
+
+The combinations of dtypes the op runs are listed by the extension itself
+(csrc/noam_ext/storage.h, noam_ext._C.supported_storage()); this module does not
+repeat the list, it asks."""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+MASTER_WEIGHTS = (None, "float32", "remainder")
+MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
+MASTER_KEYS = {"float32": "master_param", "remainder": "master_remainder"}
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+OPTION_KEYS = ("master_weights", "moment_dtype", "stochastic_rounding", "seed")
+
+_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",
+                torch.float16: "float16"}
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    master_weights: str | None = None
+    moment_dtype: torch.dtype | None = None
+    stochastic_rounding: bool = False
+    seed: int = 0
+
+    @property
+    def is_default(self) -> bool:
+        return self.master_weights is None and self.moment_dtype is None and not self.stochastic_rounding
+
+
+def options_of(group: dict) -> StorageOptions:
+    return StorageOptions(group.get("master_weights"), group.get("moment_dtype"),
+                          bool(group.get("stochastic_rounding", False)), int(group.get("seed") or 0))
+
+
+def check_options(master_weights, moment_dtype, stochastic_rounding, seed, where: str = "") -> None:
+    """The options' own values (before any parameter is looked at)."""
+    if master_weights not in MASTER_WEIGHTS:
+        raise ValueError(f"Invalid master_weights{where}: {master_weights!r}; use None, 'float32' or 'remainder'")
+    if moment_dtype not in MOMENT_DTYPES:
+        raise ValueError(f"Invalid moment_dtype{where}: {moment_dtype!r}; use None, torch.float32 or "
+                         "torch.bfloat16")
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(f"Invalid stochastic_rounding{where}: {stochastic_rounding!r} must be True or False")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"Invalid seed{where}: {seed!r} must be an integer in [0, 2**63) or None")
+
+
+def draw_seed() -> int:
+    """A seed from torch's default generator, so that torch.manual_seed makes runs repeat."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+@functools.lru_cache(maxsize=None)
+def _supported() -> frozenset:
+    from ._extension import _C
+    return frozenset(_C.supported_storage())
+
+
+def moment_dtype_for(param_dtype: torch.dtype, options: StorageOptions) -> torch.dtype:
+    if options.moment_dtype is not None:
+        return options.moment_dtype
+    return torch.float32 if options.master_weights is not None else param_dtype
+
+
+def check_param(p: torch.Tensor, options: StorageOptions, name: str) -> None:
+    """Whether a parameter can be stored as its group's options say; a ValueError naming
+    the parameter and the reason otherwise."""
+    if options.is_default:
+        return
+    if p.is_complex() or p.dtype == torch.float64:
+        raise ValueError(f"FusedAdamW: {name} is {p.dtype}: master_weights, moment_dtype and "
+                         "stochastic_rounding are for float32, bfloat16 and float16 parameters")
+    master = options.master_weights
+    if master is not None and p.dtype == torch.float32:
+        raise ValueError(f"FusedAdamW: master_weights={master!r} is for 16-bit parameters; {name} is float32, "
+                         "its own master")
+    if master == "remainder" and p.dtype != torch.bfloat16:
+        raise ValueError(f"FusedAdamW: master_weights='remainder' needs bfloat16 parameters (a float32 master is a "
+                         f"bfloat16 value and a 16-bit remainder); {name} is {p.dtype}: use 'float32'")
+    moment = moment_dtype_for(p.dtype, options)
+    kind = master or "none"
+    param_name = _DTYPE_NAMES[p.dtype]
+    if not any(s[0] == param_name and s[2] == _DTYPE_NAMES[moment] and s[3] == kind for s in _supported()):
+        supported = ", ".join(sorted({f"{s[0]} parameters with {s[2]} moments ({s[3]} master)"
+                                      for s in _supported()}))
+        raise ValueError(f"FusedAdamW: {name} is {p.dtype} with moment_dtype {moment} and master_weights "
+                         f"{master!r}, which is not supported; supported: {supported}")
+    if options.stochastic_rounding:
+        stores_bfloat16 = (p.dtype == torch.bfloat16 and master is None) or moment == torch.bfloat16
+        if not stores_bfloat16:
+            raise ValueError(f"FusedAdamW: stochastic_rounding rounds what the step stores in bfloat16, and {name} "
+                             f"({p.dtype}, moments {moment}, master_weights {master!r}) stores nothing in "
+                             "bfloat16")
+
+
+def state_for(p: torch.Tensor, amsgrad: bool, options: StorageOptions) -> dict:
+    """Fresh state for one parameter: torch's format (with the options' moment dtype),
+    plus its master, made from the parameter as it is."""
+    state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+    moment = moment_dtype_for(p.dtype, options)
+    for key in MOMENT_KEYS:
+        if key != "max_exp_avg_sq" or amsgrad:
+            state[key] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
+    if options.master_weights is not None:
+        state[MASTER_KEYS[options.master_weights]] = master_from_param(p, options.master_weights)
+    return state
+
+
+def master_from_param(p: torch.Tensor, kind: str) -> torch.Tensor:
+    """The master of a parameter that has none yet: its value in float32, or a zero
+    remainder (the bfloat16 value itself is then the master, exactly)."""
+    with torch.no_grad():
+        if kind == "float32":
+            return torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format).copy_(p)
+        return torch.zeros_like(p, dtype=torch.int16, memory_format=torch.preserve_format)
+
+
+def remainder_of(master: torch.Tensor) -> torch.Tensor:
+    """The int16 remainder of a float32 master (adamw_math.h, split_master) with torch ops."""
+    bits = master.view(torch.int32)
+    rounded = (bits + 0x8000) & -0x10000
+    remainder = (bits - rounded).to(torch.int16)
+    return torch.where(master.isnan(), torch.zeros_like(remainder), remainder)
+
+
+def master_of(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
+    """The float32 master a bfloat16 parameter and its remainder make (join_master)."""
+    high = param.view(torch.int16).to(torch.int32) << 16
+    return (high + remainder.to(torch.int32)).view(torch.float32)
+
+
+def loaded_dtype(p: torch.Tensor, key: str, options: StorageOptions) -> torch.dtype | None:
+    """The dtype a loaded state entry must have for this optimizer, where it is not the
+    parameter's (torch.optim.Optimizer.load_state_dict casts every floating entry to the
+    parameter's dtype, which would round float32 moments or masters of a bfloat16
+    parameter, and turn remainders into floats): None where the parameter's dtype is right."""
+    if key in MOMENT_KEYS and not options.is_default and not p.is_complex():
+        moment = moment_dtype_for(p.dtype, options)
+        return moment if moment != p.dtype else None
+    if key == "master_param":
+        return torch.float32
+    if key == "master_remainder":
+        return torch.int16
+    return None
+
+
+# ---- stochastic rounding's streams ----------------------------------------------------
+
+def mix64(x: int) -> int:
+    """splitmix64's finaliser, as csrc/noam_ext/adamw_math.h computes it."""
+    x &= _MASK64
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def rounding_stream(seed: int, group: int, index: int) -> int:
+    """Parameter `index` of param group `group`: the stream of its rounding bits (as
+    csrc/step/collect.h's rounding_stream; the same on every rank of a sharded run)."""
+    return mix64(seed ^ mix64((group << 32) | index))
+
+
+def as_int64(value: int) -> int:
+    """An unsigned 64-bit value as the op's int64 arguments carry it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_SHARDS: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, int]]" = weakref.WeakKeyDictionary()
+
+
+def shard_rounding(p: torch.Tensor) -> tuple[int, int]:
+    """(offset, salt) of a DTensor parameter's local shard for stochastic rounding: its
+    element 0's index within the whole parameter, where the shard is a run of the whole
+    parameter's elements in order (sharded along dimension 0 only, as FSDP2 shards, or
+    replicated), with salt 0, so that every element gets the bits the unsharded parameter
+    gets; otherwise (Shard(1), ...) offset 0 and a salt from the shard's global offsets,
+    which gives the shard a stream of its own (the bits are then the same for the same
+    sharding, but not those of the unsharded run). Cached per parameter."""
+    cached = _SHARDS.get(p)
+    if cached is None:
+        cached = _shard_rounding(p)
+        _SHARDS[p] = cached
+    return cached
+
+
+def _shard_rounding(p: torch.Tensor) -> tuple[int, int]:
+    from torch.distributed.tensor import DTensor
+    if not isinstance(p, DTensor):
+        return 0, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    local_shape, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if p.dim() == 0 or (all(o == 0 for o in global_offset[1:]) and tuple(local_shape[1:]) == tuple(p.shape[1:])):
+        return (int(global_offset[0]) * math.prod(p.shape[1:]) if p.dim() else 0), 0
+    salt = 0
+    for offset in global_offset:
+        salt = mix64(salt ^ int(offset))
+    return 0, salt | 1
