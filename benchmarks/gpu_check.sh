@@ -201,7 +201,7 @@ stage "benchmark: bench_step.py --profile gpu-check (quick GPU profile, rows wri
 t=$SECONDS
 if ((GPU == 0)); then
   done_stage bench "skipped: no GPU visible" 0
-elif ! python benchmarks/bench_step.py --help 2>/dev/null | grep -q -- "--profile"; then
+elif ! grep -q -- '"--profile"' benchmarks/bench_step.py; then
   done_stage bench "skipped: this bench_step.py has no --profile" 0
 elif (($(allowance 75 30) < 20)); then
   done_stage bench "skipped: the budget is spent" 0
