@@ -86,12 +86,8 @@ constexpr int kNumStats = 5;   // prepare blocks, update blocks, threads per blo
 
 void run_rows_on_host(const RowsCall& call, const HostRunOptions& options, int64_t* stats) {
   TORCH_CHECK(call.hyper.is_cpu(), "emulate_cuda_fused_adamw_: hyper must be a CPU tensor");
-  TORCH_CHECK(call.layouts.empty(), "emulate_cuda_fused_adamw_: tensors that are not dense and laid out alike "
-              "(strided rows) are not supported by the CUDA kernels yet");
-  TORCH_CHECK(call.storage.is_plain() && !call.stochastic_rounding,
-              "emulate_cuda_fused_adamw_: the low-byte options are not supported by the CUDA kernels yet");
   const auto num_rows = static_cast<int64_t>(call.rows.size());
-  StepLaunches launches = step_launches(call.dtype, call.amsgrad, num_rows, call.total, options.multiprocessors);
+  StepLaunches launches = step_launches(call.storage, call.amsgrad, num_rows, call.total, options.multiprocessors);
   if (options.threads_per_block != kThreadsPerBlock) {
     const auto threads = static_cast<unsigned>(options.threads_per_block);
     launches.prepare.blocks = static_cast<unsigned>((num_rows + threads - 1) / threads);
@@ -105,9 +101,8 @@ void run_rows_on_host(const RowsCall& call, const HostRunOptions& options, int64
   // read coefficients the prepare launch has not written would show it.
   std::vector<RowCoefficients<double>> coefficients(call.rows.size());
   std::memset(static_cast<void*>(coefficients.data()), 0xff, coefficients.size() * sizeof(coefficients[0]));
-  const KernelArgs args = make_kernel_args(call.rows.data(), num_rows, call.total, call.hyper.const_data_ptr<double>(),
-                                           coefficients.data(), call.schedule_step, call.advance_schedule,
-                                           call.grad_scale, call.found_inf, call.grad_clip);
+  const KernelArgs args = make_kernel_args(call, call.rows.data(), call.layouts.data(),
+                                           call.hyper.const_data_ptr<double>(), coefficients.data());
   vector_counts = {};
   const std::vector<int64_t> all_blocks;
   if (options.wrong == WrongLaunch::kUpdateBeforePrepare) {

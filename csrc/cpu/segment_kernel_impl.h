@@ -274,12 +274,6 @@ void update_mixed(const FlatPointers& b, int64_t begin, int64_t end, const AdamW
   }
 }
 
-template <c10::ScalarType S>
-using storage_t = std::conditional_t<
-    S == c10::ScalarType::Double, double,
-    std::conditional_t<S == c10::ScalarType::Float, float,
-                       std::conditional_t<S == c10::ScalarType::BFloat16, c10::BFloat16, c10::Half>>>;
-
 // The loop for kSupportedStorage[index].
 template <int index, bool amsgrad>
 void segment_kernel(const FlatPointers& buffers, int64_t begin, int64_t end, const SegmentCoefficients& coefficients,

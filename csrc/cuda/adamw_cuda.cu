@@ -173,7 +173,8 @@ void hold_for_captured_graph(cudaStream_t stream, std::unique_ptr<GraphHold> hol
 // so captures keep only what live graphs need.
 
 struct DeviceTable {
-  std::vector<char> key;      // the uploaded bytes: rows, then host hyperparameters
+  std::vector<char> key;      // the uploaded bytes: rows, strided layouts, then host hyperparameters
+  size_t layouts_offset = 0;  // where the strided layouts start
   size_t hyper_offset = 0;    // where the hyperparameters start (if uploaded)
   size_t coefficients_offset = 0;
   at::Tensor staging;         // pinned host copy for eager uploads (made at the first one)
@@ -190,6 +191,7 @@ struct DeviceTable {
 
 struct DeviceTablePointers {
   const TensorRow* rows;
+  const StridedLayout* layouts;
   const double* hyper;        // null when the call's hyperparameters are on the device already
   void* coefficients;
 };
@@ -235,24 +237,29 @@ void evict(std::list<DeviceTable>& cache) {
   }
 }
 
-LockedTable device_table(const std::vector<TensorRow>& rows, const at::Tensor* host_hyper,
-                         const at::Device& device, cudaStream_t stream) {
+LockedTable device_table(const std::vector<TensorRow>& rows, const std::vector<StridedLayout>& layouts,
+                         const at::Tensor* host_hyper, const at::Device& device, cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   const bool capturing = capture != cudaStreamCaptureStatusNone;
 
   const size_t row_bytes = rows.size() * sizeof(TensorRow);
-  const size_t hyper_offset = round_up_16(row_bytes);
+  const size_t layouts_offset = round_up_16(row_bytes);
+  const size_t layout_bytes = layouts.size() * sizeof(StridedLayout);
+  const size_t hyper_offset = round_up_16(layouts_offset + layout_bytes);
   const size_t hyper_bytes = host_hyper ? static_cast<size_t>(host_hyper->numel()) * sizeof(double) : 0;
   const void* hyper_values = host_hyper ? host_hyper->const_data_ptr() : nullptr;
   // Compared in place: the steady state (the same table every step) allocates nothing.
   auto holds_this_call = [&](const DeviceTable& t) {
-    return t.key.size() == hyper_offset + hyper_bytes && std::memcmp(t.key.data(), rows.data(), row_bytes) == 0 &&
+    return t.key.size() == hyper_offset + hyper_bytes && t.layouts_offset == layouts_offset &&
+           std::memcmp(t.key.data(), rows.data(), row_bytes) == 0 &&
+           (layout_bytes == 0 || std::memcmp(t.key.data() + layouts_offset, layouts.data(), layout_bytes) == 0) &&
            (hyper_bytes == 0 || std::memcmp(t.key.data() + hyper_offset, hyper_values, hyper_bytes) == 0);
   };
   auto pointers = [&](DeviceTable& t) {
     char* base = static_cast<char*>(t.device.data_ptr());
     return DeviceTablePointers{reinterpret_cast<const TensorRow*>(base),
+                               reinterpret_cast<const StridedLayout*>(base + t.layouts_offset),
                                host_hyper ? reinterpret_cast<const double*>(base + t.hyper_offset) : nullptr,
                                base + t.coefficients_offset};
   };
@@ -295,6 +302,10 @@ LockedTable device_table(const std::vector<TensorRow>& rows, const at::Tensor* h
   DeviceTable table;
   table.key.assign(hyper_offset + hyper_bytes, 0);
   std::memcpy(table.key.data(), rows.data(), row_bytes);
+  if (layout_bytes > 0) {
+    std::memcpy(table.key.data() + layouts_offset, layouts.data(), layout_bytes);
+  }
+  table.layouts_offset = layouts_offset;
   if (host_hyper) {
     std::memcpy(table.key.data() + hyper_offset, hyper_values, hyper_bytes);
   }
@@ -378,22 +389,17 @@ void run_rows(const RowsCall& call) {
   const at::Device device = call.schedule_step.device();
   TORCH_CHECK(call.hyper.is_cpu() || call.hyper.device() == device, "fused_adamw_: hyper must be on the CPU or on ",
               device, ", got ", call.hyper.device());
-  TORCH_CHECK(call.layouts.empty(), "fused_adamw_: parameters that are not dense in memory, or whose gradient or "
-              "state has other strides than the parameter, are not supported on CUDA yet");
-  TORCH_CHECK(call.storage.is_plain() && !call.stochastic_rounding,
-              "fused_adamw_: master weights, 16-bit moments, gradients in another dtype and stochastic rounding "
-              "are not supported on CUDA yet");
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const bool hyper_on_host = call.hyper.is_cpu();
   const auto num_rows = static_cast<int64_t>(call.rows.size());
   const StepLaunches launches =
-      step_launches(call.dtype, call.amsgrad, num_rows, call.total, multiprocessor_count(device.index()));
-  const LockedTable table = device_table(call.rows, hyper_on_host ? &call.hyper : nullptr, device, stream);
+      step_launches(call.storage, call.amsgrad, num_rows, call.total, multiprocessor_count(device.index()));
+  const LockedTable table =
+      device_table(call.rows, call.layouts, hyper_on_host ? &call.hyper : nullptr, device, stream);
   const double* hyper = hyper_on_host ? table.pointers.hyper : call.hyper.const_data_ptr<double>();
-  const KernelArgs args = make_kernel_args(table.pointers.rows, num_rows, call.total, hyper,
-                                           table.pointers.coefficients, call.schedule_step, call.advance_schedule,
-                                           call.grad_scale, call.found_inf, call.grad_clip);
+  const KernelArgs args =
+      make_kernel_args(call, table.pointers.rows, table.pointers.layouts, hyper, table.pointers.coefficients);
   if (launches.prepare.blocks > 0) {
     launches.prepare.kernel<<<launches.prepare.blocks, launches.prepare.threads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

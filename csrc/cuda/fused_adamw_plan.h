@@ -17,9 +17,14 @@
 //     a chunk by warp k mod warps), so that a chunk of many tiny tensors keeps every
 //     warp busy. No thread waits for another: every thread reads the coefficients
 //     it needs from the prepare pass's buffer, and there is no barrier at all.
-//     Within a part, each thread takes 16-byte vectors (kVecBytes),
-//     unroll_for<scalar_t, amsgrad>() of them in flight, and the last partial vector element
-//     by element. Virtual offsets are multiples of kRowAlignElements and chunk starts
+//     Within a part, each thread takes steps of Traits::kWidth elements, 16 bytes of the
+//     narrowest tensor and as many 16-byte vectors of each wider one (kVecBytes),
+//     unroll_for<kStorage, amsgrad>() steps in flight, and the last partial step element
+//     by element. A row of a tensor that is not dense or laid out like its parameter
+//     (work_split.h, StridedLayout) is walked element by element through its layout.
+//  A call's storage (csrc/noam_ext/storage.h: the dtypes of parameter, gradient and
+//  moments, and a master) is a template parameter of the update kernel, one kernel per
+//  supported combination; stochastic rounding is a flag of the call. Virtual offsets are multiples of kRowAlignElements and chunk starts
 //     multiples of kChunkElements, so a part starts where its tensor's pointers have the
 //     same position within 16 bytes as at element 0. When every pointer of a row has the
 //     same offset within 16 bytes (aligned tensors, and views that start at the same
@@ -34,10 +39,14 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
+#include <type_traits>
+
 #include "../noam_ext/adamw_math.h"
+#include "../noam_ext/storage.h"
 #include "../noam_ext/work_split.h"
 
 // Code for the GPU: compiled by nvcc for a device, or as host C++ for the host run of
@@ -54,6 +63,27 @@ constexpr int kThreadsPerBlock = 256;
 constexpr int kWarpSize = 32;
 constexpr int64_t kChunkElements = 16384;
 
+// The C++ types of kSupportedStorage[kStorage], and what follows from them.
+template <int kStorage>
+struct StorageTraits {
+  static constexpr StorageTypes kTypes = kSupportedStorage[kStorage];
+  using param_t = storage_t<kTypes.param>;
+  using grad_t = storage_t<kTypes.grad>;
+  using moment_t = storage_t<kTypes.moment>;
+  static constexpr MasterKind kMaster = kTypes.master;
+  using master_t = std::conditional_t<kMaster == MasterKind::kRemainder, int16_t, float>;
+  using opmath_t = std::conditional_t<std::is_same_v<param_t, double>, double, float>;
+  static constexpr bool kPlain = kTypes.is_plain();
+  // With a float32 master the parameter is only written: the master holds its value.
+  static constexpr bool kReadsParam = kMaster != MasterKind::kFloat32;
+  static constexpr bool kCanRound = kTypes.stores_bfloat16();
+  static constexpr int kNarrowest = static_cast<int>(
+      std::min({sizeof(param_t), sizeof(grad_t), sizeof(moment_t),
+                kMaster == MasterKind::kNone ? sizeof(double) : sizeof(master_t)}));
+  // Elements per step: one 16-byte vector of the narrowest tensor.
+  static constexpr int kWidth = kVecBytes / kNarrowest;
+};
+
 // Resident blocks of kThreadsPerBlock threads per SM that the update kernel is
 // compiled for (__launch_bounds__; CI fails the build on any register spill):
 //  - 4 (at most 64 registers a thread) for float, bfloat16 and float16 storage:
@@ -63,25 +93,34 @@ constexpr int64_t kChunkElements = 16384;
 //    (ptxas for sm_90 at 4 blocks: 16-40 bytes of spill stores a thread, i.e. local
 //    memory traffic in a kernel bound by memory traffic); 768 threads with 5 x 2
 //    vectors in flight are 120 KiB per SM, as much as 4 blocks without amsgrad;
-//  - 2 for double, whose math needs twice the registers (not a training dtype).
-template <typename scalar_t, bool amsgrad>
+//  - 2 for double, whose math needs twice the registers (not a training dtype);
+//  - the low-byte storages (the rest of storage.h's list) as float storage: their steps
+//    hold 8 elements of 16-bit and 32-bit tensors mixed, one step in flight
+//    (unroll_for), about as many bytes as two steps of float.
+template <int kStorage, bool amsgrad>
 constexpr int min_blocks_per_sm() {
-  return sizeof(scalar_t) == 8 ? 2 : amsgrad ? 3 : 4;
+  using S = StorageTraits<kStorage>;
+  return sizeof(typename S::param_t) == 8 ? 2 : amsgrad ? 3 : 4;
 }
 
-// 16-byte vectors of each tensor in flight per thread: 2, but 1 for double with
-// amsgrad, which spills at 2 within its 128 registers (ptxas, sm_80: 24 bytes).
-template <typename scalar_t, bool amsgrad>
+// Steps of each tensor in flight per thread: 2, but 1 for double with amsgrad, which
+// spills at 2 within its 128 registers (ptxas, sm_80: 24 bytes), and 1 for the mixed
+// storages, whose one step already moves 8 elements of up to four 32-bit tensors.
+template <int kStorage, bool amsgrad>
 constexpr int unroll_for() {
-  return (amsgrad && sizeof(scalar_t) == 8) ? 1 : 2;
+  using S = StorageTraits<kStorage>;
+  if constexpr (!S::kPlain) {
+    return 1;
+  } else {
+    return (amsgrad && sizeof(typename S::param_t) == 8) ? 1 : 2;
+  }
 }
 
 // A row's part of a chunk is updated by one warp when one unrolled pass of the warp
 // covers it.
-template <typename scalar_t>
+template <int kStorage>
 constexpr int64_t warp_part_max_elements() {
-  return static_cast<int64_t>(kWarpSize) * (kVecBytes / static_cast<int>(sizeof(scalar_t))) *
-         unroll_for<scalar_t, false>();
+  return static_cast<int64_t>(kWarpSize) * StorageTraits<kStorage>::kWidth * unroll_for<kStorage, false>();
 }
 
 template <typename scalar_t>
@@ -94,7 +133,16 @@ template <typename opmath_t>
 struct alignas(16) RowCoefficients {
   AdamWCoefficients<opmath_t> coefficients;
   int32_t maximize;
-  int32_t vector_head_bytes;   // vector_head_bytes() of the row
+  int32_t vector_head;          // vector_head_elements() of the row
+  // Stochastic rounding (adamw_math.h): the keys of the row's two draws for the high 32
+  // bits `key_index_high` of its elements' indices, and what other high bits need.
+  int32_t stochastic_rounding;
+  uint32_t key_param_and_exp_avg;
+  uint32_t key_exp_avg_sq_and_max;
+  uint32_t key_index_high;
+  float rounding_step;          // the parameter's step count after this step
+  uint64_t rng_stream;
+  int64_t element_offset;
 };
 
 // Everything both launches need; passed by value. The tables live in memory the
@@ -102,6 +150,7 @@ struct alignas(16) RowCoefficients {
 // a call may hold any number of tensors and of param groups.
 struct KernelArgs {
   const TensorRow* rows;
+  const StridedLayout* layouts;  // of the rows whose layout is not -1
   int64_t num_rows;
   int64_t total;                 // length of the virtual index space
   const double* hyper;           // [groups, kNumHyperColumns] (adamw_math.h)
@@ -110,24 +159,35 @@ struct KernelArgs {
   const float* found_inf;        // null: never skip
   const double* grad_clip;       // null: no clipping factor
   void* coefficients;            // [num_rows] RowCoefficients<opmath_t>: prepare writes, update reads
+  int32_t plain_element_size;    // the element size of a plain storage (every tensor in the
+                                 // parameter's dtype); 0 for a mixed one (vector_head_elements)
   bool advance_schedule;
+  bool stochastic_rounding;
 };
 
 C10_HOST_DEVICE inline bool step_skipped(const KernelArgs& a) {
   return a.found_inf != nullptr && *a.found_inf != 0.0f;
 }
 
-// Where a row's 16-byte vectors start: -1 when its pointers lie at different offsets
-// within 16 bytes (no vector is aligned in all of them: the element path), otherwise
-// the bytes from each pointer to the next 16-byte boundary (0 when all are aligned), a
-// multiple of the element size. A part of the row starting at a multiple of
-// kRowAlignElements elements has the same head as the row.
-C10_HOST_DEVICE inline int32_t vector_head_bytes(const TensorRow& r) {
+// Where a row's 16-byte vectors start, in elements: -1 for the element path (a strided
+// row; pointers at different offsets within 16 bytes, so that no step is aligned in all
+// of them; any misaligned pointer of a row of mixed element sizes), otherwise the
+// elements from each pointer to the next 16-byte boundary (0 when all are aligned). A
+// part of the row starting at a multiple of kRowAlignElements elements has the same head.
+C10_HOST_DEVICE inline int32_t vector_head_elements(const TensorRow& r, int32_t plain_element_size) {
+  if (r.layout >= 0) {
+    return -1;
+  }
   auto offset = [](const void* p) { return static_cast<int32_t>(reinterpret_cast<uintptr_t>(p) % kVecBytes); };
   const int32_t first = offset(r.param);
-  const bool same = offset(r.grad) == first && offset(r.exp_avg) == first && offset(r.exp_avg_sq) == first &&
-                    (r.max_exp_avg_sq == nullptr || offset(r.max_exp_avg_sq) == first);
-  return same ? (kVecBytes - first) % kVecBytes : -1;
+  auto same = [&](const void* p) { return p == nullptr || offset(p) == first; };
+  if (!(same(r.grad) && same(r.exp_avg) && same(r.exp_avg_sq) && same(r.max_exp_avg_sq) && same(r.master))) {
+    return -1;
+  }
+  if (plain_element_size == 0) {
+    return first == 0 ? 0 : -1;
+  }
+  return ((kVecBytes - first) % kVecBytes) / plain_element_size;
 }
 
 // Prepare pass, row i: its coefficients from the step counts before this step,
@@ -141,7 +201,14 @@ C10_HOST_DEVICE inline void prepare_row(const KernelArgs& a, int64_t i) {
   RowCoefficients<opmath_t> out;
   out.coefficients = coefficients_for<opmath_t>(hyper, *a.schedule_step, *row.step);
   out.maximize = hyper[kMaximize] != 0.0;
-  out.vector_head_bytes = vector_head_bytes(row);
+  out.vector_head = vector_head_elements(row, a.plain_element_size);
+  out.stochastic_rounding = a.stochastic_rounding ? 1 : 0;
+  out.rounding_step = *row.step + 1.0f;
+  out.rng_stream = row.rng_stream;
+  out.element_offset = row.element_offset;
+  out.key_index_high = static_cast<uint32_t>(static_cast<uint64_t>(row.element_offset) >> 32);
+  out.key_param_and_exp_avg = rounding_key(row.rng_stream, out.rounding_step, kParamAndExpAvg, out.key_index_high);
+  out.key_exp_avg_sq_and_max = rounding_key(row.rng_stream, out.rounding_step, kExpAvgSqAndMax, out.key_index_high);
   static_cast<RowCoefficients<opmath_t>*>(a.coefficients)[i] = out;
   if (!step_skipped(a)) {
     *row.step += 1.0f;
@@ -237,150 +304,296 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(scalar_t* p, const Vec<scalar_t
 #endif
 }
 
-// One element: widen, update with the shared math, round once.
-template <bool amsgrad, typename scalar_t, typename opmath_t>
+// E elements of one tensor: E x sizeof(T) / 16 vectors (E is a step: 16 bytes of the
+// narrowest tensor of the row, so a multiple of 16 bytes of every tensor).
+template <typename T, int E>
+struct Pack {
+  static constexpr int kPerVec = Vec<T>::kWidth;
+  static constexpr int kVecs = E / kPerVec;
+  static_assert(kVecs * kPerVec == E, "a step is whole vectors of every tensor");
+  Vec<T> vec[kVecs];
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T& operator[](int k) { return vec[k / kPerVec].v[k % kPerVec]; }
+};
+
+// In place of a pack of a tensor a storage does not have (no master): one unused element.
+template <typename T>
+struct NoPack {
+  T unused;
+  C10_HOST_DEVICE C10_ALWAYS_INLINE T& operator[](int) { return unused; }
+};
+
+template <int E, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE Pack<T, E> load_pack(const T* p) {
+  Pack<T, E> out;
+#pragma unroll
+  for (int j = 0; j < Pack<T, E>::kVecs; ++j) {
+    out.vec[j] = load_vec(p + j * Pack<T, E>::kPerVec);
+  }
+  return out;
+}
+
+template <int E, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void store_pack(T* p, const Pack<T, E>& value) {
+#pragma unroll
+  for (int j = 0; j < Pack<T, E>::kVecs; ++j) {
+    store_vec(p + j * Pack<T, E>::kPerVec, value.vec[j]);
+  }
+}
+
+// A bfloat16 from a float that bfloat16 represents exactly (the rounding is done).
+C10_HOST_DEVICE C10_ALWAYS_INLINE c10::BFloat16 exact_bfloat16(float x) {
+  return c10::BFloat16(x);   // to nearest even: exact for a bfloat16 value, a NaN stays a NaN
+}
+
+// One element: widen, update with the shared math, round or split once. `element` is
+// its index within its row (stochastic rounding's index, with the row's offset).
+template <int kStorage, bool amsgrad>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
-    scalar_t& p, scalar_t g, scalar_t& m, scalar_t& v, scalar_t* vmax,
-    const RowCoefficients<opmath_t>& c, const GradFactors<opmath_t>& f) {
-  opmath_t param = static_cast<opmath_t>(p);
+    typename StorageTraits<kStorage>::param_t& p, typename StorageTraits<kStorage>::grad_t g,
+    typename StorageTraits<kStorage>::moment_t& m, typename StorageTraits<kStorage>::moment_t& v,
+    typename StorageTraits<kStorage>::moment_t* vmax, typename StorageTraits<kStorage>::master_t* master,
+    const RowCoefficients<typename StorageTraits<kStorage>::opmath_t>& c,
+    const GradFactors<typename StorageTraits<kStorage>::opmath_t>& f, int64_t element) {
+  using S = StorageTraits<kStorage>;
+  using opmath_t = typename S::opmath_t;
+  using param_t = typename S::param_t;
+  using moment_t = typename S::moment_t;
+  opmath_t param;
+  if constexpr (S::kMaster == MasterKind::kFloat32) {
+    param = *master;
+  } else if constexpr (S::kMaster == MasterKind::kRemainder) {
+    param = join_master(p.x, *master);
+  } else {
+    param = static_cast<opmath_t>(p);
+  }
   opmath_t grad = static_cast<opmath_t>(g);
   opmath_t exp_avg = static_cast<opmath_t>(m);
   opmath_t exp_avg_sq = static_cast<opmath_t>(v);
   opmath_t max_sq = amsgrad ? static_cast<opmath_t>(*vmax) : opmath_t(0);
   grad = unscaled_clipped_grad(grad, f.unscale, f.divisor, f.clip, f.multiplier);
   adamw_update<amsgrad>(param, grad, exp_avg, exp_avg_sq, &max_sq, c.coefficients, c.maximize != 0);
-  p = static_cast<scalar_t>(param);
-  m = static_cast<scalar_t>(exp_avg);
-  v = static_cast<scalar_t>(exp_avg_sq);
+  // Stochastic rounding's two draws for this element (only storages that store bfloat16).
+  uint32_t draw_param_and_exp_avg = 0, draw_exp_avg_sq_and_max = 0;
+  bool stochastic = false;
+  if constexpr (S::kCanRound) {
+    stochastic = c.stochastic_rounding != 0;
+    if (stochastic) {
+      const auto index = static_cast<uint64_t>(c.element_offset + element);
+      const auto high = static_cast<uint32_t>(index >> 32);
+      uint32_t key_a = c.key_param_and_exp_avg, key_b = c.key_exp_avg_sq_and_max;
+      if (high != c.key_index_high) {   // a row past a multiple of 2**32 elements
+        key_a = rounding_key(c.rng_stream, c.rounding_step, kParamAndExpAvg, high);
+        key_b = rounding_key(c.rng_stream, c.rounding_step, kExpAvgSqAndMax, high);
+      }
+      draw_param_and_exp_avg = rounding_bits(key_a, static_cast<uint32_t>(index));
+      if constexpr (std::is_same_v<moment_t, c10::BFloat16>) {
+        draw_exp_avg_sq_and_max = rounding_bits(key_b, static_cast<uint32_t>(index));
+      }
+    }
+  }
+  if constexpr (S::kMaster == MasterKind::kFloat32) {
+    *master = param;
+    if constexpr (std::is_same_v<param_t, c10::BFloat16>) {
+      p = exact_bfloat16(master_to_bfloat16_value(param));
+    } else {
+      p = static_cast<param_t>(param);   // float16: the master rounded to nearest even
+    }
+  } else if constexpr (S::kMaster == MasterKind::kRemainder) {
+    const MasterSplit split = split_master(param);
+    p = c10::BFloat16(split.param_bits, c10::BFloat16::from_bits());
+    *master = split.remainder;
+  } else if constexpr (std::is_same_v<param_t, c10::BFloat16>) {
+    p = stochastic ? exact_bfloat16(stochastic_bfloat16_value(param, draw_param_and_exp_avg))
+                   : static_cast<param_t>(param);
+  } else {
+    p = static_cast<param_t>(param);
+  }
+  if constexpr (std::is_same_v<moment_t, c10::BFloat16> && S::kCanRound) {
+    if (stochastic) {
+      m = exact_bfloat16(stochastic_bfloat16_value(exp_avg, draw_param_and_exp_avg >> 16));
+      v = exact_bfloat16(stochastic_bfloat16_value(exp_avg_sq, draw_exp_avg_sq_and_max));
+      if constexpr (amsgrad) {
+        *vmax = exact_bfloat16(stochastic_bfloat16_value(max_sq, draw_exp_avg_sq_and_max >> 16));
+      }
+      return;
+    }
+  }
+  m = static_cast<moment_t>(exp_avg);
+  v = static_cast<moment_t>(exp_avg_sq);
   if constexpr (amsgrad) {
-    *vmax = static_cast<scalar_t>(max_sq);
+    *vmax = static_cast<moment_t>(max_sq);
   }
 }
 
 // The typed pointers of one row, from element `lo` on.
-template <typename scalar_t>
+template <int kStorage>
 struct RowPointers {
-  scalar_t* param;
-  const scalar_t* grad;
-  scalar_t* exp_avg;
-  scalar_t* exp_avg_sq;
-  scalar_t* max_exp_avg_sq;
+  using S = StorageTraits<kStorage>;
+  typename S::param_t* param;
+  const typename S::grad_t* grad;
+  typename S::moment_t* exp_avg;
+  typename S::moment_t* exp_avg_sq;
+  typename S::moment_t* max_exp_avg_sq;
+  typename S::master_t* master;
 };
 
-template <typename scalar_t, bool amsgrad>
-C10_HOST_DEVICE C10_ALWAYS_INLINE RowPointers<scalar_t> typed_from(const TensorRow& r, int64_t lo) {
-  return {static_cast<scalar_t*>(r.param) + lo, static_cast<const scalar_t*>(r.grad) + lo,
-          static_cast<scalar_t*>(r.exp_avg) + lo, static_cast<scalar_t*>(r.exp_avg_sq) + lo,
-          amsgrad ? static_cast<scalar_t*>(r.max_exp_avg_sq) + lo : nullptr};
+template <int kStorage, bool amsgrad>
+C10_HOST_DEVICE C10_ALWAYS_INLINE RowPointers<kStorage> typed_from(const TensorRow& r, int64_t lo) {
+  using S = StorageTraits<kStorage>;
+  return {static_cast<typename S::param_t*>(r.param) + lo, static_cast<const typename S::grad_t*>(r.grad) + lo,
+          static_cast<typename S::moment_t*>(r.exp_avg) + lo, static_cast<typename S::moment_t*>(r.exp_avg_sq) + lo,
+          amsgrad ? static_cast<typename S::moment_t*>(r.max_exp_avg_sq) + lo : nullptr,
+          S::kMaster != MasterKind::kNone ? static_cast<typename S::master_t*>(r.master) + lo : nullptr};
 }
 
-// One 16-byte vector of every tensor of a row at element i: load, update, store.
-template <bool amsgrad, typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void update_vector(const RowPointers<scalar_t>& a,
-                                                     const RowCoefficients<opmath_t>& c,
-                                                     const GradFactors<opmath_t>& f, int64_t i) {
-  constexpr int W = Vec<scalar_t>::kWidth;
-  Vec<scalar_t> p = load_vec(a.param + i), g = load_vec(a.grad + i);
-  Vec<scalar_t> m = load_vec(a.exp_avg + i), v = load_vec(a.exp_avg_sq + i), x;
-  if constexpr (amsgrad) {
-    x = load_vec(a.max_exp_avg_sq + i);
-  }
-#pragma unroll
-  for (int k = 0; k < W; ++k) {
-    update_element<amsgrad>(p.v[k], g.v[k], m.v[k], v.v[k], &x.v[k], c, f);
-  }
-  store_vec(a.param + i, p);
-  store_vec(a.exp_avg + i, m);
-  store_vec(a.exp_avg_sq + i, v);
-  if constexpr (amsgrad) {
-    store_vec(a.max_exp_avg_sq + i, x);
-  }
+// Element i of a row's part (`first` is the part's first element within the row).
+template <int kStorage, bool amsgrad>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void update_one(const RowPointers<kStorage>& a,
+                                                  const RowCoefficients<typename StorageTraits<kStorage>::opmath_t>& c,
+                                                  const GradFactors<typename StorageTraits<kStorage>::opmath_t>& f,
+                                                  int64_t i, int64_t first) {
+  update_element<kStorage, amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
+                                    amsgrad ? a.max_exp_avg_sq + i : nullptr, a.master ? a.master + i : nullptr, c,
+                                    f, first + i);
 }
+
+// The tensors of one step of a row's part (kWidth elements of each).
+template <int kStorage, bool amsgrad>
+struct Step {
+  using S = StorageTraits<kStorage>;
+  static constexpr int E = S::kWidth;
+  Pack<typename S::param_t, E> p;
+  Pack<typename S::grad_t, E> g;
+  Pack<typename S::moment_t, E> m, v, x;
+  std::conditional_t<S::kMaster != MasterKind::kNone, Pack<typename S::master_t, E>, NoPack<typename S::master_t>>
+      master;
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void load(const RowPointers<kStorage>& a, int64_t i) {
+    if constexpr (S::kReadsParam) {
+      p = load_pack<E>(a.param + i);
+    }
+    g = load_pack<E>(a.grad + i);
+    m = load_pack<E>(a.exp_avg + i);
+    v = load_pack<E>(a.exp_avg_sq + i);
+    if constexpr (amsgrad) {
+      x = load_pack<E>(a.max_exp_avg_sq + i);
+    }
+    if constexpr (S::kMaster != MasterKind::kNone) {
+      master = load_pack<E>(a.master + i);
+    }
+  }
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void update(const RowCoefficients<typename S::opmath_t>& c,
+                                                const GradFactors<typename S::opmath_t>& f, int64_t element) {
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      update_element<kStorage, amsgrad>(p[k], g[k], m[k], v[k], &x[k], &master[k], c, f, element + k);
+    }
+  }
+
+  C10_HOST_DEVICE C10_ALWAYS_INLINE void store(const RowPointers<kStorage>& a, int64_t i) {
+    store_pack<E>(a.param + i, p);
+    store_pack<E>(a.exp_avg + i, m);
+    store_pack<E>(a.exp_avg_sq + i, v);
+    if constexpr (amsgrad) {
+      store_pack<E>(a.max_exp_avg_sq + i, x);
+    }
+    if constexpr (S::kMaster != MasterKind::kNone) {
+      store_pack<E>(a.master + i, master);
+    }
+  }
+};
 
 // Thread `t` of `num_threads` updates its share of elements [first, length) of a
-// row's part, where every pointer is 16-byte aligned. (Indices stay 64-bit: with
-// 32-bit ones ptxas widens every address anew and needs more registers, measured on
-// sm_90.)
-template <bool amsgrad, typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, const RowCoefficients<opmath_t>& c,
-                                             const GradFactors<opmath_t>& f, int64_t first, int64_t length, int t,
-                                             int num_threads) {
-  constexpr int W = Vec<scalar_t>::kWidth;
-  constexpr int kUnroll = unroll_for<scalar_t, amsgrad>();
+// row's part, where every pointer is 16-byte aligned; `part_start` is the part's first
+// element within the row. (Indices stay 64-bit: with 32-bit ones ptxas widens every
+// address anew and needs more registers, measured on sm_90.)
+template <int kStorage, bool amsgrad>
+C10_HOST_DEVICE void update_range_vectorized(const RowPointers<kStorage>& a,
+                                             const RowCoefficients<typename StorageTraits<kStorage>::opmath_t>& c,
+                                             const GradFactors<typename StorageTraits<kStorage>::opmath_t>& f,
+                                             int64_t first, int64_t length, int t, int num_threads,
+                                             int64_t part_start) {
+  constexpr int W = StorageTraits<kStorage>::kWidth;
+  constexpr int kUnroll = unroll_for<kStorage, amsgrad>();
   const int64_t stride = static_cast<int64_t>(num_threads) * W;
   int64_t base = first + static_cast<int64_t>(t) * W;
-  // Full vectors, kUnroll independent ones loaded before any is computed.
+  // Full steps, kUnroll independent ones loaded before any is computed.
   for (; base + (kUnroll - 1) * stride + W <= length; base += kUnroll * stride) {
-    Vec<scalar_t> p[kUnroll], g[kUnroll], m[kUnroll], v[kUnroll], x[kUnroll];
+    Step<kStorage, amsgrad> s[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = base + u * stride;
-      p[u] = load_vec(a.param + i);
-      g[u] = load_vec(a.grad + i);
-      m[u] = load_vec(a.exp_avg + i);
-      v[u] = load_vec(a.exp_avg_sq + i);
-      if constexpr (amsgrad) {
-        x[u] = load_vec(a.max_exp_avg_sq + i);
-      }
+      s[u].load(a, base + u * stride);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int k = 0; k < W; ++k) {
-        update_element<amsgrad>(p[u].v[k], g[u].v[k], m[u].v[k], v[u].v[k], &x[u].v[k], c, f);
-      }
       const int64_t i = base + u * stride;
-      store_vec(a.param + i, p[u]);
-      store_vec(a.exp_avg + i, m[u]);
-      store_vec(a.exp_avg_sq + i, v[u]);
-      if constexpr (amsgrad) {
-        store_vec(a.max_exp_avg_sq + i, x[u]);
-      }
+      s[u].update(c, f, part_start + i);
+      s[u].store(a, i);
     }
   }
-  // Remaining vectors one at a time; the last partial one element by element.
+  // Remaining steps one at a time; the last partial one element by element.
   for (; base < length; base += stride) {
     if (base + W <= length) {
-      update_vector<amsgrad>(a, c, f, base);
+      Step<kStorage, amsgrad> s;
+      s.load(a, base);
+      s.update(c, f, part_start + base);
+      s.store(a, base);
     } else {
       for (int64_t i = base; i < length; ++i) {
-        update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                                amsgrad ? a.max_exp_avg_sq + i : nullptr, c, f);
+        update_one<kStorage, amsgrad>(a, c, f, i, part_start);
       }
     }
   }
 }
 
-// The same for a row whose pointers lie at different offsets within 16 bytes:
-// element by element, thread t taking every num_threads-th element (adjacent
-// threads, adjacent elements).
-template <bool amsgrad, typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE void update_range_elementwise(const RowPointers<scalar_t>& a, const RowCoefficients<opmath_t>& c,
-                                              const GradFactors<opmath_t>& f, int64_t length, int t, int num_threads) {
+// The element path: thread t takes every num_threads-th element (adjacent threads,
+// adjacent elements).
+template <int kStorage, bool amsgrad>
+C10_HOST_DEVICE void update_range_elementwise(const RowPointers<kStorage>& a,
+                                              const RowCoefficients<typename StorageTraits<kStorage>::opmath_t>& c,
+                                              const GradFactors<typename StorageTraits<kStorage>::opmath_t>& f,
+                                              int64_t length, int t, int num_threads, int64_t part_start) {
   for (int64_t i = t; i < length; i += num_threads) {
-    update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                            amsgrad ? a.max_exp_avg_sq + i : nullptr, c, f);
+    update_one<kStorage, amsgrad>(a, c, f, i, part_start);
+  }
+}
+
+// A strided row's part [lo, hi): element by element, each tensor's element found
+// through the row's layout (work_split.h). `a` points at the tensors' element 0.
+template <int kStorage, bool amsgrad>
+C10_HOST_DEVICE void update_range_strided(const RowPointers<kStorage>& a, const StridedLayout& layout,
+                                          const RowCoefficients<typename StorageTraits<kStorage>::opmath_t>& c,
+                                          const GradFactors<typename StorageTraits<kStorage>::opmath_t>& f,
+                                          int64_t lo, int64_t hi, int t, int num_threads) {
+  for (int64_t k = lo + t; k < hi; k += num_threads) {
+    int64_t at[kRowTensors];
+    strided_offsets(layout, k, at);
+    update_element<kStorage, amsgrad>(a.param[at[kParamTensor]], a.grad[at[kGradTensor]],
+                                      a.exp_avg[at[kExpAvgTensor]], a.exp_avg_sq[at[kExpAvgSqTensor]],
+                                      amsgrad ? a.max_exp_avg_sq + at[kMaxExpAvgSqTensor] : nullptr,
+                                      a.master ? a.master + at[kMasterTensor] : nullptr, c, f, k);
   }
 }
 
 // A row's part: its first elements up to the 16-byte boundary all its pointers share
-// one per thread, the rest in aligned vectors; or, when its pointers lie at different
-// offsets within 16 bytes, element by element.
-template <bool amsgrad, typename scalar_t, typename opmath_t>
-C10_HOST_DEVICE void update_range(const RowPointers<scalar_t>& a, const RowCoefficients<opmath_t>& c,
-                                  const GradFactors<opmath_t>& f, int64_t length, int t, int num_threads) {
-  if (c.vector_head_bytes < 0) {
-    update_range_elementwise<amsgrad>(a, c, f, length, t, num_threads);
+// one per thread, the rest in aligned steps; or, when no step is aligned in all its
+// pointers, element by element.
+template <int kStorage, bool amsgrad>
+C10_HOST_DEVICE void update_range(const RowPointers<kStorage>& a,
+                                  const RowCoefficients<typename StorageTraits<kStorage>::opmath_t>& c,
+                                  const GradFactors<typename StorageTraits<kStorage>::opmath_t>& f, int64_t length,
+                                  int t, int num_threads, int64_t part_start) {
+  if (c.vector_head < 0) {
+    update_range_elementwise<kStorage, amsgrad>(a, c, f, length, t, num_threads, part_start);
     return;
   }
-  const int64_t head_elements = c.vector_head_bytes / static_cast<int32_t>(sizeof(scalar_t));
-  const int64_t head = head_elements < length ? head_elements : length;
+  const int64_t head = c.vector_head < length ? c.vector_head : length;
   // Fewer than 16 bytes' worth (at most 7 elements): one per thread of a block or warp.
   for (int64_t i = t; i < head; i += num_threads) {
-    update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                            amsgrad ? a.max_exp_avg_sq + i : nullptr, c, f);
+    update_one<kStorage, amsgrad>(a, c, f, i, part_start);
   }
-  update_range_vectorized<amsgrad>(a, c, f, head, length, t, num_threads);
+  update_range_vectorized<kStorage, amsgrad>(a, c, f, head, length, t, num_threads, part_start);
 }
 
 // Which threads update a row's part [lo, hi) of a chunk: the whole block, or,
@@ -391,12 +604,12 @@ struct PartAssignment {
   int warp;
 };
 
-template <typename scalar_t>
+template <int kStorage>
 C10_HOST_DEVICE inline PartAssignment assign_part(int64_t lo, int64_t hi, int64_t small_parts_before,
                                                   int num_threads) {
   const int warps = num_threads / kWarpSize;
   // With a single warp (or an emulated block narrower than two) the block is the warp.
-  if (warps < 2 || hi - lo > warp_part_max_elements<scalar_t>()) {
+  if (warps < 2 || hi - lo > warp_part_max_elements<kStorage>()) {
     return {false, 0};
   }
   return {true, static_cast<int>(small_parts_before % warps)};
@@ -405,9 +618,9 @@ C10_HOST_DEVICE inline PartAssignment assign_part(int64_t lo, int64_t hi, int64_
 // One block's whole update. Exec abstracts the block: exec.block(),
 // exec.num_blocks(), exec.num_threads(), and exec.for_my_threads(f), which calls
 // f(thread) for the calling CUDA thread, or for every emulated one in turn.
-template <typename scalar_t, bool amsgrad, typename Exec>
+template <int kStorage, bool amsgrad, typename Exec>
 C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
-  using opmath_t = typename MathType<scalar_t>::type;
+  using opmath_t = typename StorageTraits<kStorage>::opmath_t;
   if (step_skipped(a)) {
     return;  // GradScaler skipped this step: nothing changes
   }
@@ -422,17 +635,30 @@ C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
     const int64_t end = begin + kChunkElements < a.total ? begin + kChunkElements : a.total;
     int64_t small_parts = 0;
     for_each_row_in_range(a.rows, a.num_rows, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
-      const PartAssignment part = assign_part<scalar_t>(lo, hi, small_parts, n);
+      const PartAssignment part = assign_part<kStorage>(lo, hi, small_parts, n);
       small_parts += part.by_warp ? 1 : 0;
-      // lo is a multiple of kRowAlignElements: the vectors from it on stay aligned.
-      const RowPointers<scalar_t> pointers = typed_from<scalar_t, amsgrad>(a.rows[i], lo);
-      const int64_t length = hi - lo;
       const RowCoefficients<opmath_t> c = all_coefficients[i];   // in registers, not reloaded after stores
+      const TensorRow& row = a.rows[i];
+      if (row.layout >= 0) {   // rare: a row that is not dense, or not laid out like its parameter
+        const RowPointers<kStorage> base = typed_from<kStorage, amsgrad>(row, 0);
+        const StridedLayout& layout = a.layouts[row.layout];
+        exec.for_my_threads([&](int t) {
+          if (!part.by_warp) {
+            update_range_strided<kStorage, amsgrad>(base, layout, c, factors, lo, hi, t, n);
+          } else if (t / kWarpSize == part.warp) {
+            update_range_strided<kStorage, amsgrad>(base, layout, c, factors, lo, hi, t % kWarpSize, kWarpSize);
+          }
+        });
+        return;
+      }
+      // lo is a multiple of kRowAlignElements: the vectors from it on stay aligned.
+      const RowPointers<kStorage> pointers = typed_from<kStorage, amsgrad>(row, lo);
+      const int64_t length = hi - lo;
       exec.for_my_threads([&](int t) {
         if (!part.by_warp) {
-          update_range<amsgrad>(pointers, c, factors, length, t, n);
+          update_range<kStorage, amsgrad>(pointers, c, factors, length, t, n, lo);
         } else if (t / kWarpSize == part.warp) {
-          update_range<amsgrad>(pointers, c, factors, length, t % kWarpSize, kWarpSize);
+          update_range<kStorage, amsgrad>(pointers, c, factors, length, t % kWarpSize, kWarpSize, lo);
         }
       });
     });

@@ -37,14 +37,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock) prepare_kernel(const KernelA
   }
 }
 
-// Launch 2: the update, compiled for min_blocks_per_sm resident blocks per SM.
-template <typename scalar_t, bool amsgrad>
-__global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t, amsgrad>())
+// Launch 2: the update for kSupportedStorage[kStorage] (storage.h), compiled for
+// min_blocks_per_sm resident blocks per SM.
+template <int kStorage, bool amsgrad>
+__global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<kStorage, amsgrad>())
     update_kernel(const KernelArgs args) {
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     advance_schedule_counter(args);
   }
-  run_block<scalar_t, amsgrad>(args, DeviceExec{});
+  run_block<kStorage, amsgrad>(args, DeviceExec{});
 }
 
 using KernelFunction = void (*)(KernelArgs);
@@ -70,28 +71,28 @@ inline unsigned update_grid_blocks(int64_t total, int64_t multiprocessors, int b
   return static_cast<unsigned>(blocks > 1 ? blocks : 1);
 }
 
-template <typename scalar_t, bool amsgrad>
+template <int kStorage, bool amsgrad>
 StepLaunches step_launches_for(int64_t num_rows, int64_t total, int64_t multiprocessors) {
-  using opmath_t = typename MathType<scalar_t>::type;
+  using opmath_t = typename StorageTraits<kStorage>::opmath_t;
   StepLaunches l;
   l.prepare.kernel = &prepare_kernel<opmath_t>;
   l.prepare.blocks = static_cast<unsigned>((num_rows + kThreadsPerBlock - 1) / kThreadsPerBlock);
   l.prepare.threads = kThreadsPerBlock;
-  l.update.kernel = &update_kernel<scalar_t, amsgrad>;
-  l.update.blocks = update_grid_blocks(total, multiprocessors, min_blocks_per_sm<scalar_t, amsgrad>());
+  l.update.kernel = &update_kernel<kStorage, amsgrad>;
+  l.update.blocks = update_grid_blocks(total, multiprocessors, min_blocks_per_sm<kStorage, amsgrad>());
   l.update.threads = kThreadsPerBlock;
   return l;
 }
 
 // The launches of one call on a GPU with `multiprocessors` SMs. Worked out before
 // the first launch: nothing may throw between the two.
-inline StepLaunches step_launches(at::ScalarType dtype, bool amsgrad, int64_t num_rows, int64_t total,
+inline StepLaunches step_launches(const StorageTypes& storage, bool amsgrad, int64_t num_rows, int64_t total,
                                   int64_t multiprocessors) {
   StepLaunches out;
-  dispatch_storage_type(dtype, [&](auto type_tag) {
-    using scalar_t = decltype(type_tag);
-    out = amsgrad ? step_launches_for<scalar_t, true>(num_rows, total, multiprocessors)
-                  : step_launches_for<scalar_t, false>(num_rows, total, multiprocessors);
+  dispatch_storage(storage, [&](auto index) {
+    constexpr int kStorage = decltype(index)::value;
+    out = amsgrad ? step_launches_for<kStorage, true>(num_rows, total, multiprocessors)
+                  : step_launches_for<kStorage, false>(num_rows, total, multiprocessors);
   });
   return out;
 }

@@ -10,7 +10,9 @@
 #pragma once
 
 #include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <string>
@@ -97,6 +99,13 @@ inline std::string supported_storage_list() {
   }
   return out;
 }
+
+// The C++ type that stores a dtype of the list.
+template <c10::ScalarType S>
+using storage_t = std::conditional_t<
+    S == c10::ScalarType::Double, double,
+    std::conditional_t<S == c10::ScalarType::Float, float,
+                       std::conditional_t<S == c10::ScalarType::BFloat16, c10::BFloat16, c10::Half>>>;
 
 // The dtype of a master tensor of this kind.
 inline c10::ScalarType master_dtype(MasterKind k) {
