@@ -65,10 +65,12 @@ LINK_FLAGS = ["-fopenmp"]
 SANITIZE_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined", "-g"]
 # No --use_fast_math (it replaces IEEE division and sqrt); --fmad=false for the
 # same reason as -ffp-contract=off on the host: identical roundings on CPU and GPU.
-# -Xptxas: print each kernel's registers, spills and stack (the build log shows them),
-# and fail the build on any register spill.
-NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr",
-              "-Xptxas=-v,--warn-on-spills,--warning-as-error"]
+# -Xptxas: print each kernel's registers, spills and stack, and warn on every register
+# spill (the build log shows them); scripts/check_cuda_kernels.py, which every CUDA build
+# of scripts/env.sh runs, fails on any spill in noam_ext's kernels. (Not ptxas's
+# --warning-as-error: it would also fail on spills inside CUDA's own division slow path,
+# which ptxas compiles as a function shared by kernels of different register budgets.)
+NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-v,--warn-on-spills"]
 
 # The CPU element loop is compiled once per x86 instruction set and chosen at
 # run time (csrc/cpu/cpu_capability.cpp); no -march=native, so a wheel built

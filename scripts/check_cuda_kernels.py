@@ -2,12 +2,19 @@
 
     python scripts/check_cuda_kernels.py BUILD_LOG [EXTENSION_SO]
 
-BUILD_LOG is a `pip install -v` log of a CUDA build (setup.py passes -Xptxas=-v,
-so ptxas reports each kernel's registers, spills and stack there, and fails the
-build on any spill). Prints one line per kernel and architecture, and fails when:
-  - an update kernel for float, bfloat16 or float16 storage uses more registers
-    than 4 resident blocks of 256 threads per SM allow (64), or 3 with amsgrad (85):
-    the occupancy csrc/cuda/fused_adamw_plan.h (min_blocks_per_sm) is built for;
+BUILD_LOG is a `pip install -v` log of a CUDA build (setup.py passes
+-Xptxas=-v,--warn-on-spills, so ptxas reports each kernel's registers, spills and stack
+there, and warns on every spill). Prints one line per kernel and architecture, and
+fails when:
+  - ptxas spilled registers in any function but CUDA's own slow paths (SLOW_PATHS: the
+    IEEE division's, taken only for operands near the ends of the float range, which
+    ptxas compiles as a function shared by kernels of different register budgets; its
+    spills are listed, and cost nothing in the common case);
+  - an update kernel (one per storage of csrc/noam_ext/storage.h, whose list this
+    script reads to name them) for any storage but float64 uses more registers than 4
+    resident blocks of 256 threads per SM allow (64), or 3 with amsgrad or for float16
+    parameters with a float32 master (85): the occupancy csrc/cuda/fused_adamw_plan.h
+    (min_blocks_per_sm) is built for;
   - (with EXTENSION_SO and a cuobjdump: $CUDA_HOME/bin or the one triton ships) an
     update kernel stores to global memory in pieces other than 16 bytes: every
     vector store must be one STG.E.128; the element path of misaligned tensors
@@ -25,23 +32,48 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+SLOW_PATHS = ("__cuda_sm3x_div_rn_noftz_f32_slowpath", "__internal_accurate_pow", "__internal_trig_reduction_slowpathd")
+SPILL_WARNING = re.compile(r"Registers are spilled to local memory in function '([^']+)', (\d+) bytes spill stores")
 REGISTERS_PER_SM = 65536
 THREADS_PER_BLOCK = 256
-STORAGE = {"f": "float", "d": "double", "N3c104HalfE": "half", "N3c108BFloat16E": "bfloat16"}
-KERNEL = re.compile(r"(update_kernel|prepare_kernel)I(f|d|N3c104HalfE|N3c108BFloat16E)(?:Lb([01]))?E")
+STORAGE_H = Path(__file__).resolve().parents[1] / "csrc" / "noam_ext" / "storage.h"
+DTYPE = {"kF64": "double", "kF32": "float", "kBF16": "bfloat16", "kF16": "half"}
+MASTER = {"kNone": "", "kFloat32": "+float32 master", "kRemainder": "+remainder"}
+PREPARE = {"f": "float", "d": "double"}
+# update_kernel<int kStorage, bool amsgrad>, prepare_kernel<opmath_t>
+KERNEL = re.compile(r"(?:(update_kernel)ILi(\d+)ELb([01])E|(prepare_kernel)I([fd])E)")
 
 
-def describe(mangled: str) -> tuple[str, str, bool] | None:
+def storage_names(header: str | None = None) -> list[str]:
+    """kSupportedStorage of storage.h, in order, named: the parameter's dtype for torch's
+    own storages ("bfloat16"), else "param/grad/moment[+master]"."""
+    text = header if header is not None else STORAGE_H.read_text()
+    table = text[text.index("kSupportedStorage[] = {"):]
+    table = table[:table.index("};")]
+    names = []
+    for param, grad, moment, master in re.findall(r"\{(k\w+), (k\w+), (k\w+), MasterKind::(k\w+)\}", table):
+        plain = param == grad == moment and master == "kNone"
+        names.append(DTYPE[param] if plain else f"{DTYPE[param]}/{DTYPE[grad]}/{DTYPE[moment]}{MASTER[master]}")
+    return names
+
+
+def describe(mangled: str, names: list[str] | None = None) -> tuple[str, str, bool] | None:
     m = KERNEL.search(mangled)
     if m is None:
         return None
-    return m.group(1), STORAGE[m.group(2)], m.group(3) == "1"
+    if m.group(4):
+        return m.group(4), PREPARE[m.group(5)], False
+    names = names if names is not None else storage_names()
+    return m.group(1), names[int(m.group(2))], m.group(3) == "1"
 
 
 def min_blocks(storage: str, amsgrad: bool) -> int | None:
-    """The resident blocks per SM the update kernel must allow (None: no requirement)."""
-    if storage == "double":
+    """The resident blocks per SM the update kernel must allow (None: no requirement), as
+    min_blocks_per_sm in fused_adamw_plan.h decides it."""
+    if storage.startswith("double"):
         return None
+    if storage.startswith("half/") and "master" in storage:
+        return 3
     return 3 if amsgrad else 4
 
 
@@ -112,6 +144,19 @@ def store_failures(stores: dict[tuple[str, str, bool], Counter]) -> list[str]:
     return failures
 
 
+def spill_failures(log: str) -> list[str]:
+    """Spills ptxas warned about: failures in any function but CUDA's slow paths."""
+    failures, tolerated = [], set()
+    for function, stores in SPILL_WARNING.findall(log):
+        if function in SLOW_PATHS:
+            tolerated.add(f"{function} ({stores} bytes)")
+        else:
+            failures.append(f"ptxas spilled registers in {function}: {stores} bytes of spill stores")
+    if tolerated:
+        print(f"  tolerated: spills in CUDA's own slow paths: {', '.join(sorted(tolerated))}")
+    return failures
+
+
 def main() -> int:
     if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
@@ -119,7 +164,7 @@ def main() -> int:
     table = ptxas_table(log)
     if not table:
         return 0
-    failures = []
+    failures = spill_failures(log)
     print("CUDA kernels (ptxas): registers, spills, stack; resident blocks of 256 threads per SM")
     for row in table:
         name, storage, amsgrad = row["kernel"]
@@ -144,7 +189,7 @@ def main() -> int:
             failures += store_problems
             if not store_problems:
                 print(f"  SASS: every global store of the {len(stores)} update kernels is one 16-byte STG.E.128, "
-                      "but the schedule counter's")
+                      "except the schedule counter's one 64-bit STG.E.64")
     for failure in failures:
         print(f"ERROR: {failure}", file=sys.stderr)
     return 1 if failures else 0

@@ -22,10 +22,19 @@ def ptxas_entry(kernel: str, registers: int, arch: str = "sm_90") -> str:
 
 
 def test_ptxas_lines_are_read_per_kernel_and_arch():
-    log = ptxas_entry("13update_kernelIN3c108BFloat16ELb0E", 62) + ptxas_entry("14prepare_kernelIfE", 45, "sm_80")
+    log = ptxas_entry("13update_kernelILi2ELb0E", 62) + ptxas_entry("14prepare_kernelIfE", 45, "sm_80")
     rows = checks.ptxas_table(log)
     assert [(r["arch"], r["kernel"], r["registers"]) for r in rows] == [
         ("sm_90", ("update_kernel", "bfloat16", False), 62), ("sm_80", ("prepare_kernel", "float", False), 45)]
+
+
+def test_update_kernels_are_named_by_storage_h_in_its_order():
+    names = checks.storage_names()
+    assert names[:4] == ["double", "float", "bfloat16", "half"]   # torch's own storages first
+    assert "bfloat16/bfloat16/bfloat16+remainder" in names
+    index = names.index("bfloat16/bfloat16/float+float32 master")
+    assert checks.describe(f"{PREFIX}13update_kernelILi{index}ELb1EEEv") == (
+        "update_kernel", "bfloat16/bfloat16/float+float32 master", True)
 
 
 def test_register_budget_follows_the_resident_blocks_policy(tmp_path, capsys):
@@ -39,23 +48,25 @@ def test_register_budget_follows_the_resident_blocks_policy(tmp_path, capsys):
         finally:
             sys.argv = argv
 
-    assert run(ptxas_entry("13update_kernelIfLb0E", 64) + ptxas_entry("13update_kernelIfLb1E", 80)) == 0
+    assert run(ptxas_entry("13update_kernelILi1ELb0E", 64) + ptxas_entry("13update_kernelILi1ELb1E", 80)) == 0
     # 72 registers allow 3 blocks of 256 threads: too few without amsgrad.
-    assert run(ptxas_entry("13update_kernelIN3c104HalfELb0E", 72)) == 1
+    assert run(ptxas_entry("13update_kernelILi3ELb0E", 72)) == 1
     assert "fewer than 4" in capsys.readouterr().err
+    # A low-byte storage has the same budget.
+    assert run(ptxas_entry("13update_kernelILi10ELb0E", 72)) == 1
     # double has no such requirement.
-    assert run(ptxas_entry("13update_kernelIdLb0E", 126)) == 0
+    assert run(ptxas_entry("13update_kernelILi0ELb0E", 126)) == 0
     assert run("no ptxas here: a CPU-only build log") == 0
 
 
 def test_split_vector_stores_are_found_in_the_sass():
     sass = f"""
 	arch = sm_90
-		Function : {PREFIX}13update_kernelIN3c104HalfELb0EEEvNS_9cuda_plan10KernelArgsE
+		Function : {PREFIX}13update_kernelILi3ELb0EEEvNS_9cuda_plan10KernelArgsE
         /*0100*/                   STG.E.128 desc[UR4][R2.64], R4 ;
         /*0110*/                   STG.E.64 desc[UR4][R6.64], R8 ;
         /*0120*/                   ST.E.U16 desc[UR4][R6.64], R9 ;
-		Function : {PREFIX}13update_kernelIfLb0EEEvNS_9cuda_plan10KernelArgsE
+		Function : {PREFIX}13update_kernelILi1ELb0EEEvNS_9cuda_plan10KernelArgsE
         /*0100*/                   STG.E.128 desc[UR4][R2.64], R4 ;
         /*0110*/                   STG.E desc[UR4][R6.64], R8 ;
 """
@@ -65,3 +76,13 @@ def test_split_vector_stores_are_found_in_the_sass():
     assert stores[("sm_90", "float", False)]["STG.E"] == 1   # a 32-bit piece of a vector
     problems = checks.store_failures(stores)
     assert len(problems) == 1 and problems[0].startswith("sm_90 update float:")
+
+
+def test_spills_fail_the_check_except_in_cudas_slow_paths():
+    ours = ("ptxas warning : Registers are spilled to local memory in function "
+            f"'{PREFIX}13update_kernelILi5ELb1EEEvNS_9cuda_plan10KernelArgsE', 96 bytes spill stores, 84 bytes spill loads")
+    theirs = ("ptxas warning : Registers are spilled to local memory in function "
+              "'__cuda_sm3x_div_rn_noftz_f32_slowpath', 32 bytes spill stores, 32 bytes spill loads")
+    assert checks.spill_failures(theirs) == []
+    failures = checks.spill_failures(theirs + "\n" + ours)
+    assert len(failures) == 1 and "update_kernelILi5ELb1E" in failures[0]

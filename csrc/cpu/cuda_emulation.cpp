@@ -87,15 +87,18 @@ constexpr int kNumStats = 5;   // prepare blocks, update blocks, threads per blo
 void run_rows_on_host(const RowsCall& call, const HostRunOptions& options, int64_t* stats) {
   TORCH_CHECK(call.hyper.is_cpu(), "emulate_cuda_fused_adamw_: hyper must be a CPU tensor");
   const auto num_rows = static_cast<int64_t>(call.rows.size());
-  StepLaunches launches = step_launches(call.storage, call.amsgrad, num_rows, call.total, options.multiprocessors);
+  StepLaunches launches = step_launches(call.storage, call.amsgrad, num_rows, call.total, options.multiprocessors,
+                                        !call.layouts.empty());
   if (options.threads_per_block != kThreadsPerBlock) {
     const auto threads = static_cast<unsigned>(options.threads_per_block);
     launches.prepare.blocks = static_cast<unsigned>((num_rows + threads - 1) / threads);
     launches.prepare.threads = threads;
     launches.update.threads = threads;
+    launches.strided.threads = threads;
   }
   if (options.num_blocks) {
     launches.update.blocks = static_cast<unsigned>(*options.num_blocks);
+    launches.strided.blocks = launches.strided.blocks > 0 ? launches.update.blocks : 0;
   }
   // Room for either math type's coefficients, filled with NaN bytes: an update that
   // read coefficients the prepare launch has not written would show it.
@@ -111,6 +114,9 @@ void run_rows_on_host(const RowsCall& call, const HostRunOptions& options, int64
   } else {
     run_launch(launches.prepare, args, all_blocks, options.wrong);
     run_launch(launches.update, args, options.only_blocks, options.wrong);
+  }
+  if (launches.strided.blocks > 0) {
+    run_launch(launches.strided, args, all_blocks, WrongLaunch::kNone);
   }
   if (stats != nullptr) {
     const int64_t values[kNumStats] = {launches.prepare.blocks, launches.update.blocks, launches.update.threads,

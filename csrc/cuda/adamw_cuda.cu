@@ -394,7 +394,8 @@ void run_rows(const RowsCall& call) {
   const bool hyper_on_host = call.hyper.is_cpu();
   const auto num_rows = static_cast<int64_t>(call.rows.size());
   const StepLaunches launches =
-      step_launches(call.storage, call.amsgrad, num_rows, call.total, multiprocessor_count(device.index()));
+      step_launches(call.storage, call.amsgrad, num_rows, call.total, multiprocessor_count(device.index()),
+                    !call.layouts.empty());
   const LockedTable table =
       device_table(call.rows, call.layouts, hyper_on_host ? &call.hyper : nullptr, device, stream);
   const double* hyper = hyper_on_host ? table.pointers.hyper : call.hyper.const_data_ptr<double>();
@@ -406,6 +407,10 @@ void run_rows(const RowsCall& call) {
   }
   launches.update.kernel<<<launches.update.blocks, launches.update.threads, 0, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (launches.strided.blocks > 0) {
+    launches.strided.kernel<<<launches.strided.blocks, launches.strided.threads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 TORCH_LIBRARY_IMPL(noam_ext, CUDA, m) {

@@ -96,10 +96,15 @@ struct StorageTraits {
 //  - 2 for double, whose math needs twice the registers (not a training dtype);
 //  - the low-byte storages (the rest of storage.h's list) as float storage: their steps
 //    hold 8 elements of 16-bit and 32-bit tensors mixed, one step in flight
-//    (unroll_for), about as many bytes as two steps of float.
+//    (unroll_for), about as many bytes as two steps of float; but float16 parameters
+//    with a float32 master, 3 with or without amsgrad: at 64 registers their
+//    conversions spill (ptxas: 4-12 bytes stored, 28-36 loaded a thread, sm_80 and sm_90).
 template <int kStorage, bool amsgrad>
 constexpr int min_blocks_per_sm() {
   using S = StorageTraits<kStorage>;
+  if constexpr (std::is_same_v<typename S::param_t, c10::Half> && S::kMaster != MasterKind::kNone) {
+    return 3;
+  }
   return sizeof(typename S::param_t) == 8 ? 2 : amsgrad ? 3 : 4;
 }
 
@@ -453,8 +458,9 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_one(const RowPointers<kStorage>& a
                                                   const GradFactors<typename StorageTraits<kStorage>::opmath_t>& f,
                                                   int64_t i, int64_t first) {
   update_element<kStorage, amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
-                                    amsgrad ? a.max_exp_avg_sq + i : nullptr, a.master ? a.master + i : nullptr, c,
-                                    f, first + i);
+                                    amsgrad ? a.max_exp_avg_sq + i : nullptr,
+                                    StorageTraits<kStorage>::kMaster != MasterKind::kNone ? a.master + i : nullptr,
+                                    c, f, first + i);
 }
 
 // The tensors of one step of a row's part (kWidth elements of each).
@@ -572,7 +578,10 @@ C10_HOST_DEVICE void update_range_strided(const RowPointers<kStorage>& a, const 
     update_element<kStorage, amsgrad>(a.param[at[kParamTensor]], a.grad[at[kGradTensor]],
                                       a.exp_avg[at[kExpAvgTensor]], a.exp_avg_sq[at[kExpAvgSqTensor]],
                                       amsgrad ? a.max_exp_avg_sq + at[kMaxExpAvgSqTensor] : nullptr,
-                                      a.master ? a.master + at[kMasterTensor] : nullptr, c, f, k);
+                                      StorageTraits<kStorage>::kMaster != MasterKind::kNone
+                                          ? a.master + at[kMasterTensor]
+                                          : nullptr,
+                                      c, f, k);
   }
 }
 
@@ -615,10 +624,13 @@ C10_HOST_DEVICE inline PartAssignment assign_part(int64_t lo, int64_t hi, int64_
   return {true, static_cast<int>(small_parts_before % warps)};
 }
 
-// One block's whole update. Exec abstracts the block: exec.block(),
-// exec.num_blocks(), exec.num_threads(), and exec.for_my_threads(f), which calls
-// f(thread) for the calling CUDA thread, or for every emulated one in turn.
-template <int kStorage, bool amsgrad, typename Exec>
+// One block's whole update of the dense rows (kStridedRows false: the update kernel)
+// or of the strided ones (true: the strided kernel, launched only for calls that have
+// such rows, so that its element walk, with its 64-bit divisions, costs the dense
+// kernel no registers). Exec abstracts the block: exec.block(), exec.num_blocks(),
+// exec.num_threads(), and exec.for_my_threads(f), which calls f(thread) for the
+// calling CUDA thread, or for every emulated one in turn.
+template <int kStorage, bool amsgrad, bool kStridedRows, typename Exec>
 C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
   using opmath_t = typename StorageTraits<kStorage>::opmath_t;
   if (step_skipped(a)) {
@@ -637,9 +649,12 @@ C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
     for_each_row_in_range(a.rows, a.num_rows, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
       const PartAssignment part = assign_part<kStorage>(lo, hi, small_parts, n);
       small_parts += part.by_warp ? 1 : 0;
-      const RowCoefficients<opmath_t> c = all_coefficients[i];   // in registers, not reloaded after stores
       const TensorRow& row = a.rows[i];
-      if (row.layout >= 0) {   // rare: a row that is not dense, or not laid out like its parameter
+      if ((row.layout >= 0) != kStridedRows) {
+        return;   // the other kernel's row
+      }
+      const RowCoefficients<opmath_t> c = all_coefficients[i];   // in registers, not reloaded after stores
+      if constexpr (kStridedRows) {   // rare: a row that is not dense, or not laid out like its parameter
         const RowPointers<kStorage> base = typed_from<kStorage, amsgrad>(row, 0);
         const StridedLayout& layout = a.layouts[row.layout];
         exec.for_my_threads([&](int t) {
@@ -649,18 +664,18 @@ C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
             update_range_strided<kStorage, amsgrad>(base, layout, c, factors, lo, hi, t % kWarpSize, kWarpSize);
           }
         });
-        return;
+      } else {
+        // lo is a multiple of kRowAlignElements: the vectors from it on stay aligned.
+        const RowPointers<kStorage> pointers = typed_from<kStorage, amsgrad>(row, lo);
+        const int64_t length = hi - lo;
+        exec.for_my_threads([&](int t) {
+          if (!part.by_warp) {
+            update_range<kStorage, amsgrad>(pointers, c, factors, length, t, n, lo);
+          } else if (t / kWarpSize == part.warp) {
+            update_range<kStorage, amsgrad>(pointers, c, factors, length, t % kWarpSize, kWarpSize, lo);
+          }
+        });
       }
-      // lo is a multiple of kRowAlignElements: the vectors from it on stay aligned.
-      const RowPointers<kStorage> pointers = typed_from<kStorage, amsgrad>(row, lo);
-      const int64_t length = hi - lo;
-      exec.for_my_threads([&](int t) {
-        if (!part.by_warp) {
-          update_range<kStorage, amsgrad>(pointers, c, factors, length, t, n, lo);
-        } else if (t / kWarpSize == part.warp) {
-          update_range<kStorage, amsgrad>(pointers, c, factors, length, t % kWarpSize, kWarpSize, lo);
-        }
-      });
     });
   }
 }

@@ -45,7 +45,16 @@ __global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<kStorage, 
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     advance_schedule_counter(args);
   }
-  run_block<kStorage, amsgrad>(args, DeviceExec{});
+  run_block<kStorage, amsgrad, false>(args, DeviceExec{});
+}
+
+// Launch 3, only for a call with strided rows (work_split.h, StridedLayout), after the
+// update: those rows, element by element through their layouts. 2 resident blocks: at
+// ptxas' default of 64 registers its index arithmetic spills (8-20 bytes, sm_90), and
+// at 2 blocks it needs 84-90.
+template <int kStorage, bool amsgrad>
+__global__ void __launch_bounds__(kThreadsPerBlock, 2) strided_kernel(const KernelArgs args) {
+  run_block<kStorage, amsgrad, true>(args, DeviceExec{});
 }
 
 using KernelFunction = void (*)(KernelArgs);
@@ -56,10 +65,11 @@ struct KernelLaunch {
   unsigned threads = 0;
 };
 
-// A call's two launches, in order.
+// A call's launches, in order.
 struct StepLaunches {
   KernelLaunch prepare;    // no blocks when the call has no rows
   KernelLaunch update;     // always at least one block: it advances the schedule
+  KernelLaunch strided;    // no blocks when the call has no strided rows
 };
 
 // The update grid: one wave, as many blocks as can be resident at once (chunks are
@@ -72,7 +82,7 @@ inline unsigned update_grid_blocks(int64_t total, int64_t multiprocessors, int b
 }
 
 template <int kStorage, bool amsgrad>
-StepLaunches step_launches_for(int64_t num_rows, int64_t total, int64_t multiprocessors) {
+StepLaunches step_launches_for(int64_t num_rows, int64_t total, int64_t multiprocessors, bool strided_rows) {
   using opmath_t = typename StorageTraits<kStorage>::opmath_t;
   StepLaunches l;
   l.prepare.kernel = &prepare_kernel<opmath_t>;
@@ -81,18 +91,21 @@ StepLaunches step_launches_for(int64_t num_rows, int64_t total, int64_t multipro
   l.update.kernel = &update_kernel<kStorage, amsgrad>;
   l.update.blocks = update_grid_blocks(total, multiprocessors, min_blocks_per_sm<kStorage, amsgrad>());
   l.update.threads = kThreadsPerBlock;
+  l.strided.kernel = &strided_kernel<kStorage, amsgrad>;
+  l.strided.blocks = strided_rows ? l.update.blocks : 0;
+  l.strided.threads = kThreadsPerBlock;
   return l;
 }
 
 // The launches of one call on a GPU with `multiprocessors` SMs. Worked out before
 // the first launch: nothing may throw between the two.
 inline StepLaunches step_launches(const StorageTypes& storage, bool amsgrad, int64_t num_rows, int64_t total,
-                                  int64_t multiprocessors) {
+                                  int64_t multiprocessors, bool strided_rows) {
   StepLaunches out;
   dispatch_storage(storage, [&](auto index) {
     constexpr int kStorage = decltype(index)::value;
-    out = amsgrad ? step_launches_for<kStorage, true>(num_rows, total, multiprocessors)
-                  : step_launches_for<kStorage, false>(num_rows, total, multiprocessors);
+    out = amsgrad ? step_launches_for<kStorage, true>(num_rows, total, multiprocessors, strided_rows)
+                  : step_launches_for<kStorage, false>(num_rows, total, multiprocessors, strided_rows);
   });
   return out;
 }
