@@ -694,3 +694,105 @@ def test_parameters_on_two_gpus_in_one_optimizer():
     for a, b in zip(cpu_params, gpu_params):
         assert torch.equal(a, b.cpu())
     assert sorted(str(d) for d in gpu_opt._schedule_counters) == ["cuda:0", "cuda:1"]
+
+
+# ---- storages beyond torch's own, stochastic rounding, strided rows (issues 15 and 17) ----------
+
+import test_cuda_emulation_storage as storage_cases  # noqa: E402
+
+
+def _to_device(args):
+    out = {}
+    for key, value in args.items():
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            out[key] = [t.to(DEVICE) for t in value]
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.to(DEVICE)
+        elif key == "options":
+            out[key] = dict(value)
+        else:
+            out[key] = value
+    out["hyper"] = args["hyper"].to(DEVICE)
+    out["options"]["masters"] = out["masters"] if args["options"]["masters"] is not None else None
+    return out
+
+
+@pytest.mark.parametrize("storage,amsgrad,stochastic", storage_cases.CASES,
+                         ids=[f"{storage_cases.storage_id(s)}-{'amsgrad' if a else 'adamw'}{'-rounded' if r else ''}"
+                              for s, a, r in storage_cases.CASES])
+def test_every_storage_on_the_gpu_matches_the_cpu_op_bit_for_bit(storage, amsgrad, stochastic):
+    # The same call on the CPU op and the GPU: masters, moments, parameters and stochastic
+    # rounding's bits equal (float64 is not in play here: its storage is torch's own).
+    cpu = storage_cases.make_call(storage, storage_cases.NUMELS, amsgrad, seed=3, stochastic=stochastic,
+                                  offsets=[0, 2**32 - 3, 5, 0, 2**32 - 100, 7, 0, 0, 1] if stochastic else None)
+    gpu = _to_device(cpu)
+    for _ in range(2):
+        torch.ops.noam_ext.fused_adamw_(*storage_cases.positional(cpu), **cpu["options"])
+        torch.ops.noam_ext.fused_adamw_(*storage_cases.positional(gpu), **gpu["options"])
+    torch.cuda.synchronize()
+    for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "masters"):
+        for i, (c, g) in enumerate(zip(cpu[key], gpu[key])):
+            if storage[0] == "float64" and key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+                torch.testing.assert_close(g.cpu(), c, rtol=1e-13, atol=1e-13)
+            else:
+                assert torch.equal(g.cpu(), c), f"{key}[{i}]"
+
+
+def test_strided_parameters_on_the_gpu_train_like_torch():
+    def make():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(10, 5, 2, device=DEVICE)[..., 0]),
+                torch.nn.Parameter(torch.randn(10, 2, device=DEVICE)[..., 0])]
+
+    ours, theirs = make(), make()
+    opt = FusedAdamW(ours, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    x = torch.randn(5, device=DEVICE)
+    for _ in range(10):
+        for params, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad()
+            (params[0].mv(x) + params[1]).pow(2).sum().backward()
+            o.step()
+    for p, q in zip(ours, theirs):
+        assert p.stride() == q.stride()
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options", [dict(master_weights="remainder", moment_dtype=torch.bfloat16),
+                                     dict(stochastic_rounding=True, seed=3, moment_dtype=torch.bfloat16)],
+                         ids=["remainder-bf16-moments", "stochastic-rounding"])
+def test_low_byte_steps_replay_in_a_cuda_graph_with_the_eager_bits(options):
+    def make():
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(n, device=DEVICE, dtype=torch.bfloat16)) for n in (3, 4097, 70000)]
+
+    eager, captured = make(), make()
+    grads = [[torch.randn(p.shape, device=DEVICE, dtype=torch.bfloat16) for p in eager] for _ in range(6)]
+    opt_eager = FusedAdamW(eager, lr=1e-3, schedule=WarmupCosine(warmup_steps=2, total_steps=10), **options)
+    opt_graph = FusedAdamW(captured, lr=1e-3, schedule=WarmupCosine(warmup_steps=2, total_steps=10), **options)
+    static = [torch.zeros_like(p) for p in captured]
+    for p, g in zip(captured, static):
+        p.grad = g
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):   # warm-up: state, counters and tables made eagerly
+        for g, s in zip(grads[0], static):
+            s.copy_(g)
+        opt_graph.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_graph.step()
+    for p, g in zip(eager, grads[0]):
+        p.grad = g.clone()
+    opt_eager.step()
+    for step in range(1, 6):
+        for p, g in zip(eager, grads[step]):
+            p.grad = g.clone()
+        opt_eager.step()
+        for s, g in zip(static, grads[step]):
+            s.copy_(g)
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(eager, captured):
+        assert torch.equal(p.detach(), q.detach())
