@@ -38,6 +38,8 @@ import hashlib
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +56,7 @@ from .train_demo import (BETAS, EPS, EVAL_BATCH, LABEL_SMOOTHING, MAX_GRAD_NORM,
                          accuracy, loss_floor, make_batch, progress_bar)
 
 FINAL_MEAN_STEPS = 50        # the final loss is the mean over this many last steps (one batch is noisy)
-SMOOTHING_WINDOW = 50        # trailing mean used to find where a curve stops improving
+SMOOTHING_WINDOW = 51        # centred moving mean for the figure and for where a curve stops improving
 IMPROVEMENT_NATS = 0.01      # less than this much further drop counts as no longer improving
 REFRESH_EVERY = 25           # progress-bar refreshes
 
@@ -66,7 +68,7 @@ class Variant:
     key: str                 # short name, used in the JSON
     label: str               # what the figure and the table call it
     dtype: torch.dtype       # the model's (and so the gradients') dtype
-    bytes_per_element: int   # optimizer traffic per element and step (docs/adamw.md's table)
+    bytes_per_element: int   # bytes the step reads and writes per element (params, grads, moments, master)
     fused_options: dict | None   # FusedAdamW options; None: a torch.optim.AdamW
     torch_fused: bool = False    # for a torch.optim.AdamW: fused=True (else the for-loop)
 
@@ -188,13 +190,16 @@ def train_variant(variant: Variant, args, state, schedule: Schedule, device: tor
 # ---- summaries ----------------------------------------------------------------------------------
 
 def smoothed(losses: list[float], window: int = SMOOTHING_WINDOW) -> list[float]:
-    """Trailing mean over up to `window` steps."""
-    out, total = [], 0.0
-    for i, x in enumerate(losses):
-        total += x
-        if i >= window:
-            total -= losses[i - window]
-        out.append(total / min(i + 1, window))
+    """Centred moving mean over `window` steps (fewer at the ends): unlike a trailing mean it
+    does not shift the curve to later steps."""
+    half = window // 2
+    prefix = [0.0]
+    for x in losses:
+        prefix.append(prefix[-1] + x)
+    out = []
+    for i in range(len(losses)):
+        lo, hi = max(0, i - half), min(len(losses), i + half + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
     return out
 
 
@@ -236,6 +241,17 @@ def summary(result: RunResult) -> dict:
     }
 
 
+def add_gaps_to_reference(payload: dict) -> None:
+    """Per variant, the largest gap between its moving-mean loss and the float32
+    reference's over the whole run: how closely it tracks float32, not just where it ends."""
+    reference = payload["variants"].get("fp32_torch")
+    if reference is None:
+        return
+    reference_curve = smoothed(reference["losses"])
+    for entry in payload["variants"].values():
+        entry["largest_gap_to_reference"] = max(abs(a - b) for a, b in zip(smoothed(entry["losses"]), reference_curve))
+
+
 def machine_info() -> dict:
     cpu = platform.processor()
     try:
@@ -263,16 +279,19 @@ def markdown_table(payload: dict) -> str:
     m = payload["machine"]
     reference = payload["variants"].get("fp32_torch")
     lines = [
-        "| variant | optimizer | bytes/element | final loss | vs float32 | stops improving at step "
-        "| exact sequences | tokens |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | optimizer | bytes/element | final loss | vs float32 | largest gap to float32 "
+        "| stops improving at step | exact sequences | tokens |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for entry in payload["variants"].values():
-        gap = f"{entry['final_loss'] - reference['final_loss']:+.4f}" if reference else "n/a"
+        final_gap = f"{entry['final_loss'] - reference['final_loss']:+.5f}" if reference else "n/a"
+        largest_gap = f"{entry['largest_gap_to_reference']:.4f}" if reference else "n/a"
         lines.append(f"| {entry['label']} | `{entry['optimizer']}` | {entry['bytes_per_element']} "
-                     f"| {entry['final_loss']:.4f} | {gap} | {entry['stops_improving_at']} "
+                     f"| {entry['final_loss']:.4f} | {final_gap} | {largest_gap} | {entry['stops_improving_at']} "
                      f"| {entry['sequence_accuracy']:.1%} | {entry['token_accuracy']:.1%} |")
     return "\n".join([
+        f"Command: `{payload['command']}`",
+        "",
         f"Settings: {payload['settings']}.",
         "",
         f"Machine: {m['cpu']} ({m['cores']} cores, {m['threads']} torch thread(s)), {m['platform']}, "
@@ -280,8 +299,10 @@ def markdown_table(payload: dict) -> str:
         "",
         f"Final loss: mean of the last {payload['final_mean_steps']} steps' training losses (lowest possible "
         f"{payload['loss_floor']:.4f}, label smoothing {LABEL_SMOOTHING}). Stops improving: the first step after "
-        f"which the {SMOOTHING_WINDOW}-step trailing mean of the loss never falls more than {IMPROVEMENT_NATS} "
-        f"below its value there ({payload['steps']}: still improving at the end). Accuracy: greedy decoding "
+        f"which the {SMOOTHING_WINDOW}-step moving mean of the loss never falls more than {IMPROVEMENT_NATS} "
+        f"below its value there ({payload['steps']}: still improving at the end). Largest gap: the largest "
+        f"difference between the variant's and the float32 run's moving-mean losses over the whole run. "
+        f"Accuracy: greedy decoding "
         f"of {payload['eval_batch']} held-out sequences (token chance level {1 / (payload['vocab'] - 1):.1%}).",
         "",
         *lines,
@@ -289,9 +310,24 @@ def markdown_table(payload: dict) -> str:
     ])
 
 
+# Colour and line per variant. Curves that coincide (the two round-to-nearest runs; the
+# master forms, bit for bit) get a dotted or dash-dotted line over a solid one, so both show.
+STYLES = {
+    "fp32_torch": dict(color="black", linestyle="--", linewidth=1.6, zorder=10),
+    "bf16_torch_fused": dict(color="tab:orange", linestyle="-", linewidth=2.2),
+    "bf16_nearest": dict(color="tab:red", linestyle=":", linewidth=2.0),
+    "bf16_stochastic": dict(color="tab:green", linestyle="-", linewidth=1.4),
+    "bf16_master": dict(color="tab:blue", linestyle="-", linewidth=2.2),
+    "bf16_remainder": dict(color="tab:purple", linestyle=":", linewidth=2.0),
+    "bf16_remainder_bf16_moments": dict(color="tab:brown", linestyle="-.", linewidth=1.4),
+}
+
+
 def plot(payload: dict, path: Path) -> bool:
-    """Every variant's loss (a trailing mean, the raw losses faint behind) on one figure,
-    with the loss above the floor on a log scale beside it; False without matplotlib."""
+    """Every variant's loss (a moving mean, the raw losses faint behind) on one figure and,
+    when the float32 reference ran, each one's difference from it beside (symmetric log
+    scale: the round-to-nearest runs are a whole nat away, the others within hundredths);
+    False without matplotlib."""
     try:
         import matplotlib
 
@@ -300,23 +336,30 @@ def plot(payload: dict, path: Path) -> bool:
     except ImportError:
         return False
     floor = payload["loss_floor"]
-    fig, (loss_ax, excess_ax) = plt.subplots(1, 2, figsize=(14, 5.5))
-    for index, (key, entry) in enumerate(payload["variants"].items()):
+    variants = payload["variants"]
+    reference = variants.get("fp32_torch")
+    fig, axes = plt.subplots(1, 2 if reference else 1, figsize=(15, 5.8) if reference else (8, 5.8), squeeze=False)
+    loss_ax = axes[0][0]
+    reference_curve = smoothed(reference["losses"]) if reference else None
+    for key, entry in variants.items():
         steps = range(1, len(entry["losses"]) + 1)
         curve = smoothed(entry["losses"])
-        style = dict(color=f"C{index}", linestyle="--" if key == "fp32_torch" else "-",
-                     linewidth=2.0 if key == "fp32_torch" else 1.4)
-        loss_ax.plot(steps, entry["losses"], color=style["color"], alpha=0.12, linewidth=0.6)
-        loss_ax.plot(steps, curve, label=f"{entry['label']}: {entry['final_loss']:.3f}", **style)
-        excess_ax.plot(steps, [max(c - floor, 1e-4) for c in curve], **style)
-    loss_ax.axhline(floor, color="grey", linestyle=":", label=f"lowest possible loss ({floor:.3f})")
-    loss_ax.set(xlabel="optimizer step", ylabel=f"training loss ({SMOOTHING_WINDOW}-step trailing mean)",
-                title="Loss (legend: final loss)")
-    excess_ax.set_yscale("log")
-    excess_ax.set(xlabel="optimizer step", ylabel="loss above the lowest possible (log scale)",
-                  title="Loss above the floor")
+        style = dict(zorder=2)
+        style.update(STYLES[key])
+        loss_ax.plot(steps, entry["losses"], color=style["color"], alpha=0.08, linewidth=0.6, zorder=1)
+        loss_ax.plot(steps, curve, label=f"{entry['label']}: {entry['final_loss']:.4f}", **style)
+        if reference:
+            axes[0][1].plot(steps, [c - r for c, r in zip(curve, reference_curve)], **style)
+    loss_ax.axhline(floor, color="grey", linestyle=":", linewidth=1, label=f"lowest possible loss ({floor:.4f})")
+    loss_ax.set(xlabel="optimizer step", ylabel=f"training loss ({SMOOTHING_WINDOW}-step moving mean)",
+                title="Training loss (legend: final loss, mean of the last steps)")
     loss_ax.legend(fontsize=8)
-    for ax in (loss_ax, excess_ax):
+    if reference:
+        diff_ax = axes[0][1]
+        diff_ax.set_yscale("symlog", linthresh=0.01)
+        diff_ax.set(xlabel="optimizer step", ylabel="loss minus float32's (moving means; symmetric log scale)",
+                    title="Difference from float32 torch AdamW")
+    for ax in axes[0]:
         ax.grid(True, alpha=0.3, which="both")
     a = payload["args"]
     fig.suptitle(f"Sequence reversal with bfloat16 parameters: {a['steps']} steps, lr {a['lr']:g} "
@@ -333,7 +376,7 @@ def plot(payload: dict, path: Path) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per variant")
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps per variant")
     parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                         help="after the linear warmup: constant, or a cosine down to --min-lr-ratio")
@@ -341,7 +384,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-lr-ratio", type=float, default=0.0, help="the cosine's floor, as a fraction of --lr")
     parser.add_argument("--variants", nargs="+", choices=VARIANT_KEYS, default=list(VARIANT_KEYS),
                         help="which variants to train")
-    parser.add_argument("--out", type=Path, default=Path("low_bytes_out"), help="folder for the figure, JSON and table")
+    # Beside the demo's output (demo_out/ is ignored by git).
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("NOAM_EXT_DEMO_OUT", "demo_out")) / "low_bytes",
+                        help="folder for the figure, JSON and table")
     parser.add_argument("--d-model", type=int, default=64, help="model width")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers (each)")
@@ -391,12 +436,14 @@ def main(argv=None) -> dict:
     bar.close()
     payload = {
         "machine": machine_info(),
+        "command": shlex.join(["python", "-m", "noam_ext.low_bytes_demo", *(sys.argv[1:] if argv is None else argv)]),
         "settings": settings_line(args),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "steps": args.steps, "vocab": args.vocab, "eval_batch": args.eval_batch,
         "loss_floor": loss_floor(args.vocab), "final_mean_steps": min(FINAL_MEAN_STEPS, args.steps),
         "variants": {r.variant.key: summary(r) for r in results},
     }
+    add_gaps_to_reference(payload)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "low_bytes_training.json").write_text(json.dumps(payload, indent=1))
     table = markdown_table(payload)

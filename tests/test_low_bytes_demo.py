@@ -41,6 +41,9 @@ def test_every_variant_trains_from_the_same_weights_and_the_outputs_are_written(
     assert len(bf16_first) == 1, first
     assert abs(first["fp32_torch"] - bf16_first.pop()) < 0.05, first
 
+    assert variants["fp32_torch"]["largest_gap_to_reference"] == 0.0
+    assert all(entry["largest_gap_to_reference"] >= 0.0 for entry in variants.values())
+
     # Both master forms hold the same float32 master bit for bit, so they train identically.
     assert variants["bf16_master"]["losses"] == variants["bf16_remainder"]["losses"]
 
@@ -48,6 +51,7 @@ def test_every_variant_trains_from_the_same_weights_and_the_outputs_are_written(
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert [row.split(" | ")[0][2:] for row in rows] == [entry["label"] for entry in variants.values()]
     assert payload["machine"]["date"] in table and payload["machine"]["cpu"] in table
+    assert f"--steps {STEPS}" in table
     if HAS_MATPLOTLIB:
         assert (tmp_path / "low_bytes_training.png").stat().st_size > 10_000
     else:
