@@ -47,7 +47,24 @@ TransformerLRScheduler.step(), which the torch loop needs), side by side in one 
    bandwidth counts 32 bytes per parameter for ours (the norm reads the gradient, 28
    for the step) and 40 for torch (4 norm + 8 to scale the gradient in place + 28).
 
-4. Distributed: one step on DTensor parameters, 2 processes on gloo (CPU), each a fresh
+4. Fewer bytes per parameter (issue 17): one step of FusedAdamW with each storage variant
+   (float32, 28 bytes per element read and written; float32 with bfloat16 moments, 20;
+   float32 with bfloat16 gradients and moments, 18; bfloat16 with a float32 master, 28; with
+   an int16 remainder, 26; with a remainder and bfloat16 moments, 18; bfloat16 rounded to
+   nearest, 14; bfloat16 with stochastic rounding, 14) against torch.optim.AdamW(fused=True)
+   on float32 (28) and on bfloat16 parameters (bfloat16 moments, 14), on flat 1e7 and 1e8
+   elements and transformer-shaped stacks of ~1e7 and ~1e8 (--quick: flat 1e6 and the ~1e6
+   stack). All run interleaved round-robin (as in section 1) together with one ceiling pass
+   per byte count (section 2's, over as many bytes as the variant moves). Each row: bytes per
+   element, GB/s, % of the ceiling for its byte count, torch fused float32's and bfloat16's
+   time over the variant's, and the issue's targets (CPU, from 1e7 elements: every variant at
+   >= 90% of its ceiling; the 14-byte variants >= 1.7x and the 18-byte remainder variant
+   >= 1.4x torch fused float32's step time). A variant the device does not run yet (the
+   options on CUDA before its kernel lands) is skipped with the error in its row; on the CPU
+   such an error stops the run. A layout whose variants do not fit in the memory available
+   together is skipped with a note.
+
+5. Distributed: one step on DTensor parameters, 2 processes on gloo (CPU), each a fresh
    Python (benchlib/distributed_worker.py) meeting through a FileStore. FSDP2 (`fully_shard`
    per layer and the root: Shard(0)) and tensor parallel (ColwiseParallel Shard(0),
    RowwiseParallel Shard(1) with its bias Replicate, LayerNorms Replicate), each over many
@@ -62,7 +79,8 @@ TransformerLRScheduler.step(), which the torch loop needs), side by side in one 
 --profile gpu-check is a short GPU profile for benchmarks/gpu_check.sh (well under a
 minute on an H100): the iteration section on the small (--quick) models; steps of flat
 1e6, 1e7 and 1e8, transformer-shaped stacks of ~1e6 and ~1e8 parameters and 200 tiny
-tensors; clip + step on the largest stack. Tensors are made on the device. With any
+tensors; clip + step on the largest stack; the low-byte variants on flat 1e7 and 1e8 and the
+~1e8 stack. Tensors are made on the device. With any
 profile, every row is printed to stderr and appended to <out>/rows.md as soon as it is
 measured, so a run stopped by a timeout keeps what it measured:
 
@@ -71,20 +89,22 @@ measured, so a run stopped by a timeout keeps what it measured:
 If the installed noam_ext has no FusedAdamW.clip_grad_norm_, the clipping rows (and
 only those) are skipped, with a note on stderr, in the tables and in the JSON.
 
-Prints markdown tables (iterations first, then steps, then clip + step, then
-distributed), writes them and JSON to --out and, with matplotlib, PNG charts (<stem>.png
-for steps, <stem>_iteration.png for iterations, <stem>_clip.png for clip + step,
-<stem>_distributed.png for the distributed section).
+Prints markdown tables (iterations first, then steps, then clip + step, then the low-byte
+variants, then distributed), writes them and JSON to --out and, with matplotlib, PNG charts
+(<stem>.png for steps, <stem>_iteration.png for iterations, <stem>_clip.png for clip + step,
+<stem>_low_bytes.png for the low-byte variants, <stem>_distributed.png for the distributed
+section).
 
     python benchmarks/bench_step.py            # full run on the CPU (about 10-15 minutes)
     python benchmarks/bench_step.py --quick    # seconds; CI's smoke test
     python benchmarks/bench_step.py --only iteration --iterations 50
+    python benchmarks/bench_step.py --only low-bytes
     python benchmarks/bench_step.py --only distributed
     python benchmarks/bench_step.py --device cuda
 
 The code lives in benchmarks/benchlib/, one module per job: config (the optimizers compared
-and their settings), timer, iteration (section 1), step (sections 2 and 3), distributed
-and distributed_worker (section 4), report (tables and JSON), rows (rows.md as measured)
+and their settings), timer, iteration (section 1), step (sections 2 and 3), low_bytes
+(section 4), distributed and distributed_worker (section 5), report (tables and JSON), rows (rows.md as measured)
 and charts.
 """
 
@@ -98,15 +118,16 @@ from pathlib import Path
 import torch
 
 from benchlib import report
-from benchlib.charts import plot_clip, plot_distributed, plot_iterations, plot_steps
+from benchlib.charts import plot_clip, plot_distributed, plot_iterations, plot_low_bytes, plot_steps
 from benchlib.config import CLIP_MAX_NORM, clip_unavailable
 from benchlib.distributed import distributed_unavailable, run_distributed
 from benchlib.iteration import run_iterations
+from benchlib.low_bytes import run_low_bytes
 from benchlib.report import machine_info, markdown
 from benchlib.rows import RowLog
 from benchlib.step import run_steps
 
-SECTIONS = ("iteration", "step", "distributed")
+SECTIONS = ("iteration", "step", "low-bytes", "distributed")
 
 
 def main(argv=None) -> None:
@@ -116,9 +137,10 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", choices=["gpu-check"], default=None,
                         help="gpu-check: the short profile of benchmarks/gpu_check.sh (see above)")
     parser.add_argument("--only", choices=SECTIONS, default=None,
-                        help="run only the whole-iteration, the step-only or the distributed benchmark")
+                        help="run only the whole-iteration, the step-only, the low-byte or the distributed "
+                             "benchmark")
     parser.add_argument("--iterations", type=int, default=None,
-                        help="measured iterations (distributed: steps) per candidate and model "
+                        help="measured iterations (distributed and low-bytes: steps) per candidate and model "
                              "(default 25; 10 with --quick and --profile gpu-check)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="warm-up iterations per candidate, not measured (default 5; 3 with --quick and "
@@ -127,7 +149,7 @@ def main(argv=None) -> None:
                         help="seconds per step measurement (default 1.0; 0.05 with --quick, 0.2 with --profile "
                              "gpu-check)")
     parser.add_argument("--max-params", type=float, default=None,
-                        help="skip step layouts of more parameters than this (e.g. 2e6)")
+                        help="skip step and low-byte layouts of more parameters than this (e.g. 2e6)")
     parser.add_argument("--clip-max-norm", type=float, default=CLIP_MAX_NORM,
                         help=f"max_norm of the gradient-clipping rows (default {CLIP_MAX_NORM}; the iteration "
                              "models' gradient norms are below 1, so clipping is active there only below them)")
@@ -163,24 +185,26 @@ def main(argv=None) -> None:
     rows = RowLog(args.out / "rows.md", info, " ".join(["python", "benchmarks/bench_step.py"] + sys.argv[1:]))
     iterations = run_iterations(args, rows.iteration) if "iteration" in sections else []
     steps = run_steps(args, rows.step, rows.clip) if "step" in sections else []
+    low_bytes = run_low_bytes(args, rows.low_bytes) if "low-bytes" in sections else []
     distributed, distributed_failure = [], None
     if "distributed" in sections and distributed_skipped is None:
         distributed, distributed_failure = run_distributed(args, rows.distributed)
     table = markdown(info, iterations, steps, args.clip_skipped, distributed, distributed_failure,
-                     distributed_skipped)
+                     distributed_skipped, low_bytes)
     print(table)
     stem = f"bench_{args.device}{'_quick' if args.quick else '_gpu_check' if gpu_check else ''}"
     payload = report.payload(info, iterations, steps, args.clip_skipped, distributed, distributed_failure,
-                             distributed_skipped)
+                             distributed_skipped, low_bytes)
     (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     (args.out / f"{stem}.md").write_text(table + "\n")
     charts = ((plot_iterations, iterations, f"{stem}_iteration.png"), (plot_steps, steps, f"{stem}.png"),
-              (plot_clip, steps, f"{stem}_clip.png"), (plot_distributed, distributed, f"{stem}_distributed.png"))
+              (plot_clip, steps, f"{stem}_clip.png"), (plot_low_bytes, low_bytes, f"{stem}_low_bytes.png"),
+              (plot_distributed, distributed, f"{stem}_distributed.png"))
     for plot, results, name in charts:
         path = args.out / name
         if plot(results, path):
             print(f"chart: {path}", file=sys.stderr)
-        elif name.endswith(("_clip.png", "_distributed.png")):
+        elif name.endswith(("_clip.png", "_low_bytes.png", "_distributed.png")):
             path.unlink(missing_ok=True)   # no such rows this run: no stale chart from an earlier one
     print(f"results: {args.out / f'{stem}.json'}", file=sys.stderr)
     print(f"rows as measured: {args.out / 'rows.md'}", file=sys.stderr)

@@ -43,13 +43,18 @@ TORCH_LIBRARY(noam_ext, m) {
       "int[] groups, *, bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
       "bool stochastic_rounding=False) -> ()");
-  // The CUDA kernel's work split and math, run on the host over an emulated
-  // grid of num_blocks x threads_per_block (same arguments, CPU tensors), so
-  // that CI tests the kernel's indexing without a GPU (csrc/cpu/cuda_emulation.cpp).
+  // The CUDA kernels themselves (csrc/cuda/kernels.cuh) run on the host, every
+  // (block, thread) of the launches the CUDA op makes on a GPU with `multiprocessors`
+  // SMs (same arguments, CPU tensors), so that CI tests them without a GPU
+  // (csrc/cpu/cuda_emulation.cpp). For tests: num_blocks and threads_per_block
+  // override the update grid; only_blocks runs only those update blocks; wrong_launch
+  // names a deliberately wrong launch; stats (int64 [5]) receives the prepare and
+  // update blocks, the threads per block, and the 16-byte vector loads and stores.
   m.def(
       "emulate_cuda_fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
-      "Tensor(f!) schedule_step, Tensor hyper, int[] groups, *, int num_blocks, int threads_per_block, "
+      "Tensor(f!) schedule_step, Tensor hyper, int[] groups, *, int multiprocessors=132, int? num_blocks=None, "
+      "int threads_per_block=256, int[] only_blocks=[], str wrong_launch=\"\", Tensor(h!)? stats=None, "
       "bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
       "bool stochastic_rounding=False) -> ()");
@@ -63,4 +68,14 @@ TORCH_LIBRARY(noam_ext, m) {
   // any supported dtypes, on the CPU. Returns a 0-dim float64 tensor; an empty list
   // has norm 0. The same result for any number of threads (csrc/cpu/grad_norm_cpu.cpp).
   m.def("grad_norm(Tensor[] grads, float norm_type) -> Tensor");
+  // CUDA builds only (csrc/cuda/adamw_cuda.cu). src's bytes (a contiguous CPU tensor)
+  // into dst (a contiguous GPU tensor) by kernel launches that carry them as
+  // parameters: a CUDA graph capture records them without pinned memory, and each
+  // replay writes them again (noam_ext/_hyper.py).
+  m.def("upload_by_launch_(Tensor(a!) dst, Tensor src) -> ()");
+  // CUDA builds only: during a CUDA graph capture, the graph being captured keeps the
+  // tensors (which its replays read or write) until it is destroyed; otherwise nothing.
+  m.def("hold_for_captured_graph(Tensor[] tensors) -> ()");
+  // CUDA builds only: [device tables cached, tables live CUDA graphs hold], for tests.
+  m.def("cuda_table_cache_stats() -> int[]");
 }

@@ -142,6 +142,25 @@ class HyperTable:
         return torch.tensor(table, dtype=torch.float64).reshape(len(rows), NUM_HYPER_COLUMNS)
 
 
+class _EagerTable:
+    """A GPU's table for eager steps, the host table copied into it last, and how many
+    times a host table was copied in (counted on the host and, stream-ordered, on the
+    device, where graph replays compare it with its value at their capture)."""
+
+    def __init__(self, shape: torch.Size, device: torch.device):
+        self.table = torch.empty(shape, dtype=torch.float64, device=device)
+        self.host: torch.Tensor | None = None
+        self.uploads = torch.zeros(1, dtype=torch.int64, device=device)
+        self.uploads_on_host = 0
+
+    def upload(self, host: torch.Tensor) -> None:
+        # From a fresh pinned block (no sync): the host allocator keeps it until the copy has run.
+        self.table.copy_(host.pin_memory() if self.table.is_cuda else host, non_blocking=True)
+        self.uploads.add_(1)
+        self.uploads_on_host += 1
+        self.host = host
+
+
 class DeviceHyperTables:
     """Per GPU, the copy of the hyperparameter table that the kernels read there.
 
@@ -154,53 +173,66 @@ class DeviceHyperTables:
       reaches the device;
     - hyperparameters that are tensors on a GPU (HyperTable.device_entries) are
       copied device to device at every step, without being read on the host.
-    A step captured in a CUDA graph gets a table of its own, kept for the life of
-    the optimizer (graphs hold its address): the graph fills it at every replay from
-    the eager table (the float values of the latest eager step; the host values
-    themselves if they changed since then, at capture) and then from the Tensor
-    hyperparameters, so torch's LR schedulers, which update a Tensor lr in place,
-    drive replayed steps as they drive eager ones. Replays never write the eager
-    table. Tables are never freed while the optimizer lives: a replaced one may be
-    in a captured graph."""
+    A step captured in a CUDA graph gets a table of its own, which the graph fills at
+    every replay (fill_captured_table): with the float values of the latest eager
+    step or, when the host values changed after it and before the capture (a float lr
+    a scheduler set just before capturing), with those values until an eager step
+    copies newer ones in; then from the Tensor hyperparameters. So torch's LR
+    schedulers, which update a Tensor lr in place, drive replayed steps as they drive
+    eager ones, a float lr changed after capture reaches the replays through an eager
+    step, and replays never write what eager steps read. A capture allocates nothing
+    on the host (the values at capture reach the device in kernel parameters), and the
+    graph itself keeps the tables it reads for as long as it lives."""
 
     def __init__(self):
-        self._tables: dict[torch.device, list] = {}   # device -> [eager table, host table copied last]
-        self._kept: list[torch.Tensor] = []   # tables and pinned sources captured graphs may read
+        self._eager: dict[torch.device, _EagerTable] = {}
 
     def get(self, device: torch.device, host: torch.Tensor,
             device_entries: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
-        gpu = device.type == "cuda"
-        entry = self._tables.get(device)
-        if entry is None or entry[0].shape != host.shape:
-            if entry is not None:
-                self._kept.append(entry[0])
-            entry = [torch.empty(host.shape, dtype=torch.float64, device=device), None]
-            self._tables[device] = entry
-        if gpu:
-            with torch.cuda.device(device):
-                capturing = torch.cuda.is_current_stream_capturing()
+        eager = self._eager.get(device)
+        if eager is None or eager.table.shape != host.shape:
+            # A graph captured with the old table keeps it (hold_for_captured_graph).
+            eager = self._eager[device] = _EagerTable(host.shape, device)
+        if self._capturing(device):
+            table = torch.empty_like(eager.table)
+            changed = eager.host is not host
+            fill_captured_table(table, eager, host if changed else None, eager.uploads_on_host)
+            if table.is_cuda:
+                torch.ops.noam_ext.hold_for_captured_graph([table, eager.table, eager.uploads])
         else:
-            capturing = False
-        if capturing:
-            table = torch.empty_like(entry[0])
-            self._kept.append(table)
-            if entry[1] is host:
-                table.copy_(entry[0])
-            else:
-                source = host.pin_memory()
-                self._kept.append(source)
-                table.copy_(source, non_blocking=True)
-        else:
-            table = entry[0]
-            if entry[1] is not host:
-                # A fresh pinned block: the host allocator keeps it until the copy has run.
-                table.copy_(host.pin_memory() if gpu else host, non_blocking=True)
-                entry[1] = host
+            if eager.host is not host:
+                eager.upload(host)
+            table = eager.table
         for g, c, value in device_entries:
             # One small copy each (a conversion kernel; from another GPU, a peer copy):
             # nothing is read on the host or allocated there, under capture too.
             table[g, c].copy_(value.detach().reshape(()), non_blocking=True)
         return table
+
+    @staticmethod
+    def _capturing(device: torch.device) -> bool:
+        if device.type != "cuda":
+            return False
+        with torch.cuda.device(device):
+            return torch.cuda.is_current_stream_capturing()
+
+
+def fill_captured_table(table: torch.Tensor, eager: _EagerTable, host_at_capture: torch.Tensor | None,
+                        uploads_at_capture: int) -> None:
+    """What a captured step does to its table at every replay (stream-ordered, so the
+    graph repeats it): copy the eager table, whose values are those of the latest eager
+    step; or, when the host values at capture are newer than that (host_at_capture),
+    write those (carried in kernel parameters: no pinned memory) and keep them until
+    an eager upload follows the capture (the device counter passes uploads_at_capture)."""
+    if host_at_capture is None:
+        table.copy_(eager.table, non_blocking=True)
+        return
+    if table.is_cuda:
+        torch.ops.noam_ext.upload_by_launch_(table, host_at_capture)
+    else:
+        table.copy_(host_at_capture)
+    newer = eager.uploads > uploads_at_capture
+    torch.where(newer, eager.table, table, out=table)
 
 
 def table_row(values: list[float], maximize: bool, schedule) -> list[float]:

@@ -19,7 +19,8 @@ def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sta
 
 @torch.library.register_fake("noam_ext::emulate_cuda_fused_adamw_")
 def _emulate_cuda_fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                                   schedule_step, hyper, groups, *, num_blocks, threads_per_block,
+                                   schedule_step, hyper, groups, *, multiprocessors=132, num_blocks=None,
+                                   threads_per_block=256, only_blocks=(), wrong_launch="", stats=None,
                                    advance_schedule=True, grad_scale=None, found_inf=None,
                                    grad_clip=None, masters=None, rng_streams=(), element_offsets=(),
                                    stochastic_rounding=False) -> None:

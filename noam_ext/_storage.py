@@ -27,6 +27,7 @@ import torch
 MASTER_WEIGHTS = (None, "float32", "remainder")
 MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
 MASTER_KEYS = {"float32": "master_param", "remainder": "master_remainder"}
+MASTER_DTYPES = {"master_param": torch.float32, "master_remainder": torch.int16}   # state key -> its dtype
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 OPTION_KEYS = ("master_weights", "moment_dtype", "stochastic_rounding", "seed")
 
@@ -157,11 +158,7 @@ def loaded_dtype(p: torch.Tensor, key: str, options: StorageOptions) -> torch.dt
     if key in MOMENT_KEYS and not options.is_default and not p.is_complex():
         moment = moment_dtype_for(p.dtype, options)
         return moment if moment != p.dtype else None
-    if key == "master_param":
-        return torch.float32
-    if key == "master_remainder":
-        return torch.int16
-    return None
+    return MASTER_DTYPES.get(key)
 
 
 # ---- stochastic rounding's streams ----------------------------------------------------
@@ -187,7 +184,10 @@ def as_int64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-_SHARDS: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, int]]" = weakref.WeakKeyDictionary()
+# Cached per parameter, by id (a WeakKeyDictionary would compare tensors with ==, which
+# is elementwise for tensors): (a weak reference to the parameter, (offset, salt)); the
+# entry goes with the parameter.
+_SHARDS: dict[int, tuple[weakref.ref, tuple[int, int]]] = {}
 
 
 def shard_rounding(p: torch.Tensor) -> tuple[int, int]:
@@ -198,11 +198,13 @@ def shard_rounding(p: torch.Tensor) -> tuple[int, int]:
     gets; otherwise (Shard(1), ...) offset 0 and a salt from the shard's global offsets,
     which gives the shard a stream of its own (the bits are then the same for the same
     sharding, but not those of the unsharded run). Cached per parameter."""
-    cached = _SHARDS.get(p)
-    if cached is None:
-        cached = _shard_rounding(p)
-        _SHARDS[p] = cached
-    return cached
+    key = id(p)
+    entry = _SHARDS.get(key)
+    if entry is not None and entry[0]() is p:
+        return entry[1]
+    value = _shard_rounding(p)
+    _SHARDS[key] = (weakref.ref(p, lambda _, key=key: _SHARDS.pop(key, None)), value)
+    return value
 
 
 def _shard_rounding(p: torch.Tensor) -> tuple[int, int]:

@@ -16,9 +16,9 @@ from ._lr_mirror import LrMirror
 from ._hyper import (SUPPORTED_DTYPES, DeviceHyperTables, HyperTable, check_hyperparameters,
                      check_tensor_hyperparameters, table_row)
 from ._state import step_on_device
-from ._storage import (MASTER_KEYS, OPTION_KEYS, as_int64, check_options, check_param, draw_seed, loaded_dtype,
-                       master_from_param, master_of, mix64, options_of, remainder_of, rounding_stream, shard_rounding,
-                       state_for)
+from ._storage import (MASTER_DTYPES, MASTER_KEYS, OPTION_KEYS, as_int64, check_options, check_param, draw_seed,
+                       loaded_dtype, master_from_param, master_of, mix64, options_of, remainder_of, rounding_stream,
+                       shard_rounding, state_for)
 from .schedules import Noam, Schedule
 
 __all__ = ["FusedAdamW", "Noam"]   # Noam lives in noam_ext.schedules; this name is kept for old imports
@@ -520,6 +520,16 @@ def _check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> Non
                 if not isinstance(value, torch.Tensor) or value.shape != p.shape:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise ValueError(f"loaded state dict: '{entry}' of {name} has shape {shape}")
+            # A master is loaded in its own dtype (not cast to the parameter's): one of another
+            # dtype (the other form's, or a 16-bit copy) or shape is no master of this parameter.
+            for entry, dtype in MASTER_DTYPES.items():
+                value = state.get(entry)
+                if value is not None and (not isinstance(value, torch.Tensor) or value.dtype != dtype
+                                          or value.shape != p.shape):
+                    found = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
+                             else f"a {type(value).__name__}")
+                    raise ValueError(f"loaded state dict: '{entry}' of {name} is {found}; it must be a {dtype} "
+                                     "tensor of the parameter's shape")
 
 
 def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:

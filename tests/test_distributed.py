@@ -15,7 +15,14 @@ Scenarios (one pair of worker processes each):
       (weight Shard(1), bias Replicate), the LayerNorm's weight and bias Replicate; every
       rank trains on the same batch, as tensor parallelism does.
 
-In each scenario the same small MLP (Linear/LayerNorm/Linear/Linear, biases, float32,
+  low_bytes
+      FusedAdamW's low-byte options (issue 17; LOW_BYTES_OPTIONS) under DDP and FSDP2, each
+      against a single-process run of the unsharded model made in the same workers;
+      stochastic rounding under tensor parallelism; and where stochastic rounding's bits come
+      from for DTensors placed Shard(0), Shard(1) and Replicate (noam_ext._storage.shard_rounding).
+      Its runs and checks are its own (the section "The low-byte options" below).
+
+In each of the other scenarios the same small MLP (Linear/LayerNorm/Linear/Linear, biases, float32,
 3509 parameters) is trained for STEPS steps on data that differs per rank, in four runs
 from the same initial weights and data: {torch.optim.AdamW(foreach=False), FusedAdamW}
 x {constant lr, Noam schedule}. torch's runs come first; they are the reference and
@@ -73,6 +80,7 @@ IMPLS = ["torch", "fused"]
 # The runs of a scenario, in the order the workers do them: torch's first, so that the
 # reference is complete even if one of ours fails, crashes or hangs.
 RUN_ORDER = [(impl, variant) for impl in IMPLS for variant in VARIANTS]
+LOW_BYTES = "low_bytes"
 
 COLLECTIVE_TIMEOUT_S = 30           # gloo: a rank stuck in a collective fails after this
 SCENARIO_TIMEOUT_S = 240            # parent: a scenario's workers are killed after this
@@ -284,16 +292,174 @@ def train(scenario: str, impl: str, variant: str, rank: int) -> dict:
     }
 
 
+# ---- The low-byte options (scenario "low_bytes"; the checks are in the parent section below) ----
+
+# name -> (parameter dtype, gradient dtype the step reads (None: the parameter's), FusedAdamW options)
+LOW_BYTES_OPTIONS = {
+    "master-float32": (torch.bfloat16, None, dict(master_weights="float32")),
+    "remainder": (torch.bfloat16, None, dict(master_weights="remainder")),
+    "remainder-bf16-moments": (torch.bfloat16, None, dict(master_weights="remainder", moment_dtype=torch.bfloat16)),
+    "fp32-params-bf16-moments": (torch.float32, None, dict(moment_dtype=torch.bfloat16)),
+    "stochastic-rounding": (torch.bfloat16, None, dict(stochastic_rounding=True, seed=1234)),
+    "fp32-params-bf16-grads": (torch.float32, torch.bfloat16, {}),
+}
+LOW_BYTES_WRAPPERS = ["ddp", "fsdp2"]
+# The single-process runs first: they are the reference of the sharded ones.
+LOW_BYTES_RUNS = ([(wrapper, option) for wrapper in ["single"] + LOW_BYTES_WRAPPERS for option in LOW_BYTES_OPTIONS]
+                  + [("tensor_parallel", "stochastic-rounding"), ("shard_rounding", "stochastic-rounding")])
+LOW_BYTES_TIMEOUT_S = 420           # 20 runs
+
+
+def runs_of(scenario: str) -> list[tuple[str, str]]:
+    return LOW_BYTES_RUNS if scenario == LOW_BYTES else RUN_ORDER
+
+
+def _master_of(state: dict):
+    return state.get("master_param", state.get("master_remainder"))
+
+
+def _read_gradient_as(p: torch.Tensor, dtype: torch.dtype) -> None:
+    """Hands the step p's gradient (as the wrapper left it) in `dtype`: bfloat16 gradients of
+    float32 parameters. torch >= 2.10 asks for p.grad_dtype, set while p.grad is None;
+    _reset_grad_dtype sets it back before the next backward, whose wrappers (DDP's buckets,
+    FSDP2's reduce-scatter) write gradients of the parameter's dtype."""
+    grad = p.grad.to(dtype)
+    if hasattr(p, "grad_dtype"):
+        p.grad = None
+        p.grad_dtype = dtype
+        p.grad = grad
+    else:
+        p.grad.data = grad
+
+
+def _reset_grad_dtype(p: torch.Tensor) -> None:
+    if hasattr(p, "grad_dtype") and p.grad is None:
+        p.grad_dtype = p.dtype
+
+
+def train_low_bytes(wrapper: str, option: str, rank: int) -> dict:
+    """One option under one wrapper ("single": the plain model in this process alone).
+    Every rank trains on the same batch, so that the wrappers' gradient averages are the
+    single-process gradients exactly (the mean of two equal values, in any dtype): the
+    single-process run is then the sharded runs' reference, bit for bit."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import noam_ext
+
+    if wrapper == "shard_rounding":
+        return _shard_rounding_placements()
+    param_dtype, grad_dtype, options = LOW_BYTES_OPTIONS[option]
+    model = make_model().to(param_dtype)
+    wrapped = model
+    if wrapper == "ddp":
+        wrapped = DDP(model)
+    elif wrapper == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        fully_shard = _fully_shard()
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        for module in model:
+            if isinstance(module, torch.nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    elif wrapper == "tensor_parallel":
+        _tensor_parallel(model)
+    elif wrapper != "single":
+        raise ValueError(wrapper)
+    names = {id(p): name for name, p in model.named_parameters()}
+    opt = noam_ext.FusedAdamW(list(wrapped.parameters()), **CONSTANT_LR, **options)
+    x, y = make_batch(0)
+    x = x.to(param_dtype)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        if grad_dtype is not None:
+            for p in model.parameters():
+                _reset_grad_dtype(p)
+        loss = torch.nn.functional.mse_loss(wrapped(x).float(), y)
+        loss.backward()
+        if grad_dtype is not None:
+            for p in model.parameters():
+                _read_gradient_as(p, grad_dtype)
+        opt.step()
+        losses.append(loss.item())   # the same batch on every rank: each rank's loss is the loss
+
+    params = {name: _full(p) for name, p in model.named_parameters()}
+    plain = make_model().to(param_dtype)
+    plain.load_state_dict(params)
+    with torch.no_grad():
+        final_loss = torch.nn.functional.mse_loss(plain(x).float(), y).item()
+    state = {}
+    for p in opt.param_groups[0]["params"]:
+        s = opt.state.get(p, {})
+        master = _master_of(s)
+        state[names[id(p)]] = {
+            "keys": sorted(s),
+            "step": None if s.get("step") is None else float(s["step"]),
+            "param": _kind(p),
+            "moments": {k: (_kind(s[k]), s[k].dtype) for k in ("exp_avg", "exp_avg_sq") if k in s},
+            "master": None if master is None else (_kind(master), master.dtype),
+            # The local values of replicated parameters (tensor parallelism): what each rank holds.
+            "local": p.to_local().detach().clone() if hasattr(p, "to_local") else None,
+        }
+    return {"params": params, "losses": losses, "final_loss": final_loss, "state": state,
+            "seed": opt.param_groups[0].get("seed")}
+
+
+def _shard_rounding_placements() -> dict:
+    """Two stochastically rounded steps of one bfloat16 parameter (5 x 7: uneven shards),
+    placed Shard(0), Shard(1) and Replicate over both ranks, with the same full gradient,
+    against the same steps of the unsharded parameter in this process. Returns per
+    placement this rank's local result, the unsharded result's part at the same place, the
+    local result of a second identical run, and (offset, salt) from shard_rounding."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import noam_ext
+    from noam_ext._storage import shard_rounding
+    try:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    except ImportError:
+        from torch.distributed._tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    generator = torch.Generator().manual_seed(7)
+    full = torch.randn(5, 7, generator=generator).to(torch.bfloat16)
+    grad = torch.randn(5, 7, generator=generator).to(torch.bfloat16)
+    options = dict(CONSTANT_LR, stochastic_rounding=True, seed=31)
+
+    def two_steps(value, place):
+        p = torch.nn.Parameter(place(value.clone()))
+        opt = noam_ext.FusedAdamW([p], **options)
+        for _ in range(2):
+            p.grad = place(grad.clone())
+            opt.step()
+        return p
+
+    unsharded = two_steps(full, lambda t: t).detach()
+    out = {}
+    for placement in (Shard(0), Shard(1), Replicate()):
+        def place(t, placement=placement):
+            return distribute_tensor(t, mesh, [placement])
+        p = two_steps(full, place)
+        offset, salt = shard_rounding(p)
+        out[_placement_name(placement)] = {
+            "local": p.to_local().detach().clone(),
+            "unsharded_here": place(unsharded).to_local().clone(),
+            "again": two_steps(full, place).to_local().detach().clone(),
+            "offset": offset, "salt": salt,
+        }
+    return {"placements": out}
+
+
 def worker_main(scenario: str, rank: int, out_dir: Path) -> None:
     torch.set_num_threads(1)    # two ranks on a 2-core machine
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank,
                             world_size=WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     try:
-        for impl, variant in RUN_ORDER:
+        for impl, variant in runs_of(scenario):
             started = time.perf_counter()
             try:
-                result = train(scenario, impl, variant, rank)
+                result = (train_low_bytes(impl, variant, rank) if scenario == LOW_BYTES
+                          else train(scenario, impl, variant, rank))
             except Exception:
                 result = {"error": traceback.format_exc()}
             result["seconds"] = time.perf_counter() - started
@@ -339,7 +505,8 @@ class ScenarioRun:
                 problems.append(f"--- rank {rank} raised:\n{result['error']}")
         if problems:
             message = f"{self.scenario}: the {impl}/{variant} run failed\n" + "\n".join(problems)
-            earlier = RUN_ORDER[:RUN_ORDER.index((impl, variant))]
+            order = runs_of(self.scenario)
+            earlier = order[:order.index((impl, variant))]
             earlier = [f"{i}/{v}" for i, v in earlier if self.failed(i, v)]
             if earlier:
                 message += (f"\nNote: the earlier run(s) {', '.join(earlier)} of this scenario failed too. A "
@@ -356,9 +523,10 @@ _RUNS: dict[str, ScenarioRun] = {}
 
 
 def _run_workers(scenario: str, out_dir: Path) -> ScenarioRun:
-    """Runs both ranks of one scenario to completion (or SCENARIO_TIMEOUT_S)."""
+    """Runs both ranks of one scenario to completion (or its timeout)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    deadline = time.monotonic() + SCENARIO_TIMEOUT_S
+    timeout = LOW_BYTES_TIMEOUT_S if scenario == LOW_BYTES else SCENARIO_TIMEOUT_S
+    deadline = time.monotonic() + timeout
     procs, logs, failure = [], [], []
     try:
         for rank in range(WORLD_SIZE):
@@ -370,7 +538,7 @@ def _run_workers(scenario: str, out_dir: Path) -> ScenarioRun:
             try:
                 proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                failure.append(f"rank {rank} was still running after {SCENARIO_TIMEOUT_S} s and was killed")
+                failure.append(f"rank {rank} was still running after {timeout} s and was killed")
     finally:
         for proc in procs:      # only the workers started above, also on KeyboardInterrupt
             if proc.poll() is None:
@@ -525,6 +693,113 @@ def test_fused_optimizer_state(run_of, scenario, variant):
 @scenario_param
 def test_fused_loss_decreased(run_of, scenario, variant):
     _assert_loss_decreased(run_of(scenario).get("fused", variant), f"FusedAdamW, {scenario}, {variant}")
+
+
+# ---- The low-byte options (scenario "low_bytes") ----------------------------------------------
+
+def _skip_without(wrapper: str) -> None:
+    """Skips a low-byte test whose wrapper this torch lacks (as run_of does for the scenarios)."""
+    if wrapper == "fsdp2":
+        try:
+            _fully_shard()
+        except ImportError:
+            pytest.skip(f"this torch ({torch.__version__}) has no FSDP2 fully_shard")
+    if wrapper in ("tensor_parallel", "shard_rounding"):
+        try:
+            _tensor_parallel_api()
+        except ImportError as e:
+            pytest.skip(f"this torch ({torch.__version__}) lacks the tensor-parallel API: {e}")
+
+
+low_bytes_option_param = pytest.mark.parametrize("option", list(LOW_BYTES_OPTIONS))
+
+
+@low_bytes_option_param
+@pytest.mark.parametrize("wrapper", LOW_BYTES_WRAPPERS)
+def test_low_bytes_sharded_run_is_the_single_process_run(run_of, wrapper, option):
+    """Under DDP and FSDP2, each option leaves the same full parameters on both ranks, bit for
+    bit those of the single-process run of the unsharded model: masters and moments sharded
+    with their parameters, and stochastic rounding under FSDP2 drawing for each element of a
+    shard the bits of its index in the whole parameter (every rank trains on the same batch,
+    so the averaged gradients are the single-process ones exactly)."""
+    _skip_without(wrapper)
+    run = run_of(LOW_BYTES)
+    results = run.get(wrapper, option)
+    what = f"FusedAdamW({option}), {wrapper}"
+    _assert_ranks_bitwise_equal(results, what)
+    single = run.get("single", option)[0]["params"]
+    differ = [name for name, value in single.items() if not torch.equal(results[0]["params"][name], value)]
+    assert not differ, f"{what}: after {STEPS} steps {differ} differ from the single-process run's"
+    _assert_loss_decreased(results, what)
+
+
+@low_bytes_option_param
+@pytest.mark.parametrize("wrapper", ["single"] + LOW_BYTES_WRAPPERS)
+def test_low_bytes_state_has_the_options_dtypes_and_is_placed_like_the_parameters(run_of, wrapper, option):
+    """step == STEPS for every parameter; exp_avg and exp_avg_sq in the option's dtype; the
+    master where the option keeps one (float32, or int16 remainders) and none otherwise; each
+    of the parameter's tensor type, shape and placements (a DTensor Shard(0) under FSDP2, as
+    the parameter: what torch.distributed.checkpoint saves and reshards)."""
+    _skip_without(wrapper)
+    param_dtype, _, options = LOW_BYTES_OPTIONS[option]
+    master = options.get("master_weights")
+    moment_dtype = options.get("moment_dtype") or (torch.float32 if master else param_dtype)
+    master_dtype = {"float32": torch.float32, "remainder": torch.int16}.get(master)
+    for rank, result in enumerate(run_of(LOW_BYTES).get(wrapper, option)):
+        assert len(result["state"]) == len(result["params"])
+        for name, s in result["state"].items():
+            where = f"FusedAdamW({option}), {wrapper}, rank {rank}, {name!r}"
+            assert s["step"] == STEPS, where
+            assert set(s["moments"]) == {"exp_avg", "exp_avg_sq"}, (where, s["keys"])
+            for key, (kind, dtype) in s["moments"].items():
+                assert (kind, dtype) == (s["param"], moment_dtype), (where, key, kind, dtype)
+            if master is None:
+                assert s["master"] is None, (where, s["keys"])
+            else:
+                assert s["master"] == (s["param"], master_dtype), (where, s["master"])
+            if wrapper == "fsdp2":
+                assert s["param"][0] == "DTensor" and s["param"][2] == ("Shard(0)",), (where, s["param"])
+
+
+def test_low_bytes_tensor_parallel_stochastic_rounding_keeps_replicated_parameters_equal(run_of):
+    """Under tensor parallelism, stochastic rounding draws the same bits on every rank for a
+    replicated parameter (offset 0 and no salt: noam_ext._storage.shard_rounding), so the
+    ranks keep holding the same values; the sharded ones (Shard(0), and Shard(1) with a stream
+    per shard) train with the rest."""
+    _skip_without("tensor_parallel")
+    results = run_of(LOW_BYTES).get("tensor_parallel", "stochastic-rounding")
+    what = "FusedAdamW(stochastic-rounding), tensor_parallel"
+    placed = {name: s["param"][2] for name, s in results[0]["state"].items()}
+    assert placed == TENSOR_PARALLEL_PLACEMENTS, placed
+    for name, placements in placed.items():
+        if placements == ("Replicate",):
+            assert torch.equal(results[0]["state"][name]["local"], results[1]["state"][name]["local"]), (what, name)
+    for rank, result in enumerate(results):
+        assert all(s["step"] == STEPS for s in result["state"].values()), (what, rank)
+    _assert_loss_decreased(results, what)
+
+
+def test_low_bytes_stochastic_rounding_of_shards_is_as_documented(run_of):
+    """noam_ext._storage.shard_rounding, for a 5 x 7 bfloat16 parameter on two ranks: a shard
+    that is a run of the whole parameter's elements (Shard(0), Replicate) draws the unsharded
+    parameter's bits (its offset is its element 0's index: 21 for rank 1's rows 3-4, no
+    salt); a Shard(1) shard draws from a stream of its own (offset 0, a salt from its global
+    offsets, different on each rank): the same bits for the same sharding, but not the
+    unsharded run's."""
+    _skip_without("shard_rounding")
+    results = run_of(LOW_BYTES).get("shard_rounding", "stochastic-rounding")
+    for rank, result in enumerate(results):
+        cases = result["placements"]
+        for placement, case in cases.items():
+            assert torch.equal(case["local"], case["again"]), (rank, placement)
+        for placement, offset in (("Shard(0)", [0, 21][rank]), ("Replicate", 0)):
+            case = cases[placement]
+            assert (case["offset"], case["salt"]) == (offset, 0), (rank, placement)
+            assert torch.equal(case["local"], case["unsharded_here"]), (rank, placement)
+        case = cases["Shard(1)"]
+        assert case["offset"] == 0 and case["salt"] != 0, rank
+        assert not torch.equal(case["local"], case["unsharded_here"]), rank
+    assert results[0]["placements"]["Shard(1)"]["salt"] != results[1]["placements"]["Shard(1)"]["salt"]
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """The hyperparameter tables the kernels read (noam_ext/_hyper.py), checked on the
 host: which values are read on the host, which are copied on the device at every
-step, and when the device copy is refreshed. The GPU side (graph replays following
-a torch LR scheduler) is in test_cuda.py."""
+step, when the device copy is refreshed, and what a captured step's table holds at
+each replay (the capture path runs on the CPU here, and a replay is its fill run
+again). The GPU side (real captures and replays) is in test_cuda.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from noam_ext._hyper import BETA1, LR, NUM_HYPER_COLUMNS, DeviceHyperTables, HyperTable
+from noam_ext._hyper import BETA1, LR, NUM_HYPER_COLUMNS, DeviceHyperTables, HyperTable, fill_captured_table
 from op_args import make_args, positional
 
 
@@ -65,13 +66,63 @@ def test_device_table_is_copied_when_the_host_table_changes_and_tensor_entries_e
     assert table[0, LR] == torch.tensor(0.05).double()
 
 
-def test_a_replaced_device_table_is_kept():
-    # A graph captured before a param group was added still points at the old table.
+def capturing(monkeypatch, on: bool):
+    """Makes DeviceHyperTables take its CUDA graph capture path on the CPU, where what
+    it records runs at once: fill_captured_table, called again, stands for a replay."""
+    monkeypatch.setattr(DeviceHyperTables, "_capturing", staticmethod(lambda device: on))
+
+
+def test_replays_use_the_values_at_capture_until_an_eager_step_copies_newer_ones(monkeypatch):
+    # The lr changed after the latest eager step and before the capture (a scheduler's
+    # float lr): replays must use it, and then follow the eager steps after the capture
+    # (before the fix, replays used the values at capture for good).
+    device, hyper, tables = torch.device("cpu"), HyperTable(), DeviceHyperTables()
+    tables.get(device, hyper.get(groups(0.1), schedule=None), [])   # an eager step
+    eager = tables._eager[device]
+    at_capture = hyper.get(groups(0.2), schedule=None)
+    capturing(monkeypatch, True)
+    graph_table = tables.get(device, at_capture, [])
+    capturing(monkeypatch, False)
+    assert graph_table is not eager.table and eager.table[0, LR] == 0.1   # the capture wrote no eager value
+    uploads_at_capture = 1
+
+    def replay():
+        fill_captured_table(graph_table, eager, at_capture, uploads_at_capture)
+        return float(graph_table[0, LR])
+
+    assert float(graph_table[0, LR]) == 0.2 and replay() == 0.2
+    assert tables.get(device, at_capture, []) is eager.table   # an eager step copies the values in
+    assert replay() == 0.2
+    tables.get(device, hyper.get(groups(0.3), schedule=None), [])   # an eager step at a new lr
+    assert replay() == 0.3 and float(graph_table[1, LR]) == 0.5
+    tables.get(device, hyper.get(groups(0.3), schedule=None), [])   # unchanged: nothing copied
+    assert replay() == 0.3 and eager.uploads_on_host == int(eager.uploads) == 3
+
+
+def test_a_capture_with_unchanged_values_reads_the_eager_table(monkeypatch):
+    device, hyper, tables = torch.device("cpu"), HyperTable(), DeviceHyperTables()
+    host = hyper.get(groups(0.1), schedule=None)
+    tables.get(device, host, [])
+    capturing(monkeypatch, True)
+    lr = torch.tensor(0.7)
+    graph_table = tables.get(device, host, [(0, LR, lr)])   # a Tensor lr: copied after the fill
+    capturing(monkeypatch, False)
+    eager = tables._eager[device]
+    assert graph_table is not eager.table and graph_table[0, LR] == lr.double() and eager.table[0, LR] == 0.1
+    tables.get(device, hyper.get(groups(0.4), schedule=None), [])
+    fill_captured_table(graph_table, eager, None, 1)   # a replay: the eager table's values
+    assert graph_table[0, LR] == 0.4
+
+
+def test_a_replaced_device_table_is_a_new_one():
+    # Adding a param group changes the table's shape: eager steps get a new table (a
+    # graph captured before keeps the old one alive itself, on the GPU).
     tables, hyper = DeviceHyperTables(), HyperTable()
     first = tables.get(torch.device("cpu"), hyper.get(groups(0.1), schedule=None), [])
     more = groups(0.1) + groups(0.2)[:1]
     second = tables.get(torch.device("cpu"), hyper.get(more, schedule=None), [])
-    assert second.shape == (3, NUM_HYPER_COLUMNS) and any(t is first for t in tables._kept)
+    assert second.shape == (3, NUM_HYPER_COLUMNS) and first.shape == (2, NUM_HYPER_COLUMNS)
+    assert torch.equal(second, hyper.get(more, schedule=None))
 
 
 def test_python_and_the_op_agree_on_the_number_of_columns():

@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import FUSED, NO_STEP, OURS, TORCH_PEERS
 from .distributed import DistResult
 from .iteration import IterationResult
+from .low_bytes import FUSED_F32, LowBytesResult
 from .step import CaseResult
 
 def _pyplot():
@@ -170,6 +171,64 @@ def plot_distributed(results: list[DistResult], path: Path) -> bool:
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.legend(fontsize=7)
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_low_bytes(results: list[LowBytesResult], path: Path) -> bool:
+    """Left: GB/s of every variant per layout (bars), against the ceiling for its own byte
+    count (black ticks). Right: torch fused float32's time over each variant's (bars), against
+    the ratio its byte count alone would give, 28 B over its bytes (black ticks), and the
+    issue's speed-up targets (red ticks)."""
+    plt = _pyplot()
+    rows = [r for r in results if r.measured()]
+    if plt is None or not rows:
+        return False
+    names = [v.name for v in rows[0].variants]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(max(12.0, 4.0 * len(rows) + 4), 5.5))
+    width = 0.8 / len(names)
+    fused_bytes = rows[0].variant(FUSED_F32).bytes_per_element
+    target_labelled = False
+    for j, name in enumerate(names):
+        xs, gbps, ceilings, rx, ratios, ideal, targets = [], [], [], [], [], [], []
+        for i, r in enumerate(rows):
+            if name not in r.timings:
+                continue
+            v = r.variant(name)
+            x = i + (j - (len(names) - 1) / 2) * width
+            xs.append(x)
+            gbps.append(r.gbps(name))
+            ceilings.append(r.ceiling_gbps(v.bytes_per_element))
+            ratio = r.ratio(FUSED_F32, name)
+            if ratio is not None:
+                rx.append(x)
+                ratios.append(ratio)
+                ideal.append(fused_bytes / v.bytes_per_element)
+                targets.append(v.speedup_target)
+        label = f"{name} ({rows[0].variant(name).bytes_per_element} B)"
+        left.bar(xs, gbps, width, label=label, color=f"C{j % 10}", hatch="//" if j >= 10 else None)
+        left.scatter(xs, ceilings, marker="_", s=120, color="black", zorder=3,
+                     label="ceiling at its bytes" if j == 0 else None)
+        right.bar(rx, ratios, width, color=f"C{j % 10}", hatch="//" if j >= 10 else None)
+        right.scatter(rx, ideal, marker="_", s=120, color="black", zorder=3,
+                      label=f"{fused_bytes} B / its bytes" if j == 0 else None)
+        marked = [(x, t) for x, t in zip(rx, targets) if t is not None]
+        if marked:
+            right.scatter([x for x, _ in marked], [t for _, t in marked], marker="_", s=120, color="red", zorder=4,
+                          label=None if target_labelled else "target (CPU, from 1e7 elements)")
+            target_labelled = True
+    labels = [r.name.replace(" (", "\n(") for r in rows]
+    left.set_xticks(range(len(rows)), labels, fontsize=7)
+    left.set(ylabel="GB/s (its bytes per element x elements / median)",
+             title="one step per storage variant: bandwidth against the ceiling")
+    right.axhline(1.0, color="black", linewidth=0.8)
+    right.set_xticks(range(len(rows)), labels, fontsize=7)
+    right.set(ylabel=f"{FUSED_F32} median / variant median (> 1: faster)",
+              title=f"speed-up over {FUSED_F32}")
+    right.legend(fontsize=7)
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7)   # below both panels
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True

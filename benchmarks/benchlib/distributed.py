@@ -1,4 +1,4 @@
-"""Section 4, the optimizer step on DTensor parameters: FSDP2 (fully_shard per layer and
+"""Section 5, the optimizer step on DTensor parameters: FSDP2 (fully_shard per layer and
 the root) and tensor parallelism (Shard(0), Shard(1), Replicate), 2 processes on gloo (CPU).
 The configurations, the parent side that starts one fresh Python per rank
 (benchlib/distributed_worker.py does the measuring) and collects each configuration as soon

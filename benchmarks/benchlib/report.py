@@ -17,6 +17,7 @@ import noam_ext
 from .config import CLIP_BYTES_OURS, CLIP_BYTES_TORCH, CLIP_LABEL, FUSED, NO_STEP, OURS, TORCH_PEERS, clip_bytes
 from .distributed import WORLD_SIZE, DistResult
 from .iteration import IterationResult
+from .low_bytes import CEILING_TARGET, FUSED_BF16, FUSED_F32, PEERS, TARGET_MIN_ELEMENTS, LowBytesResult
 from .step import CaseResult
 
 def machine_info(device: str) -> dict:
@@ -186,6 +187,109 @@ def step_markdown(info: dict, results: list[CaseResult]) -> str:
     return "\n".join(lines)
 
 
+def low_bytes_header(first: LowBytesResult) -> list[str]:
+    return [
+        f"### Fewer bytes per parameter: one step per storage variant, median of {first.iterations} after "
+        f"{first.warmup} warm-up, interleaved round-robin with {' and '.join(PEERS)} and the ceilings",
+        "",
+        "| layout | variant | bytes/element | median | GB/s | % of ceiling (its bytes) | "
+        f"{FUSED_F32} / this | {FUSED_BF16} / this | targets |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def low_bytes_targets(r: LowBytesResult, name: str) -> str:
+    """The targets cell: each target with its value, met or not, or why none apply."""
+    targets = r.targets(name)
+    if not targets:
+        return ""
+    why_not = r.targets_apply()
+    if why_not is not None:
+        return f"n/a ({why_not})"
+    cells = []
+    for t in targets:
+        shown = "-" if t["value"] is None else (f"{100 * t['value']:.0f}%" if t["threshold"] == CEILING_TARGET
+                                                else f"{t['value']:.2f}x")
+        cells.append(f"{'met' if t['met'] else '**NOT met**'}: {t['target']} ({shown})")
+    return "; ".join(cells)
+
+
+def low_bytes_rows(r: LowBytesResult) -> list[str]:
+    """One row per variant of one layout (skipped ones say why), or one row saying why the
+    layout did not run."""
+    if r.layout_skipped is not None:
+        return [f"| {r.name} | every variant | | skipped: {r.layout_skipped} | | | | | |"]
+    rows = []
+    for v in r.variants:
+        if v.name not in r.timings:
+            rows.append(f"| {r.name} | {v.name} | {v.bytes_per_element} | skipped: "
+                        f"{r.skipped.get(v.name, 'not run').replace('|', '/')} | | | | | |")
+            continue
+        t = r.timings[v.name]
+        ceiling = r.ceiling_gbps(v.bytes_per_element)
+        rows.append(f"| {r.name} | {v.name} | {v.bytes_per_element} | {ms(t.median_s)} (IQR {t.iqr_s * 1e3:,.2f}) | "
+                    f"{r.gbps(v.name):.1f} | {100 * r.fraction_of_ceiling(v.name):.0f}% of {ceiling:.1f} | "
+                    f"{_ratio(r.ratio(FUSED_F32, v.name))} | {_ratio(r.ratio(FUSED_BF16, v.name))} | "
+                    f"{low_bytes_targets(r, v.name)} |")
+    return rows
+
+
+def low_bytes_markdown(info: dict, results: list[LowBytesResult]) -> str:
+    lines = low_bytes_header(results[0]) + [row for r in results for row in low_bytes_rows(r)]
+    ceiling = ("an in-place read-modify-write pass (`buf.mul_(1.0)`)" if info["device"] == "cpu"
+               else "a device copy")
+    lines += ["", "Each variant steps its own parameters with FusedAdamW (lr 1.0 x Noam(512, 4000), betas (0.9, 0.98), "
+              "eps 1e-9, weight decay 0.01; torch: torch.optim.AdamW(fused=True) + TransformerLRScheduler.step()), "
+              "the gradients assigned once and left in place, bfloat16 for bfloat16 parameters (and in the 'bf16 "
+              "grads' variant), float32 otherwise. Bytes per element: what one step reads and writes (parameter "
+              "read and written, only written when a float32 master holds its value; gradient read; both moments "
+              "and the master, float32 or int16 remainder, read and written). GB/s: those bytes x elements / "
+              f"median time. The ceiling for each byte count is {ceiling} over as many bytes, timed in the same "
+              "rounds. Ratios: the peer's median over the variant's (> 1: the variant is faster)."]
+    measured = [r for r in results if r.layout_skipped is None]
+    checked = [(r, v.name, t) for r in measured if r.targets_apply() is None
+               for v in r.measured() for t in r.targets(v.name)]
+    if checked:
+        missed = [f"{r.name}, {name}: {t['target']}" for r, name, t in checked if not t["met"]]
+        lines += ["", f"Targets of the issue (CPU, from {TARGET_MIN_ELEMENTS:.0e} elements): "
+                  f"{len(checked) - len(missed)} of {len(checked)} met"
+                  + (". Not met: " + "; ".join(missed) + "." if missed else ".")]
+    elif measured:
+        lines += ["", f"The issue's targets hold on the CPU from {TARGET_MIN_ELEMENTS:.0e} elements: none apply to "
+                  "these rows (" + ", ".join(sorted({r.targets_apply() for r in measured})) + ")."]
+    return "\n".join(lines)
+
+
+def low_bytes_payload(results: list[LowBytesResult]) -> list[dict]:
+    out = []
+    for r in results:
+        variants = {}
+        for v in r.variants:
+            row = {"bytes_per_element": v.bytes_per_element, "param": str(v.param), "grad": str(v.grad),
+                   "moment": str(v.moment_dtype), "master": v.master, "stochastic_rounding": v.stochastic,
+                   "torch_peer": v.torch_peer, "skipped": r.skipped.get(v.name)}
+            if v.name in r.timings:
+                row.update(timing=asdict(r.timings[v.name]), times_s=r.times_s[v.name], gbps=r.gbps(v.name),
+                           ceiling_gbps=r.ceiling_gbps(v.bytes_per_element),
+                           fraction_of_ceiling=r.fraction_of_ceiling(v.name),
+                           over_torch_fused_float32=r.ratio(FUSED_F32, v.name),
+                           over_torch_fused_bfloat16=r.ratio(FUSED_BF16, v.name),
+                           paired_over_torch_fused_float32=r.paired_ratio(FUSED_F32, v.name),
+                           paired_over_torch_fused_bfloat16=r.paired_ratio(FUSED_BF16, v.name),
+                           targets=r.targets(v.name))
+            variants[v.name] = row
+        ceilings = {int(label.split()[1]): {"timing": asdict(t), "gbps": r.ceiling_gbps(int(label.split()[1]))}
+                    for label, t in r.timings.items() if label.startswith("ceiling ")}
+        out.append({"kind": r.kind, "name": r.name, "params": r.params, "tensors": r.tensors, "device": r.device,
+                    "warmup": r.warmup, "iterations": r.iterations, "layout_skipped": r.layout_skipped,
+                    "targets_apply": r.targets_apply() is None, "variants": variants, "ceilings": ceilings})
+    return out
+
+
 def distributed_header(first: DistResult) -> list[str]:
     peers = [label for label, _ in TORCH_PEERS]
     return [
@@ -231,7 +335,8 @@ def distributed_markdown(results: list[DistResult], failure: str | None) -> str:
 
 def markdown(info: dict, iterations: list[IterationResult], steps: list[CaseResult],
              clip_skipped: str | None = None, distributed: list[DistResult] | None = None,
-             distributed_failure: str | None = None, distributed_skipped: str | None = None) -> str:
+             distributed_failure: str | None = None, distributed_skipped: str | None = None,
+             low_bytes: list[LowBytesResult] | None = None) -> str:
     parts = [machine_line(info)]
     if clip_skipped is not None:
         parts.append(f"**Gradient-clipping rows skipped:** {clip_skipped}.")
@@ -243,6 +348,8 @@ def markdown(info: dict, iterations: list[IterationResult], steps: list[CaseResu
         parts.append(step_markdown(info, steps))
     if any(r.clip_timings for r in steps):
         parts.append(clip_markdown(info, steps))
+    if low_bytes:
+        parts.append(low_bytes_markdown(info, low_bytes))
     if distributed or distributed_failure is not None:
         parts.append(distributed_markdown(distributed or [], distributed_failure))
     return "\n\n".join(parts)
@@ -250,7 +357,8 @@ def markdown(info: dict, iterations: list[IterationResult], steps: list[CaseResu
 
 def payload(info: dict, iterations: list[IterationResult], steps: list[CaseResult],
             clip_skipped: str | None, distributed: list[DistResult] | None = None,
-            distributed_failure: str | None = None, distributed_skipped: str | None = None) -> dict:
+            distributed_failure: str | None = None, distributed_skipped: str | None = None,
+            low_bytes: list[LowBytesResult] | None = None) -> dict:
     """Everything measured, for the JSON file."""
     return {
         "machine": info,
@@ -275,6 +383,7 @@ def payload(info: dict, iterations: list[IterationResult], steps: list[CaseResul
              "gbps": {p: r.clip_gbps(p) for p in r.clip_timings},
              "over_step_alone": {p: r.clip_over_step(p) for p in r.clip_timings}}
             for r in steps if r.clip_timings],
+        "low_bytes": low_bytes_payload(low_bytes or []),
         "distributed_skipped": distributed_skipped,   # None when the section ran (or was not asked for)
         "distributed_failure": distributed_failure,   # None when every configuration was measured
         "distributed": [

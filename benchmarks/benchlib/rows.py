@@ -10,6 +10,7 @@ from pathlib import Path
 from . import report
 from .distributed import DistResult
 from .iteration import IterationResult
+from .low_bytes import LowBytesResult
 from .step import CaseResult
 
 
@@ -41,6 +42,10 @@ class RowLog:
 
     def clip(self, r: CaseResult) -> None:
         self._add("clip", report.clip_header(r), report.clip_row(r))
+
+    def low_bytes(self, r: LowBytesResult) -> None:
+        for row in report.low_bytes_rows(r):   # one layout's variants are measured together
+            self._add("low-bytes", report.low_bytes_header(r), row)
 
     def distributed(self, r: DistResult) -> None:
         self._add("distributed", report.distributed_header(r), report.distributed_row(r))

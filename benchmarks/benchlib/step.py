@@ -167,19 +167,33 @@ def clip_cases(cases, args) -> set[str]:
             if wants_clip_step(kind, sum(torch.Size(s).numel() for s in shapes), args.quick)}
 
 
-def ceiling_gbps(total_params: int, device: str, timer, min_run_time: float) -> float:
-    """Memory ceiling for a pass that moves as many bytes as the update."""
+def ceiling_buffers(floats: int, device: str) -> tuple[torch.Tensor, ...]:
+    """The memory a ceiling pass over `floats` float32 values works on (see ceiling_pass)."""
     if device == "cpu":
-        # In-place read-modify-write of 3.5 floats per parameter: 8 bytes each = 28 bytes.
-        buf = torch.ones(max(1, int(total_params * 3.5)))
-        timing = timer(lambda: buf.mul_(1.0), min_run_time)
-        moved = buf.numel() * 8
-    else:
-        src = torch.ones(max(1, total_params * 7 // 2), device=device)
-        dst = torch.empty_like(src)
-        timing = timer(lambda: dst.copy_(src), min_run_time)
-        moved = src.numel() * 8
-    return moved / timing.median_s / 1e9
+        return (torch.ones(max(1, floats)),)
+    src = torch.ones(max(1, floats), device=device)
+    return (src, torch.empty_like(src))
+
+
+def ceiling_pass(buffers: tuple[torch.Tensor, ...], floats: int) -> tuple[Callable[[], None], int]:
+    """(pass, bytes it moves): a pass over the first `floats` values of `buffers` (from
+    ceiling_buffers, of at least as many) that moves 8 bytes per value: on a CPU an
+    in-place read-modify-write (a plain copy undercounts because of write-allocate
+    traffic), on a GPU a device copy."""
+    floats = max(1, floats)
+    if len(buffers) == 1:
+        buf = buffers[0][:floats]
+        return (lambda: buf.mul_(1.0)), floats * 8
+    src, dst = buffers[0][:floats], buffers[1][:floats]
+    return (lambda: dst.copy_(src)), floats * 8
+
+
+def ceiling_gbps(total_params: int, device: str, timer, min_run_time: float) -> float:
+    """Memory ceiling for a pass that moves as many bytes as the update: 3.5 floats per
+    parameter, 8 bytes each = 28 bytes."""
+    floats = total_params * 7 // 2
+    run, moved = ceiling_pass(ceiling_buffers(floats, device), floats)
+    return moved / timer(run, min_run_time).median_s / 1e9
 
 
 @dataclass

@@ -1,13 +1,26 @@
-// Runs the CUDA kernels' drivers (csrc/cuda/fused_adamw_plan.h) on the host: the
-// prepare launch row by row, then every block of an emulated update grid in turn,
-// every thread of a block in turn (the kernel has no barriers). Built into every
-// variant of the extension, so CI checks the kernels' work split (chunks, rows,
-// warp parts, vectors, unrolling, tails, misaligned tensors, 64-bit offsets)
-// against the CPU op without a GPU.
+// The CUDA kernels' own code run on the host: csrc/cuda/kernels.cuh (prepare_kernel,
+// update_kernel, DeviceExec, the device branches of the vector loads and stores, and
+// the grid that run_rows launches), compiled here as plain C++ against
+// cuda_host_shims.h. emulate_cuda_fused_adamw_ makes the launches run_rows makes, for
+// a GPU with the given number of SMs, and calls each kernel once for every
+// (block, thread) of its grid, as the GPU would, one after another (the kernels have
+// no barriers and share nothing between threads, so any order is one the GPU could
+// run them in). Built into every variant of the extension, so that CI checks the
+// kernels against the CPU op without a GPU.
 #include <ATen/core/Tensor.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "../cuda/kernel_args.h"
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cuda_host_shims.h"   // after the torch headers, before the kernels
+
+#include "../cuda/kernels.cuh"
 #include "../noam_ext/op_entry.h"
 
 namespace noam_ext::cpu {
@@ -15,69 +28,127 @@ namespace {
 
 using namespace noam_ext::cuda_plan;
 
-struct HostExec {
-  int64_t block_index;
-  int64_t grid;
-  int threads;
-  int64_t block() const { return block_index; }
-  int64_t num_blocks() const { return grid; }
-  int num_threads() const { return threads; }
-  // The block's threads one after another: they share nothing and never wait for
-  // each other, so any order is an order the GPU could run them in.
-  template <typename F>
-  void for_my_threads(F&& f) const {
-    for (int t = 0; t < threads; ++t) {
-      f(t);
+// Deliberately wrong launches, for the tests' mutation check: each breaks a rule
+// the kernels rely on, and the tests must see a difference from the CPU op.
+enum class WrongLaunch { kNone, kBlockTwice, kLastThreadSkipped, kUpdateBeforePrepare };
+
+WrongLaunch wrong_launch_from(const std::string& name) {
+  if (name.empty()) return WrongLaunch::kNone;
+  if (name == "block_twice") return WrongLaunch::kBlockTwice;
+  if (name == "last_thread_skipped") return WrongLaunch::kLastThreadSkipped;
+  if (name == "update_before_prepare") return WrongLaunch::kUpdateBeforePrepare;
+  TORCH_CHECK(false, "emulate_cuda_fused_adamw_: unknown wrong_launch '", name,
+              "' (block_twice, last_thread_skipped, update_before_prepare)");
+}
+
+// Runs one launch: the kernel once per (block, thread), with the CUDA builtins set as
+// the GPU would set them. `only_blocks` (when not empty) restricts the blocks run.
+void run_launch(const KernelLaunch& launch, const KernelArgs& args, const std::vector<int64_t>& only_blocks,
+                WrongLaunch wrong) {
+  gridDim = {launch.blocks, 1, 1};
+  blockDim = {launch.threads, 1, 1};
+  auto run_block_of_threads = [&](unsigned b) {
+    blockIdx = {b, 0, 0};
+    for (unsigned t = 0; t < launch.threads; ++t) {
+      if (wrong == WrongLaunch::kLastThreadSkipped && b + 1 == launch.blocks && t + 1 == launch.threads) {
+        continue;
+      }
+      threadIdx = {t, 0, 0};
+      launch.kernel(args);
     }
+  };
+  if (!only_blocks.empty()) {
+    for (const int64_t b : only_blocks) {
+      TORCH_CHECK(b >= 0 && b < launch.blocks, "emulate_cuda_fused_adamw_: block ", b, " is not in the grid of ",
+                  launch.blocks);
+      run_block_of_threads(static_cast<unsigned>(b));
+    }
+    return;
   }
+  for (unsigned b = 0; b < launch.blocks; ++b) {
+    run_block_of_threads(b);
+  }
+  if (wrong == WrongLaunch::kBlockTwice) {
+    run_block_of_threads(0);
+  }
+}
+
+struct HostRunOptions {
+  int64_t multiprocessors;
+  std::optional<int64_t> num_blocks;   // overrides the update grid
+  int64_t threads_per_block;           // kThreadsPerBlock as on the GPU, or narrower
+  std::vector<int64_t> only_blocks;    // of the update launch
+  WrongLaunch wrong;
 };
 
-// One checked call (op_entry.h) over an emulated grid: the prepare launch, then the
-// update launch's blocks one after another.
-void emulate_rows(const RowsCall& call, int64_t num_blocks, int threads_per_block) {
+// What a host run reports: its grid and the 16-byte vectors it moved.
+constexpr int kNumStats = 5;   // prepare blocks, update blocks, threads per block, vector loads, vector stores
+
+void run_rows_on_host(const RowsCall& call, const HostRunOptions& options, int64_t* stats) {
   TORCH_CHECK(call.hyper.is_cpu(), "emulate_cuda_fused_adamw_: hyper must be a CPU tensor");
   TORCH_CHECK(call.layouts.empty(), "emulate_cuda_fused_adamw_: tensors that are not dense and laid out alike "
               "(strided rows) are not supported by the CUDA kernels yet");
   TORCH_CHECK(call.storage.is_plain() && !call.stochastic_rounding,
               "emulate_cuda_fused_adamw_: the low-byte options are not supported by the CUDA kernels yet");
-  std::vector<RowCoefficients<double>> coefficients(call.rows.size());   // room for either math type
-  dispatch_storage_type(call.dtype, [&](auto type_tag) {
-    using scalar_t = decltype(type_tag);
-    using opmath_t = typename MathType<scalar_t>::type;
-    const KernelArgs args = make_kernel_args(call.rows.data(), static_cast<int64_t>(call.rows.size()), call.total,
-                                             call.hyper.const_data_ptr<double>(), coefficients.data(),
-                                             call.schedule_step, call.advance_schedule, call.grad_scale,
-                                             call.found_inf, call.grad_clip);
-    for (int64_t i = 0; i < args.num_rows; ++i) {  // the prepare launch
-      prepare_row<opmath_t>(args, i);
-    }
-    advance_schedule_counter(args);  // what thread 0 of block 0 of the update launch does
-    for (int64_t b = 0; b < num_blocks; ++b) {  // the update launch
-      const HostExec exec{b, num_blocks, threads_per_block};
-      if (call.amsgrad) {
-        run_block<scalar_t, true>(args, exec);
-      } else {
-        run_block<scalar_t, false>(args, exec);
-      }
-    }
-  });
+  const auto num_rows = static_cast<int64_t>(call.rows.size());
+  StepLaunches launches = step_launches(call.dtype, call.amsgrad, num_rows, call.total, options.multiprocessors);
+  if (options.threads_per_block != kThreadsPerBlock) {
+    const auto threads = static_cast<unsigned>(options.threads_per_block);
+    launches.prepare.blocks = static_cast<unsigned>((num_rows + threads - 1) / threads);
+    launches.prepare.threads = threads;
+    launches.update.threads = threads;
+  }
+  if (options.num_blocks) {
+    launches.update.blocks = static_cast<unsigned>(*options.num_blocks);
+  }
+  // Room for either math type's coefficients, filled with NaN bytes: an update that
+  // read coefficients the prepare launch has not written would show it.
+  std::vector<RowCoefficients<double>> coefficients(call.rows.size());
+  std::memset(static_cast<void*>(coefficients.data()), 0xff, coefficients.size() * sizeof(coefficients[0]));
+  const KernelArgs args = make_kernel_args(call.rows.data(), num_rows, call.total, call.hyper.const_data_ptr<double>(),
+                                           coefficients.data(), call.schedule_step, call.advance_schedule,
+                                           call.grad_scale, call.found_inf, call.grad_clip);
+  vector_counts = {};
+  const std::vector<int64_t> all_blocks;
+  if (options.wrong == WrongLaunch::kUpdateBeforePrepare) {
+    run_launch(launches.update, args, options.only_blocks, options.wrong);
+    run_launch(launches.prepare, args, all_blocks, options.wrong);
+  } else {
+    run_launch(launches.prepare, args, all_blocks, options.wrong);
+    run_launch(launches.update, args, options.only_blocks, options.wrong);
+  }
+  if (stats != nullptr) {
+    const int64_t values[kNumStats] = {launches.prepare.blocks, launches.update.blocks, launches.update.threads,
+                                       vector_counts.loads, vector_counts.stores};
+    std::memcpy(stats, values, sizeof(values));
+  }
 }
 
 void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
                               at::TensorList state_steps, const at::Tensor& schedule_step, const at::Tensor& hyper,
-                              at::IntArrayRef groups, int64_t num_blocks, int64_t threads_per_block,
-                              bool advance_schedule, const std::optional<at::Tensor>& grad_scale,
+                              at::IntArrayRef groups, int64_t multiprocessors, std::optional<int64_t> num_blocks,
+                              int64_t threads_per_block, at::IntArrayRef only_blocks, c10::string_view wrong_launch,
+                              const std::optional<at::Tensor>& stats, bool advance_schedule,
+                              const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf,
                               const std::optional<at::Tensor>& grad_clip, std::optional<at::TensorList> masters,
                               at::IntArrayRef rng_streams, at::IntArrayRef element_offsets,
                               bool stochastic_rounding) {
-  TORCH_CHECK(num_blocks >= 1 && threads_per_block >= 1, "emulate_cuda_fused_adamw_: empty grid");
+  TORCH_CHECK(multiprocessors >= 1, "emulate_cuda_fused_adamw_: multiprocessors must be at least 1");
+  TORCH_CHECK(!num_blocks || *num_blocks >= 1, "emulate_cuda_fused_adamw_: num_blocks must be at least 1");
+  TORCH_CHECK(threads_per_block >= 1 && threads_per_block <= kThreadsPerBlock,
+              "emulate_cuda_fused_adamw_: threads_per_block must be in [1, ", kThreadsPerBlock, "]");
+  TORCH_CHECK(!stats || (stats->scalar_type() == at::kLong && stats->numel() == kNumStats &&
+                         stats->is_contiguous() && stats->is_cpu()),
+              "emulate_cuda_fused_adamw_: stats must be a contiguous int64 CPU tensor of ", kNumStats, " elements");
+  const HostRunOptions options{multiprocessors, num_blocks, threads_per_block, only_blocks.vec(),
+                               wrong_launch_from(std::string(wrong_launch))};
   checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper,
                       groups, advance_schedule, grad_scale, found_inf, grad_clip,
                       {masters.value_or(at::TensorList{}), rng_streams, element_offsets, stochastic_rounding},
                       [&](const RowsCall& call) {
-                        emulate_rows(call, num_blocks, static_cast<int>(threads_per_block));
+                        run_rows_on_host(call, options, stats ? stats->data_ptr<int64_t>() : nullptr);
                       });
 }
 

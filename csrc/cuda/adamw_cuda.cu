@@ -1,7 +1,9 @@
 // noam_ext::fused_adamw_ on CUDA: the whole AdamW + Noam step for one call's
 // tensors in two launches (a per-row prepare pass and the update), on the current
-// stream, without any host synchronisation. The work split and the per-element math live in
-// fused_adamw_plan.h / adamw_math.h, shared with the host emulation and the CPU op.
+// stream, without any host synchronisation. The kernels and their grid are in
+// kernels.cuh (also run on the host in CI), the work split and the per-element math in
+// fused_adamw_plan.h / adamw_math.h. This file holds what only a GPU has: the device
+// copies of the call tables, and the launches.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,44 +18,18 @@
 #include <cstring>
 #include <list>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <utility>
 #include <vector>
 
 #include "../noam_ext/op_entry.h"
-#include "kernel_args.h"
+#include "kernels.cuh"
 
 namespace noam_ext::cuda {
 namespace {
 
 using namespace noam_ext::cuda_plan;
-
-struct DeviceExec {
-  __device__ int64_t block() const { return blockIdx.x; }
-  __device__ int64_t num_blocks() const { return gridDim.x; }
-  __device__ int num_threads() const { return blockDim.x; }
-  template <typename F>
-  __device__ void for_my_threads(F&& f) const { f(static_cast<int>(threadIdx.x)); }
-};
-
-// Launch 1: every row's coefficients for this step, one thread per row.
-template <typename opmath_t>
-__global__ void __launch_bounds__(kThreadsPerBlock) prepare_kernel(const KernelArgs args) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < args.num_rows) {
-    prepare_row<opmath_t>(args, i);
-  }
-}
-
-// Launch 2: the update, compiled for min_blocks_per_sm resident blocks per SM.
-template <typename scalar_t, bool amsgrad>
-__global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t, amsgrad>())
-    update_kernel(const KernelArgs args) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    advance_schedule_counter(args);
-  }
-  run_block<scalar_t, amsgrad>(args, DeviceExec{});
-}
 
 int multiprocessor_count(int device) {
   static std::atomic<int> counts[64] = {};
@@ -68,24 +44,144 @@ int multiprocessor_count(int device) {
   return count;
 }
 
-// Device copies of recent call tables, per (device, stream): the rows, the
-// hyperparameter table when the call passed it on the host, and room for the
-// prepare pass's per-row coefficients. Uploading is a stream-ordered copy from
-// pinned memory (no host sync); in steady-state training the tensors, and so the
-// table, are the same every step, and it is uploaded once. A table used while a
-// CUDA graph is captured is kept for the life of the process: the graph replays its
-// kernels (and, if it was uploaded during capture, its copy) with those addresses.
-// FusedAdamW passes its hyperparameters on the device (noam_ext/_hyper.py keeps
-// them current with stream-ordered copies), so a change of lr is not a new table.
+// ---- bytes from the host to the device without pinned memory ---------------------------
+//
+// Inside a CUDA graph capture, a host-to-device copy must read pinned memory that
+// lives as long as the graph, and allocating pinned memory during a capture works
+// only with recent torch host allocators. A kernel's parameters, though, are copied
+// into the graph when it is captured: these launches carry up to kLaunchBytes of the
+// source each and write them out, at every replay (and, outside a capture, once).
+
+constexpr int kLaunchBytes = 3968;   // 248 x 16 bytes: within the 4 KB parameter space of every CUDA version
+
+struct LaunchBytes {
+  uint4 words[kLaunchBytes / 16];
+};
+
+__global__ void write_bytes_kernel(char* dst, const LaunchBytes bytes, int count) {
+  for (int i = static_cast<int>(threadIdx.x) * 16; i < count; i += static_cast<int>(blockDim.x) * 16) {
+    if (i + 16 <= count) {
+      *reinterpret_cast<uint4*>(dst + i) = bytes.words[i / 16];   // dst is 16-byte aligned
+    } else {
+      for (int k = i; k < count; ++k) {
+        dst[k] = reinterpret_cast<const char*>(bytes.words)[k];
+      }
+    }
+  }
+}
+
+void upload_by_launch(void* device_dst, const void* host_src, size_t bytes, cudaStream_t stream) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(device_dst) % 16 == 0, "upload_by_launch: the destination must be "
+              "16-byte aligned");
+  for (size_t offset = 0; offset < bytes; offset += kLaunchBytes) {
+    const int count = static_cast<int>(std::min<size_t>(kLaunchBytes, bytes - offset));
+    LaunchBytes chunk{};
+    std::memcpy(&chunk, static_cast<const char*>(host_src) + offset, count);
+    write_bytes_kernel<<<1, kThreadsPerBlock, 0, stream>>>(static_cast<char*>(device_dst) + offset, chunk, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// ---- what captured graphs hold ---------------------------------------------------------
+//
+// A graph holds, until it is destroyed (with every executable graph made from it, and
+// their launches done), the memory its kernels and copies read: the capture hands it
+// a CUDA user object whose release takes down a count (a table's, below) and hands
+// back tensors, which the next call on a user thread then frees (the release runs on
+// CUDA's own thread, where nothing may call CUDA or wait, as freeing memory might).
+
+struct GraphHold {
+  std::shared_ptr<std::atomic<int>> graphs;   // counted down at release (may be null)
+  std::vector<at::Tensor> tensors;            // freed after release
+};
+
+// These and the table cache are never destroyed: at exit, a graph's release may still
+// come, and freeing device memory after CUDA's teardown would fail.
+std::mutex& released_mutex() {
+  static auto* mutex = new std::mutex;
+  return *mutex;
+}
+
+std::vector<at::Tensor>& released_tensors() {
+  static auto* tensors = new std::vector<at::Tensor>;
+  return *tensors;
+}
+
+void release_graph_hold(void* p) {   // CUDA's thread
+  const std::unique_ptr<GraphHold> hold(static_cast<GraphHold*>(p));
+  if (hold->graphs) {
+    hold->graphs->fetch_sub(1);
+  }
+  if (!hold->tensors.empty()) {
+    const std::lock_guard<std::mutex> lock(released_mutex());
+    for (at::Tensor& t : hold->tensors) {
+      released_tensors().push_back(std::move(t));
+    }
+  }
+}
+
+void free_released_tensors() {
+  std::vector<at::Tensor> released;
+  {
+    const std::lock_guard<std::mutex> lock(released_mutex());
+    released.swap(released_tensors());
+  }
+}   // freed here, outside the lock
+
+// Makes the graph being captured on `stream` keep `hold` until it is destroyed.
+void hold_for_captured_graph(cudaStream_t stream, std::unique_ptr<GraphHold> hold) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaGraph_t graph = nullptr;
+#if CUDART_VERSION >= 12000
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph));
+#else
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo_v2(stream, &status, nullptr, &graph));
+#endif
+  TORCH_CHECK(status == cudaStreamCaptureStatusActive && graph != nullptr,
+              "noam_ext: the stream's CUDA graph capture is not active");
+  if (hold->graphs) {
+    hold->graphs->fetch_add(1);   // taken down by release_graph_hold, whatever happens below
+  }
+  cudaUserObject_t object = nullptr;
+  GraphHold* released = hold.release();
+  const cudaError_t created =
+      cudaUserObjectCreate(&object, released, &release_graph_hold, 1, cudaUserObjectNoDestructorSync);
+  if (created != cudaSuccess) {
+    release_graph_hold(released);
+    C10_CUDA_CHECK(created);
+  }
+  const cudaError_t retained = cudaGraphRetainUserObject(graph, object, 1, cudaGraphUserObjectMove);
+  if (retained != cudaSuccess) {
+    C10_CUDA_CHECK(cudaUserObjectRelease(object, 1));   // released: the graph holds nothing
+    C10_CUDA_CHECK(retained);
+  }
+}
+
+// ---- device copies of the call tables ------------------------------------------------
+//
+// Per (device, stream), the device copies of recent call tables: the rows, the
+// hyperparameter table when the call passed it on the host, and room for the prepare
+// pass's per-row coefficients. In steady-state training the tensors, and so the table,
+// are the same every step, and it is uploaded once (a stream-ordered copy from pinned
+// memory: no host sync). FusedAdamW passes its hyperparameters on the device
+// (noam_ext/_hyper.py keeps them current with stream-ordered copies), so a change of lr
+// is not a new table.
+//
+// A table used while a CUDA graph is captured is kept for as long as that graph
+// lives (above): the graph's kernels, and the copy that fills the table at each
+// replay, have its address. A table no live graph uses is forgotten like any other,
+// so captures keep only what live graphs need.
+
 struct DeviceTable {
   std::vector<char> key;      // the uploaded bytes: rows, then host hyperparameters
   size_t hyper_offset = 0;    // where the hyperparameters start (if uploaded)
   size_t coefficients_offset = 0;
-  at::Tensor staging;         // pinned host copy the upload reads (kept: captured copies replay it)
-  at::Tensor source;          // or, for a table made during a capture, the same bytes already on
-                              // the device (another stream's table): no pinned allocation then
+  at::Tensor staging;         // pinned host copy for eager uploads (made at the first one)
+  at::Tensor source;          // for a table made during a capture: the same bytes already on the
+                              // device (another stream's table), which the graph copies at each replay
   at::Tensor device;
-  bool captured = false;
+  // Live CUDA graphs that use this table (counted down by release_graph_hold).
+  std::shared_ptr<std::atomic<int>> graphs = std::make_shared<std::atomic<int>>(0);
   // Whether an upload has run outside a capture. A copy issued while a graph is
   // captured only runs when that graph replays: until an eager upload, every use
   // issues the copy again (in a new capture, into that graph; eagerly, now).
@@ -98,14 +194,49 @@ struct DeviceTablePointers {
   void* coefficients;
 };
 
-constexpr size_t kCachedTablesPerStream = 8;
+// The pointers of a table, and the cache's lock: held until the call's launches are
+// queued, so that no other thread evicts (and frees) the table in between.
+struct LockedTable {
+  std::unique_lock<std::mutex> lock;
+  DeviceTablePointers pointers;
+};
+
+constexpr size_t kCachedTablesPerStream = 8;   // besides those live graphs use
 
 size_t round_up_16(size_t n) { return (n + 15) / 16 * 16; }
 
-DeviceTablePointers device_table(const std::vector<TensorRow>& rows, const at::Tensor* host_hyper,
-                                 const at::Device& device, cudaStream_t stream) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, cudaStream_t>, std::list<DeviceTable>> caches;
+std::mutex& cache_mutex() {
+  static auto* mutex = new std::mutex;
+  return *mutex;
+}
+
+std::map<std::pair<int, cudaStream_t>, std::list<DeviceTable>>& caches() {
+  static auto* tables = new std::map<std::pair<int, cudaStream_t>, std::list<DeviceTable>>;
+  return *tables;
+}
+
+// The graph being captured on `stream` keeps `table`.
+void hold_table_for_captured_graph(DeviceTable& table, cudaStream_t stream) {
+  auto hold = std::make_unique<GraphHold>();
+  hold->graphs = table.graphs;
+  hold_for_captured_graph(stream, std::move(hold));
+}
+
+// Forgets the tables of one stream that no live graph uses, but the
+// kCachedTablesPerStream most recently used (the front one, the call's, among them).
+void evict(std::list<DeviceTable>& cache) {
+  size_t kept = 0;
+  for (auto it = cache.begin(); it != cache.end();) {
+    if (it->graphs->load() > 0 || kept++ < kCachedTablesPerStream) {
+      ++it;
+    } else {
+      it = cache.erase(it);   // its last launches are queued on this stream: the allocator reuses it after them
+    }
+  }
+}
+
+LockedTable device_table(const std::vector<TensorRow>& rows, const at::Tensor* host_hyper,
+                         const at::Device& device, cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   const bool capturing = capture != cudaStreamCaptureStatusNone;
@@ -126,24 +257,39 @@ DeviceTablePointers device_table(const std::vector<TensorRow>& rows, const at::T
                                base + t.coefficients_offset};
   };
 
-  // On the current stream, as the launches.
-  auto upload = [capturing](DeviceTable& t) {
+  // On the current stream, as the launches. During a capture nothing is allocated on
+  // the host: the bytes come from another stream's table or from kernel parameters.
+  auto upload = [&](DeviceTable& t) {
     const auto bytes = static_cast<int64_t>(t.key.size());
-    t.device.narrow(0, 0, bytes).copy_(t.source.defined() ? t.source.narrow(0, 0, bytes) : t.staging,
-                                       /*non_blocking=*/true);
-    t.filled |= !capturing;
+    if (capturing) {
+      if (t.source.defined()) {
+        t.device.narrow(0, 0, bytes).copy_(t.source.narrow(0, 0, bytes), /*non_blocking=*/true);
+      } else {
+        upload_by_launch(t.device.data_ptr(), t.key.data(), t.key.size(), stream);
+      }
+      hold_table_for_captured_graph(t, stream);
+      return;
+    }
+    if (!t.staging.defined()) {
+      t.staging = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+      std::memcpy(t.staging.data_ptr(), t.key.data(), t.key.size());
+    }
+    t.device.narrow(0, 0, bytes).copy_(t.staging, /*non_blocking=*/true);
+    t.filled = true;
   };
 
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& cache = caches[{device.index(), stream}];
+  free_released_tensors();
+  std::unique_lock<std::mutex> lock(cache_mutex());
+  auto& cache = caches()[{device.index(), stream}];
   for (auto it = cache.begin(); it != cache.end(); ++it) {
     if (holds_this_call(*it)) {
-      it->captured |= capturing;
       if (!it->filled) {
         upload(*it);
+      } else if (capturing) {
+        hold_table_for_captured_graph(*it, stream);
       }
       cache.splice(cache.begin(), cache, it);  // most recently used first
-      return pointers(cache.front());
+      return {std::move(lock), pointers(cache.front())};
     }
   }
   DeviceTable table;
@@ -154,14 +300,12 @@ DeviceTablePointers device_table(const std::vector<TensorRow>& rows, const at::T
   }
   table.hyper_offset = hyper_offset;
   table.coefficients_offset = round_up_16(table.key.size());
-  table.captured = capturing;
   const auto length = static_cast<int64_t>(table.coefficients_offset + coefficient_bytes(rows.size()));
   if (capturing) {
     // The usual capture follows warm-up steps on another stream, whose table holds
     // these bytes: copy them from there (device to device; torch.cuda.graph has
-    // synchronised the device before capturing, and those bytes never change). A
-    // pinned allocation inside a capture fails on some torch versions.
-    for (auto& [where, other] : caches) {
+    // synchronised the device before capturing, and those bytes never change).
+    for (auto& [where, other] : caches()) {
       if (where.first == device.index() && where.second != stream && !table.source.defined()) {
         for (const DeviceTable& t : other) {
           if (t.filled && t.key == table.key) {
@@ -172,24 +316,59 @@ DeviceTablePointers device_table(const std::vector<TensorRow>& rows, const at::T
       }
     }
   }
-  if (!table.source.defined()) {
-    table.staging = at::empty({static_cast<int64_t>(table.key.size())},
-                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(table.staging.data_ptr(), table.key.data(), table.key.size());
-  }
   table.device = at::empty({length}, at::TensorOptions().dtype(at::kByte).device(device));
-  upload(table);
   cache.push_front(std::move(table));
-  // Forget the least recently used table that no captured graph refers to.
-  if (cache.size() > kCachedTablesPerStream) {
-    for (auto it = std::prev(cache.end()); it != cache.begin(); --it) {
-      if (!it->captured) {
-        cache.erase(it);
-        break;
-      }
+  upload(cache.front());
+  evict(cache);
+  return {std::move(lock), pointers(cache.front())};
+}
+
+// [tables cached, tables that live CUDA graphs hold], over every device and stream.
+std::vector<int64_t> table_cache_stats() {
+  const std::lock_guard<std::mutex> lock(cache_mutex());
+  int64_t tables = 0, held = 0;
+  for (const auto& [where, cache] : caches()) {
+    for (const DeviceTable& t : cache) {
+      ++tables;
+      held += t.graphs->load() > 0 ? 1 : 0;
     }
   }
-  return pointers(cache.front());
+  return {tables, held};
+}
+
+// torch.ops.noam_ext.upload_by_launch_: src's bytes (a contiguous CPU tensor) into dst
+// (a contiguous tensor on a GPU, at least as large), on dst's device's current stream,
+// by launches that carry the bytes: allowed in a CUDA graph capture without pinned
+// memory, and each replay writes them again (noam_ext/_hyper.py).
+void upload_by_launch_op(const at::Tensor& dst, const at::Tensor& src) {
+  TORCH_CHECK(src.is_cpu() && src.is_contiguous(), "upload_by_launch_: src must be a contiguous CPU tensor");
+  TORCH_CHECK(dst.is_cuda() && dst.is_contiguous() && dst.nbytes() >= src.nbytes(),
+              "upload_by_launch_: dst must be a contiguous GPU tensor of at least src's ", src.nbytes(), " bytes");
+  const c10::cuda::CUDAGuard guard(dst.device());
+  upload_by_launch(dst.data_ptr(), src.const_data_ptr(), src.nbytes(),
+                   c10::cuda::getCurrentCUDAStream(dst.device().index()).stream());
+}
+
+// torch.ops.noam_ext.hold_for_captured_graph: during a CUDA graph capture on the
+// tensors' device's current stream, the graph being captured keeps the tensors until
+// it is destroyed (noam_ext/_hyper.py: the tables its replays fill and read);
+// otherwise nothing.
+void hold_for_captured_graph_op(at::TensorList tensors) {
+  free_released_tensors();
+  if (tensors.empty()) {
+    return;
+  }
+  const at::Device device = tensors[0].device();
+  TORCH_CHECK(device.is_cuda(), "hold_for_captured_graph: the tensors must be on a GPU");
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture == cudaStreamCaptureStatusNone) {
+    return;
+  }
+  auto hold = std::make_unique<GraphHold>();
+  hold->tensors = tensors.vec();
+  hold_for_captured_graph(stream, std::move(hold));
 }
 
 }  // namespace
@@ -207,41 +386,30 @@ void run_rows(const RowsCall& call) {
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   const bool hyper_on_host = call.hyper.is_cpu();
-  const DeviceTablePointers table = device_table(call.rows, hyper_on_host ? &call.hyper : nullptr, device, stream);
-  const double* hyper = hyper_on_host ? table.hyper : call.hyper.const_data_ptr<double>();
   const auto num_rows = static_cast<int64_t>(call.rows.size());
-  dispatch_storage_type(call.dtype, [&](auto type_tag) {
-    using scalar_t = decltype(type_tag);
-    using opmath_t = typename MathType<scalar_t>::type;
-    const KernelArgs args = make_kernel_args(table.rows, num_rows, call.total, hyper, table.coefficients,
-                                             call.schedule_step, call.advance_schedule, call.grad_scale,
-                                             call.found_inf, call.grad_clip);
-    // One wave: as many blocks as can be resident at once (chunks are equal, so a
-    // grid-stride loop over them balances), at least one (it advances the schedule).
-    // Worked out before the first launch: nothing may throw between the two.
-    const int64_t chunks = (call.total + kChunkElements - 1) / kChunkElements;
-    const int64_t sms = multiprocessor_count(device.index());
-    auto blocks = [&](int per_sm) {
-      return static_cast<unsigned>(std::max<int64_t>(1, std::min(chunks, sms * per_sm)));
-    };
-    if (num_rows > 0) {
-      const auto prepare_blocks = static_cast<unsigned>((num_rows + kThreadsPerBlock - 1) / kThreadsPerBlock);
-      prepare_kernel<opmath_t><<<prepare_blocks, kThreadsPerBlock, 0, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (call.amsgrad) {
-      update_kernel<scalar_t, true>
-          <<<blocks(min_blocks_per_sm<scalar_t, true>()), kThreadsPerBlock, 0, stream>>>(args);
-    } else {
-      update_kernel<scalar_t, false>
-          <<<blocks(min_blocks_per_sm<scalar_t, false>()), kThreadsPerBlock, 0, stream>>>(args);
-    }
+  const StepLaunches launches =
+      step_launches(call.dtype, call.amsgrad, num_rows, call.total, multiprocessor_count(device.index()));
+  const LockedTable table = device_table(call.rows, hyper_on_host ? &call.hyper : nullptr, device, stream);
+  const double* hyper = hyper_on_host ? table.pointers.hyper : call.hyper.const_data_ptr<double>();
+  const KernelArgs args = make_kernel_args(table.pointers.rows, num_rows, call.total, hyper,
+                                           table.pointers.coefficients, call.schedule_step, call.advance_schedule,
+                                           call.grad_scale, call.found_inf, call.grad_clip);
+  if (launches.prepare.blocks > 0) {
+    launches.prepare.kernel<<<launches.prepare.blocks, launches.prepare.threads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  }
+  launches.update.kernel<<<launches.update.blocks, launches.update.threads, 0, stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 TORCH_LIBRARY_IMPL(noam_ext, CUDA, m) {
   m.impl("fused_adamw_", &fused_adamw_op<&run_rows>);
+  m.impl("upload_by_launch_", &upload_by_launch_op);
+  m.impl("hold_for_captured_graph", &hold_for_captured_graph_op);
+}
+
+TORCH_LIBRARY_IMPL(noam_ext, CompositeExplicitAutograd, m) {
+  m.impl("cuda_table_cache_stats", &table_cache_stats);
 }
 
 }  // namespace noam_ext::cuda

@@ -1,14 +1,15 @@
-// The CUDA kernels' work split, written as host/device code so that the same
-// drivers run on the GPU and on the host over an emulated grid
-// (csrc/cpu/cuda_emulation.cpp), where CI tests them bit for bit against the CPU
-// op without a GPU.
+// The CUDA kernels' work split, written as host/device code: csrc/cuda/kernels.cuh
+// wraps it in the kernels, which nvcc compiles for the GPU and the host run of the
+// kernels (csrc/cpu/cuda_emulation.cpp) compiles as plain C++, launching them over
+// every (block, thread) of the grid that the GPU launch would use; CI tests that bit
+// for bit against the CPU op without a GPU.
 //
 // A call is two launches on the current stream:
 //  1. prepare (one thread per row): the row's AdamW coefficients for this step
 //     (two double pow() per row, once per (row, step), not per block or chunk), from
-//     its group's row of the hyperparameter table in device memory, written to a
-//     per-row buffer; then the row's step count is advanced (unless GradScaler
-//     skips the step).
+//     its group's row of the hyperparameter table in device memory, and where its
+//     16-byte vectors start (vector_head_bytes), written to a per-row buffer; then the
+//     row's step count is advanced (unless GradScaler skips the step).
 //  2. update: the virtual index space of the call's tensors (work_split.h) is cut
 //     into chunks of kChunkElements; blocks take chunks grid-stride; within a chunk
 //     the rows it overlaps are walked in order. A row's part of the chunk is updated
@@ -19,10 +20,13 @@
 //     Within a part, each thread takes 16-byte vectors (kVecBytes),
 //     unroll_for<scalar_t, amsgrad>() of them in flight, and the last partial vector element
 //     by element. Virtual offsets are multiples of kRowAlignElements and chunk starts
-//     multiples of kChunkElements, so a vector never straddles two tensors and, for a
-//     row whose pointers are all 16-byte aligned (TensorRow::vector_ok), every vector
-//     is aligned. A row with any misaligned pointer (a view at an odd offset) takes
-//     the element path. Offsets are 64-bit throughout.
+//     multiples of kChunkElements, so a part starts where its tensor's pointers have the
+//     same position within 16 bytes as at element 0. When every pointer of a row has the
+//     same offset within 16 bytes (aligned tensors, and views that start at the same
+//     element of equally aligned buffers), a part's first few elements, up to that
+//     common boundary, are updated one by one and the rest in aligned vectors; a row
+//     whose pointers have different offsets takes the element path. Offsets are 64-bit
+//     throughout.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -35,6 +39,13 @@
 
 #include "../noam_ext/adamw_math.h"
 #include "../noam_ext/work_split.h"
+
+// Code for the GPU: compiled by nvcc for a device, or as host C++ for the host run of
+// the kernels, which defines NOAM_EXT_KERNELS_ON_HOST and host versions of the few CUDA
+// builtins used here (csrc/cpu/cuda_host_shims.h).
+#if defined(__CUDA_ARCH__) || defined(NOAM_EXT_KERNELS_ON_HOST)
+#define NOAM_EXT_DEVICE_CODE 1
+#endif
 
 namespace noam_ext::cuda_plan {
 
@@ -83,7 +94,7 @@ template <typename opmath_t>
 struct alignas(16) RowCoefficients {
   AdamWCoefficients<opmath_t> coefficients;
   int32_t maximize;
-  int32_t vector_ok;
+  int32_t vector_head_bytes;   // vector_head_bytes() of the row
 };
 
 // Everything both launches need; passed by value. The tables live in memory the
@@ -106,6 +117,19 @@ C10_HOST_DEVICE inline bool step_skipped(const KernelArgs& a) {
   return a.found_inf != nullptr && *a.found_inf != 0.0f;
 }
 
+// Where a row's 16-byte vectors start: -1 when its pointers lie at different offsets
+// within 16 bytes (no vector is aligned in all of them: the element path), otherwise
+// the bytes from each pointer to the next 16-byte boundary (0 when all are aligned), a
+// multiple of the element size. A part of the row starting at a multiple of
+// kRowAlignElements elements has the same head as the row.
+C10_HOST_DEVICE inline int32_t vector_head_bytes(const TensorRow& r) {
+  auto offset = [](const void* p) { return static_cast<int32_t>(reinterpret_cast<uintptr_t>(p) % kVecBytes); };
+  const int32_t first = offset(r.param);
+  const bool same = offset(r.grad) == first && offset(r.exp_avg) == first && offset(r.exp_avg_sq) == first &&
+                    (r.max_exp_avg_sq == nullptr || offset(r.max_exp_avg_sq) == first);
+  return same ? (kVecBytes - first) % kVecBytes : -1;
+}
+
 // Prepare pass, row i: its coefficients from the step counts before this step,
 // then its step count advanced (torch increments state["step"] before it reads it
 // for the bias corrections; coefficients_for adds the 1 itself). Rows are
@@ -117,7 +141,7 @@ C10_HOST_DEVICE inline void prepare_row(const KernelArgs& a, int64_t i) {
   RowCoefficients<opmath_t> out;
   out.coefficients = coefficients_for<opmath_t>(hyper, *a.schedule_step, *row.step);
   out.maximize = hyper[kMaximize] != 0.0;
-  out.vector_ok = row.vector_ok;
+  out.vector_head_bytes = vector_head_bytes(row);
   static_cast<RowCoefficients<opmath_t>*>(a.coefficients)[i] = out;
   if (!step_skipped(a)) {
     *row.step += 1.0f;
@@ -158,41 +182,58 @@ struct alignas(kVecBytes) Vec {
   scalar_t v[kWidth];
 };
 
+// One 16-byte load and store per vector, written in PTX: from C++ (a uint4 store,
+// even with the alignment asserted) NVVM split the one-vector tail loop's stores into
+// four 32-bit ones, and the SASS check (scripts/check_cuda_kernels.py) wants every
+// STG to be one 128-bit store. The asm states what it does to memory: both clobber
+// "memory", so the compiler neither moves nor merges a load across a store (a later
+// pass over the same vectors in one launch stays correct), and the store is volatile.
+// The load is not volatile: a volatile asm pins the order of the unrolled loads, and
+// 7 of the 8 update kernels then spilled (up to 168 bytes stored and 588 loaded per
+// thread, ptxas sm_90); CUDA's cache-operator intrinsics (__ldca ...) are volatile asm.
+// No streaming hint (.cs, evict first): the next forward pass reads the parameters
+// again, and only a GPU measurement could show a gain.
+// The host run of the kernels (csrc/cpu/cuda_host_shims.h) defines ld_global_v4 and
+// st_global_v4 for the host: they check the 16-byte alignment the GPU would fault on,
+// and count the vectors moved.
+#if defined(__CUDA_ARCH__)
+__device__ C10_ALWAYS_INLINE uint4 ld_global_v4(const void* p) {
+  uint4 raw;
+  asm("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+      : "l"(p)
+      : "memory");
+  return raw;
+}
+
+__device__ C10_ALWAYS_INLINE void st_global_v4(void* p, const uint4& raw) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(raw.x), "r"(raw.y), "r"(raw.z),
+               "r"(raw.w)
+               : "memory");
+}
+#endif
+
 template <typename scalar_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE Vec<scalar_t> load_vec(const scalar_t* p) {
   static_assert(sizeof(Vec<scalar_t>) == kVecBytes, "a vector is 16 bytes");
-#if defined(__CUDA_ARCH__)
-  // One 16-byte load, in PTX as the store below. Not volatile, so that the
-  // compiler may schedule it, and neither instruction clobbers "memory": within a
-  // launch each 16-byte vector belongs to one thread, which loads it once and then
-  // stores it (the store depends on the load), and no other access touches it.
-  uint4 raw;
-  asm("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];" : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w) : "l"(p));
+#if defined(NOAM_EXT_DEVICE_CODE)
+  const uint4 raw = ld_global_v4(p);
   Vec<scalar_t> out;
   memcpy(&out, &raw, sizeof(out));
   return out;
 #else
-  // The emulation checks what the GPU would fault on: a misaligned vector.
-  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(p) % kVecBytes == 0, "misaligned vector load");
-  Vec<scalar_t> out;
-  std::memcpy(&out, p, sizeof(out));
-  return out;
+  static_assert(sizeof(scalar_t) == 0, "16-byte vectors exist only in code for the GPU");
 #endif
 }
 
 template <typename scalar_t>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(scalar_t* p, const Vec<scalar_t>& value) {
-#if defined(__CUDA_ARCH__)
-  // One 16-byte store, written out in PTX: from C++ (a uint4 store, even with the
-  // alignment asserted) NVVM split the one-vector tail loop's stores into four
-  // 32-bit ones. Tensors live in global memory. No "memory" clobber: nothing reads
-  // these 16 bytes again in this launch.
-  uint4 w;
-  memcpy(&w, &value, sizeof(w));
-  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w));
+#if defined(NOAM_EXT_DEVICE_CODE)
+  uint4 raw;
+  memcpy(&raw, &value, sizeof(raw));
+  st_global_v4(p, raw);
 #else
-  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(p) % kVecBytes == 0, "misaligned vector store");
-  std::memcpy(p, &value, sizeof(value));
+  static_assert(sizeof(scalar_t) == 0, "16-byte vectors exist only in code for the GPU");
 #endif
 }
 
@@ -256,16 +297,18 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_vector(const RowPointers<scalar_t>
   }
 }
 
-// Thread `t` of `num_threads` updates its share of the `length` elements a row's
-// pointers point at, all 16-byte aligned. (Indices stay 64-bit: with 32-bit ones
-// ptxas widens every address anew and needs more registers, measured on sm_90.)
+// Thread `t` of `num_threads` updates its share of elements [first, length) of a
+// row's part, where every pointer is 16-byte aligned. (Indices stay 64-bit: with
+// 32-bit ones ptxas widens every address anew and needs more registers, measured on
+// sm_90.)
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, const RowCoefficients<opmath_t>& c,
-                                             const GradFactors<opmath_t>& f, int64_t length, int t, int num_threads) {
+                                             const GradFactors<opmath_t>& f, int64_t first, int64_t length, int t,
+                                             int num_threads) {
   constexpr int W = Vec<scalar_t>::kWidth;
   constexpr int kUnroll = unroll_for<scalar_t, amsgrad>();
   const int64_t stride = static_cast<int64_t>(num_threads) * W;
-  int64_t base = static_cast<int64_t>(t) * W;
+  int64_t base = first + static_cast<int64_t>(t) * W;
   // Full vectors, kUnroll independent ones loaded before any is computed.
   for (; base + (kUnroll - 1) * stride + W <= length; base += kUnroll * stride) {
     Vec<scalar_t> p[kUnroll], g[kUnroll], m[kUnroll], v[kUnroll], x[kUnroll];
@@ -308,8 +351,9 @@ C10_HOST_DEVICE void update_range_vectorized(const RowPointers<scalar_t>& a, con
   }
 }
 
-// The same for a tensor with a misaligned pointer: element by element, thread t
-// taking every num_threads-th element (adjacent threads, adjacent elements).
+// The same for a row whose pointers lie at different offsets within 16 bytes:
+// element by element, thread t taking every num_threads-th element (adjacent
+// threads, adjacent elements).
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE void update_range_elementwise(const RowPointers<scalar_t>& a, const RowCoefficients<opmath_t>& c,
                                               const GradFactors<opmath_t>& f, int64_t length, int t, int num_threads) {
@@ -319,14 +363,24 @@ C10_HOST_DEVICE void update_range_elementwise(const RowPointers<scalar_t>& a, co
   }
 }
 
+// A row's part: its first elements up to the 16-byte boundary all its pointers share
+// one per thread, the rest in aligned vectors; or, when its pointers lie at different
+// offsets within 16 bytes, element by element.
 template <bool amsgrad, typename scalar_t, typename opmath_t>
 C10_HOST_DEVICE void update_range(const RowPointers<scalar_t>& a, const RowCoefficients<opmath_t>& c,
                                   const GradFactors<opmath_t>& f, int64_t length, int t, int num_threads) {
-  if (c.vector_ok) {
-    update_range_vectorized<amsgrad>(a, c, f, length, t, num_threads);
-  } else {
+  if (c.vector_head_bytes < 0) {
     update_range_elementwise<amsgrad>(a, c, f, length, t, num_threads);
+    return;
   }
+  const int64_t head_elements = c.vector_head_bytes / static_cast<int32_t>(sizeof(scalar_t));
+  const int64_t head = head_elements < length ? head_elements : length;
+  // Fewer than 16 bytes' worth (at most 7 elements): one per thread of a block or warp.
+  for (int64_t i = t; i < head; i += num_threads) {
+    update_element<amsgrad>(a.param[i], a.grad[i], a.exp_avg[i], a.exp_avg_sq[i],
+                            amsgrad ? a.max_exp_avg_sq + i : nullptr, c, f);
+  }
+  update_range_vectorized<amsgrad>(a, c, f, head, length, t, num_threads);
 }
 
 // Which threads update a row's part [lo, hi) of a chunk: the whole block, or,

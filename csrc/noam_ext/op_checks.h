@@ -58,12 +58,13 @@ struct RowTensors {
 // The storage types of a call, from its first parameter's tensors (every other
 // parameter must match them).
 inline StorageTypes storage_of(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                               const at::Tensor* master) {
+                               const at::Tensor* master, const std::string& name = "params[0]") {
   MasterKind kind = MasterKind::kNone;
   if (master != nullptr) {
     TORCH_CHECK(master->defined() && (master->scalar_type() == at::kFloat || master->scalar_type() == at::kShort),
-                "fused_adamw_: masters must be float32 (master weights) or int16 (remainders of bfloat16 "
-                "parameters), got ", master->defined() ? c10::toString(master->scalar_type()) : "an undefined tensor");
+                "fused_adamw_: the master of ", name, " must be float32 (master weights) or int16 (the remainder "
+                "of a bfloat16 parameter), got ",
+                master->defined() ? c10::toString(master->scalar_type()) : "an undefined tensor");
     kind = master->scalar_type() == at::kShort ? MasterKind::kRemainder : MasterKind::kFloat32;
   }
   return {param.scalar_type(), grad.defined() ? grad.scalar_type() : param.scalar_type(),
@@ -72,10 +73,6 @@ inline StorageTypes storage_of(const at::Tensor& param, const at::Tensor& grad, 
 
 inline bool is_supported_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
-}
-
-inline bool is_16_byte_aligned(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
 // The call-wide arguments: the schedule counter and the hyperparameter table.
@@ -232,10 +229,33 @@ inline TensorRow check_and_make_row(const RowTensors& t, const at::Device& devic
     layouts.push_back(make_strided_layout(sizes, tensors, name_of(i)));
     r.layout = static_cast<int32_t>(layouts.size() - 1);
   }
-  auto aligned = [](const void* q) { return q == nullptr || is_16_byte_aligned(q); };
-  r.vector_ok = r.layout < 0 && aligned(r.param) && aligned(r.grad) && aligned(r.exp_avg) &&
-                aligned(r.exp_avg_sq) && aligned(r.max_exp_avg_sq) && aligned(r.master);
   return r;
+}
+
+// Each parameter of a call needs a step tensor of its own: the CUDA prepare pass
+// advances every row's step at once (a shared one would race), the CPU op would
+// advance it twice.
+inline void check_distinct_steps(const std::vector<TensorRow>& rows, const TensorNamer& name_of = list_element_name) {
+  auto address = [&](size_t i) { return reinterpret_cast<uintptr_t>(rows[i].step); };
+  // Usually in ascending memory (FusedAdamW makes the steps of parameters that start
+  // together in one tensor): then one pass shows they differ, without a sort.
+  bool ascending = true;
+  for (size_t i = 1; i < rows.size() && ascending; ++i) {
+    ascending = address(i - 1) < address(i);
+  }
+  if (ascending) {
+    return;
+  }
+  std::vector<std::pair<uintptr_t, int64_t>> steps;
+  steps.reserve(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    steps.emplace_back(address(i), static_cast<int64_t>(i));
+  }
+  std::sort(steps.begin(), steps.end());
+  for (size_t k = 1; k < steps.size(); ++k) {
+    TORCH_CHECK(steps[k].first != steps[k - 1].first, "fused_adamw_: ", name_of(steps[k - 1].second), " and ",
+                name_of(steps[k].second), " share one step tensor (state['step']); each parameter needs its own");
+  }
 }
 
 // Checks the tensors of one call (all on `device`, hyper rows 0..n_groups-1) and
@@ -270,7 +290,7 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
   std::vector<TensorRow> rows(n);
   int64_t end = 0;
   types = n > 0 ? storage_of(t.params[0], t.grads[0], t.exp_avgs[0],
-                                                t.masters.empty() ? nullptr : &t.masters[0])
+                                                t.masters.empty() ? nullptr : &t.masters[0], name_of(0))
                                    : StorageTypes{at::kFloat, at::kFloat, at::kFloat, MasterKind::kNone};
   TORCH_CHECK(is_supported_storage(types), "fused_adamw_: ", n > 0 ? name_of(0) : std::string("the call"),
               " is stored as ", describe(types), ", which is not supported; supported:", supported_storage_list());
@@ -286,7 +306,7 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
     end = rows[i].offset + rows[i].numel;
   }
   total = end;
-
+  check_distinct_steps(rows, name_of);
   return rows;
 }
 

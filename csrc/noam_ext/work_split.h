@@ -35,8 +35,6 @@ struct TensorRow {
   uint64_t rng_stream;     // stochastic rounding: the parameter's stream (adamw_math.h, rounding_key)
   int64_t element_offset;  // stochastic rounding: the index of element 0 within the whole parameter
   int32_t group;           // row of the hyperparameter table
-  int32_t vector_ok;       // 1 when every pointer above is 16-byte aligned: 16-byte vectors
-                           // are then safe; otherwise the tensor takes the element path
   int32_t layout = -1;     // -1: the tensors are dense and share the parameter's strides, so
                            // element k of each lives at pointer + k; otherwise the index of
                            // the row's StridedLayout in the call's layout table

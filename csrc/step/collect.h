@@ -198,8 +198,10 @@ inline void plan_param(StepPlan& plan, std::map<BucketKey, size_t>& bucket_of, c
   const at::Device device = p.param->device();
   const at::Tensor& exp_avg = local_tensor(s.entries.exp_avg, "state['exp_avg']");
   const at::Tensor* master = s.master != nullptr ? &local_tensor(s.master, "the master in the state") : nullptr;
-  // What the tensors are stored in, as they are (a complex parameter's as its real view).
-  StorageTypes storage = storage_of(*p.param, *p.grad, exp_avg, master);
+  // What the tensors are stored in, as they are (a complex parameter's as its real view);
+  // the kind of master is the group's, and check_and_make_row holds the master to it.
+  StorageTypes storage = storage_of(*p.param, *p.grad, exp_avg, nullptr);
+  storage.master = group.master;
   storage.param = p.math_dtype;
   storage.grad = p.grad->is_complex() ? c10::toRealValueType(storage.grad) : storage.grad;
   storage.moment = exp_avg.is_complex() ? c10::toRealValueType(storage.moment) : storage.moment;

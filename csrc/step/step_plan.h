@@ -184,6 +184,9 @@ class StepPlan {
       b.call_layouts.assign(b.num_rounds, {});
       b.call_totals.assign(b.num_rounds, 0);
       if (b.num_rounds == 1) {  // the common case: the rows checked while collecting
+        check_distinct_steps(b.single_call_rows, [&b](int64_t i) {
+          return param_name(b.where[i].first, b.where[i].second, b.params[i]);
+        });
         b.call_rows.push_back(std::move(b.single_call_rows));
         b.call_layouts[0] = std::move(b.single_call_layouts);
         b.call_totals[0] = b.single_call_total;

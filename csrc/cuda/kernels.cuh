@@ -1,0 +1,99 @@
+// The CUDA kernels of fused_adamw_ and the grid they are launched with, in one
+// header that two translation units compile:
+//  - csrc/cuda/adamw_cuda.cu, with nvcc, for the GPU (run_rows launches them);
+//  - csrc/cpu/cuda_emulation.cpp, as plain C++ after csrc/cpu/cuda_host_shims.h, which
+//    defines __global__, threadIdx, blockIdx, the vector load/store intrinsics and so
+//    on for the host; it runs every (block, thread) of the same launches one after
+//    another, so that CI runs this very code, the kernels' own, without a GPU.
+// Nothing here may depend on which of the two compiles it: the kernel bodies, the
+// device branches of the vector accesses (fused_adamw_plan.h) and the grid sizing are
+// the same text for both.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "fused_adamw_plan.h"
+#include "kernel_args.h"
+
+namespace noam_ext::cuda_plan {
+
+// The block the calling thread belongs to, for run_block (fused_adamw_plan.h).
+struct DeviceExec {
+  __device__ int64_t block() const { return blockIdx.x; }
+  __device__ int64_t num_blocks() const { return gridDim.x; }
+  __device__ int num_threads() const { return blockDim.x; }
+  template <typename F>
+  __device__ void for_my_threads(F&& f) const { f(static_cast<int>(threadIdx.x)); }
+};
+
+// Launch 1: every row's coefficients for this step, one thread per row.
+template <typename opmath_t>
+__global__ void __launch_bounds__(kThreadsPerBlock) prepare_kernel(const KernelArgs args) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < args.num_rows) {
+    prepare_row<opmath_t>(args, i);
+  }
+}
+
+// Launch 2: the update, compiled for min_blocks_per_sm resident blocks per SM.
+template <typename scalar_t, bool amsgrad>
+__global__ void __launch_bounds__(kThreadsPerBlock, min_blocks_per_sm<scalar_t, amsgrad>())
+    update_kernel(const KernelArgs args) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    advance_schedule_counter(args);
+  }
+  run_block<scalar_t, amsgrad>(args, DeviceExec{});
+}
+
+using KernelFunction = void (*)(KernelArgs);
+
+struct KernelLaunch {
+  KernelFunction kernel = nullptr;
+  unsigned blocks = 0;     // 0: nothing to launch
+  unsigned threads = 0;
+};
+
+// A call's two launches, in order.
+struct StepLaunches {
+  KernelLaunch prepare;    // no blocks when the call has no rows
+  KernelLaunch update;     // always at least one block: it advances the schedule
+};
+
+// The update grid: one wave, as many blocks as can be resident at once (chunks are
+// equal, so a grid-stride loop over them balances), at most one per chunk, at least one.
+inline unsigned update_grid_blocks(int64_t total, int64_t multiprocessors, int blocks_per_sm) {
+  const int64_t chunks = (total + kChunkElements - 1) / kChunkElements;
+  const int64_t resident = multiprocessors * blocks_per_sm;
+  const int64_t blocks = chunks < resident ? chunks : resident;
+  return static_cast<unsigned>(blocks > 1 ? blocks : 1);
+}
+
+template <typename scalar_t, bool amsgrad>
+StepLaunches step_launches_for(int64_t num_rows, int64_t total, int64_t multiprocessors) {
+  using opmath_t = typename MathType<scalar_t>::type;
+  StepLaunches l;
+  l.prepare.kernel = &prepare_kernel<opmath_t>;
+  l.prepare.blocks = static_cast<unsigned>((num_rows + kThreadsPerBlock - 1) / kThreadsPerBlock);
+  l.prepare.threads = kThreadsPerBlock;
+  l.update.kernel = &update_kernel<scalar_t, amsgrad>;
+  l.update.blocks = update_grid_blocks(total, multiprocessors, min_blocks_per_sm<scalar_t, amsgrad>());
+  l.update.threads = kThreadsPerBlock;
+  return l;
+}
+
+// The launches of one call on a GPU with `multiprocessors` SMs. Worked out before
+// the first launch: nothing may throw between the two.
+inline StepLaunches step_launches(at::ScalarType dtype, bool amsgrad, int64_t num_rows, int64_t total,
+                                  int64_t multiprocessors) {
+  StepLaunches out;
+  dispatch_storage_type(dtype, [&](auto type_tag) {
+    using scalar_t = decltype(type_tag);
+    out = amsgrad ? step_launches_for<scalar_t, true>(num_rows, total, multiprocessors)
+                  : step_launches_for<scalar_t, false>(num_rows, total, multiprocessors);
+  });
+  return out;
+}
+
+}  // namespace noam_ext::cuda_plan
