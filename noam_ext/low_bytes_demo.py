@@ -68,7 +68,7 @@ class Variant:
     key: str                 # short name, used in the JSON
     label: str               # what the figure and the table call it
     dtype: torch.dtype       # the model's (and so the gradients') dtype
-    bytes_per_element: int   # bytes the step reads and writes per element (params, grads, moments, master)
+    bytes_per_element: int   # read + written per element and step (docs/adamw.md, "Fewer bytes per parameter")
     fused_options: dict | None   # FusedAdamW options; None: a torch.optim.AdamW
     torch_fused: bool = False    # for a torch.optim.AdamW: fused=True (else the for-loop)
 
@@ -80,8 +80,8 @@ VARIANTS = (
     Variant("bf16_nearest", "bf16, FusedAdamW round to nearest", torch.bfloat16, 14, {}),
     Variant("bf16_stochastic", "bf16, FusedAdamW stochastic rounding", torch.bfloat16, 14,
             {"stochastic_rounding": True}),
-    Variant("bf16_master", "bf16 + float32 master", torch.bfloat16, 24, {"master_weights": "float32"}),
-    Variant("bf16_remainder", "bf16 + int16 remainder", torch.bfloat16, 22, {"master_weights": "remainder"}),
+    Variant("bf16_master", "bf16 + float32 master", torch.bfloat16, 28, {"master_weights": "float32"}),
+    Variant("bf16_remainder", "bf16 + int16 remainder", torch.bfloat16, 26, {"master_weights": "remainder"}),
     Variant("bf16_remainder_bf16_moments", "bf16 + int16 remainder, bf16 moments", torch.bfloat16, 18,
             {"master_weights": "remainder", "moment_dtype": torch.bfloat16}),
 )
