@@ -126,25 +126,35 @@ class BuildExtensionPerIsa(cpp_extension.BuildExtension):
 
     setuptools gives every source of an extension the same flags; the CPU
     element loop needs one object per instruction set. Those sources are
-    compiled first, with their extra flags, and linked in as extra objects.
+    compiled first, with their extra flags, side by side (MAX_JOBS at a time; each
+    in a folder of its own, where its ninja file is written), and linked in as
+    extra objects.
     """
 
     def build_extension(self, ext):
+        from concurrent.futures import ThreadPoolExecutor
+
         per_source_flags = getattr(ext, "per_source_flags", {})
         if per_source_flags:
             base = ext.extra_compile_args
             base_cxx = list(base.get("cxx", [])) if isinstance(base, dict) else list(base)
-            for source, flags in per_source_flags.items():
-                objects = self.compiler.compile(
+
+            def compile_one(item):
+                index, (source, flags) = item
+                return self.compiler.compile(
                     [source],
-                    output_dir=self.build_temp,
+                    output_dir=os.path.join(self.build_temp, f"isa{index}"),
                     macros=list(ext.define_macros),
                     include_dirs=ext.include_dirs,
                     debug=self.debug,
                     extra_postargs={"cxx": base_cxx + flags, "nvcc": []},
                     depends=ext.depends,
                 )
-                ext.extra_objects = list(ext.extra_objects or []) + objects
+
+            jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+            with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(per_source_flags)))) as pool:
+                for objects in pool.map(compile_one, enumerate(per_source_flags.items())):
+                    ext.extra_objects = list(ext.extra_objects or []) + objects
             ext.per_source_flags = {}
         super().build_extension(ext)
 

@@ -33,8 +33,9 @@ if ! python -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086  # word splitting intended: NOAM_EXT_TORCH may hold pip options
   python -m pip install --progress-bar off ${NOAM_EXT_TORCH:-torch}
 fi
-say "installing build and test tools (transformers: the tests compare the schedules with its functions)"
-python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja pytest hypothesis numpy matplotlib tqdm transformers
+say "installing build and test tools (transformers: the tests compare the schedules with its functions; accelerate and lightning: docs/integrations.md is run against them)"
+python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja pytest hypothesis numpy matplotlib tqdm \
+  transformers accelerate lightning
 
 # CUDA_HOME: the toolkit that the nvcc on PATH belongs to (nvcc may be a wrapper script).
 if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null 2>&1; then

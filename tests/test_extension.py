@@ -68,14 +68,20 @@ def test_a_source_checkout_without_the_extension_explains_itself_and_its_pure_pa
     import shutil
     import subprocess
     import sys
+    import site
     shutil.copytree(REPO / "noam_ext", tmp_path / "noam_ext", ignore=shutil.ignore_patterns("_C*", "__pycache__"))
     (tmp_path / "setup.py").write_text("")
-    demo = subprocess.run([sys.executable, "-m", "noam_ext.schedule_demo", "--plot", str(tmp_path / "s.png")],
-                          cwd=tmp_path, capture_output=True, text=True)
+    # A Python where noam_ext is not installed: torch and the rest from site-packages, without
+    # the .pth files, one of which is the editable install's finder (it would hand the source
+    # copy the built _C of this checkout).
+    never_installed = dict(os.environ, PYTHONPATH=os.pathsep.join(site.getsitepackages()))
+    python = [sys.executable, "-S"]
+    demo = subprocess.run(python + ["-m", "noam_ext.schedule_demo", "--plot", str(tmp_path / "s.png")],
+                          cwd=tmp_path, env=never_installed, capture_output=True, text=True)
     assert demo.returncode == 0, demo.stderr
     assert "peak" in demo.stdout.lower()
-    optimizer = subprocess.run([sys.executable, "-c", "import noam_ext; noam_ext.FusedAdamW"], cwd=tmp_path,
-                               capture_output=True, text=True)
+    optimizer = subprocess.run(python + ["-c", "import noam_ext; noam_ext.FusedAdamW"], cwd=tmp_path,
+                               env=never_installed, capture_output=True, text=True)
     assert optimizer.returncode != 0
     assert "imported noam_ext from the source folder" in optimizer.stderr
     assert "pip install --no-build-isolation -e ." in optimizer.stderr

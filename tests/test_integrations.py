@@ -39,7 +39,9 @@ def page_snippets() -> dict[str, tuple[str | None, str]]:
 
 
 def needs(framework: str):
-    return pytest.importorskip(framework, reason=FRAMEWORKS[framework])
+    # HF Trainer refuses to start without accelerate, so its snippets need both.
+    for module in ("transformers", "accelerate") if framework == "transformers" else (framework,):
+        pytest.importorskip(module, reason=FRAMEWORKS[framework])
 
 
 def run(code: str, label: str, namespace: dict | None = None) -> dict:
