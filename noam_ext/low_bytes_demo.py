@@ -53,7 +53,8 @@ from .param_groups import param_groups
 from .schedule_lr import ScheduleLR
 from .schedules import Schedule, WarmupConstant, WarmupCosine
 from .train_demo import (BETAS, EPS, EVAL_BATCH, LABEL_SMOOTHING, MAX_GRAD_NORM, WEIGHT_DECAY, Seq2SeqTransformer,
-                         accuracy, loss_floor, make_batch, progress_bar)
+                         accuracy, add_task_arguments, check_task_arguments, loss_floor, make_batch,
+                         progress_bar)
 
 FINAL_MEAN_STEPS = 50        # the final loss is the mean over this many last steps (one batch is noisy)
 SMOOTHING_WINDOW = 51        # centred moving mean for the figure and for where a curve stops improving
@@ -387,12 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Beside the demo's output (demo_out/ is ignored by git).
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("NOAM_EXT_DEMO_OUT", "demo_out")) / "low_bytes",
                         help="folder for the figure, JSON and table")
-    parser.add_argument("--d-model", type=int, default=64, help="model width")
-    parser.add_argument("--heads", type=int, default=4, help="attention heads")
-    parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers (each)")
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per batch")
-    parser.add_argument("--seq-len", type=int, default=8, help="tokens per sequence")
-    parser.add_argument("--vocab", type=int, default=11, help="vocabulary size, BOS included")
+    add_task_arguments(parser)
     parser.add_argument("--eval-batch", type=int, default=EVAL_BATCH, help="held-out sequences for the accuracy")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -407,10 +403,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--lr must be positive, got {args.lr}")
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         parser.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
-    if args.d_model % args.heads:
-        parser.error(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
-    if args.vocab < 3:
-        parser.error("--vocab must be at least 3 (BOS and two data tokens)")
+    check_task_arguments(parser, args)
     if args.threads < 0:
         parser.error("--threads must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -377,17 +377,29 @@ def default_device() -> str:
     return "cpu"
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps")
-    parser.add_argument("--warmup", type=int, default=200, help="Noam warm-up steps")
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and task flags this demo shares with low_bytes_demo."""
     parser.add_argument("--d-model", type=int, default=64, help="model width")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--layers", type=int, default=2, help="encoder and decoder layers (each)")
     parser.add_argument("--batch-size", type=int, default=64, help="sequences per batch")
     parser.add_argument("--seq-len", type=int, default=8, help="tokens per sequence")
     parser.add_argument("--vocab", type=int, default=11, help="vocabulary size, BOS included")
+
+
+def check_task_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.d_model % args.heads:
+        parser.error(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+    if args.vocab < 3:
+        parser.error("--vocab must be at least 3 (BOS and two data tokens)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--steps", type=int, default=1200, help="optimizer steps")
+    parser.add_argument("--warmup", type=int, default=200, help="Noam warm-up steps")
+    add_task_arguments(parser)
     parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     parser.add_argument("--seed", type=int, default=0)
     # One thread: this model's matrices are too small to gain from more, and OpenMP threads
@@ -400,12 +412,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.steps, args.warmup, args.d_model, args.batch_size, args.seq_len) <= 0:
         parser.error("--steps, --warmup, --d-model, --batch-size and --seq-len must be positive")
-    if args.d_model % args.heads:
-        parser.error(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+    check_task_arguments(parser, args)
     if args.threads < 0:
         parser.error("--threads must be >= 0")
-    if args.vocab < 3:
-        parser.error("--vocab must be at least 3 (BOS and two data tokens)")
     if args.device == "cuda" and not (torch.cuda.is_available() and build_info()["cuda_compiled"]):
         parser.error("--device cuda needs a CUDA GPU and a noam_ext build with CUDA")
     return args

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import noam_ext
-from op_args import hyper_table
+from op_args import clone as clone_tensors, hyper_table, positional
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STORAGES = [tuple(s) for s in noam_ext._C.supported_storage()]
@@ -64,23 +64,10 @@ def make_call(storage, numels, amsgrad, seed=0, stochastic=False, offsets=None, 
     return args
 
 
-def positional(a):
-    return (a["params"], a["grads"], a["exp_avgs"], a["exp_avg_sqs"], a["max_exp_avg_sqs"], a["state_steps"],
-            a["schedule_step"], a["hyper"], a["groups"])
-
-
 def clone(a):
-    out = {}
-    for key, value in a.items():
-        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            out[key] = [t.clone() for t in value]
-        elif isinstance(value, torch.Tensor):
-            out[key] = value.clone()
-        elif key == "options":
-            out[key] = dict(value)
-        else:
-            out[key] = value
-    out["options"]["masters"] = out["masters"] if a["options"]["masters"] is not None else None
+    """op_args.clone, with the copy's options pointing at the copy's masters."""
+    out = clone_tensors(a)
+    out["options"] = dict(a["options"], masters=out["masters"] if a["options"]["masters"] is not None else None)
     return out
 
 

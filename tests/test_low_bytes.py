@@ -34,6 +34,7 @@ import pytest
 import torch
 
 import noam_ext
+from mixed_grads import assign_grad
 from noam_ext import FusedAdamW
 from noam_ext._storage import as_int64, master_of, mix64, rounding_stream
 
@@ -56,18 +57,6 @@ def rounded_away(master: torch.Tensor) -> torch.Tensor:
     bits = master.view(torch.int32)
     return ((bits + 0x8000) & -0x10000).view(torch.float32).to(torch.bfloat16)
 
-
-def assign_grad(p: torch.nn.Parameter, g: torch.Tensor) -> None:
-    """p.grad = g where g may have another dtype: torch >= 2.10 asks for p.grad_dtype to be
-    set first; older torch takes it through .data."""
-    if g.dtype != p.dtype:
-        if hasattr(p, "grad_dtype"):
-            p.grad_dtype = g.dtype
-        else:
-            p.grad = torch.zeros_like(p)
-            p.grad.data = g
-            return
-    p.grad = g
 
 
 def groups_of(params, **options):

@@ -40,6 +40,8 @@ import torch._dynamo.testing
 from noam_ext import FusedAdamW, WarmupCosine
 from noam_ext._storage import master_of
 
+from mixed_grads import assign_grad
+
 BF16, F32 = torch.bfloat16, torch.float32
 KW = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1)
 SIZES = [(3, 5), (257,), (4100,), (1,), (6, 7)]   # tails, a vector body, a single element
@@ -93,17 +95,6 @@ def gradients(option: Option, step: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1000 + step)
     return [torch.randn(s, generator=generator).to(option.grad_dtype) for s in SIZES]
 
-
-def assign_grad(p: torch.nn.Parameter, g: torch.Tensor) -> None:
-    """p.grad = g where g may have another dtype (torch >= 2.10 asks for p.grad_dtype)."""
-    if g.dtype != p.dtype:
-        if hasattr(p, "grad_dtype"):
-            p.grad_dtype = g.dtype
-        else:
-            p.grad = torch.zeros_like(p)
-            p.grad.data = g
-            return
-    p.grad = g
 
 
 def set_grads(params, grads) -> None:
