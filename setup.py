@@ -164,12 +164,15 @@ def make_extension():
     sources = [str(CSRC / "ops.cpp"), str(CSRC / "python_module.cpp"), str(CSRC / "cpu" / "adamw_cpu.cpp"),
                str(CSRC / "cpu" / "cpu_capability.cpp"), str(CSRC / "cpu" / "cuda_emulation.cpp"),
                str(CSRC / "cpu" / "grad_norm_cpu.cpp")]
-    per_source_flags = {str(CSRC / "cpu" / "segment_kernel_default.cpp"): ["-DCPU_CAPABILITY=DEFAULT"]}
+    # -fwrapv: the element loops hash and split bits in Vectorized<int32_t>, whose portable
+    # (DEFAULT) build is plain signed int arithmetic; wrapping makes its overflow defined,
+    # as it is in the vector instructions of the other builds.
+    per_source_flags = {str(CSRC / "cpu" / "segment_kernel_default.cpp"): ["-DCPU_CAPABILITY=DEFAULT", "-fwrapv"]}
     define_macros = []
     if is_x86_64():
         for isa, flags in X86_ISA_FLAGS.items():
             source = str(CSRC / "cpu" / f"segment_kernel_{isa.lower()}.cpp")
-            per_source_flags[source] = [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", *flags]
+            per_source_flags[source] = [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}", "-fwrapv", *flags]
             define_macros.append((f"NOAM_EXT_HAVE_{isa}", None))
     depends = sorted(str(p) for p in CSRC.rglob("*.h")) + sorted(str(p) for p in CSRC.rglob("*.cuh"))
     extra_compile_args = {"cxx": list(CXX_FLAGS)}

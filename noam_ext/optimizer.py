@@ -202,20 +202,27 @@ class FusedAdamW(Optimizer):
             return loss
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        grad_clip, found_inf = self._take_pending_clip(found_inf)
+        grad_clip, found_inf = self._pending_clip_for_step(found_inf)
         # One C++ call reads the parameters, gradients and state where torch keeps
         # them, checks them all, and makes the step. It changes nothing and says what
         # is missing when a parameter takes its first step (its state is created
-        # here, as torch creates it lazily) or a device has no schedule counter yet.
-        for _ in range(3):   # state first, then the counters of the devices it is on
+        # here, as torch creates it lazily), has its step on another device (a
+        # loaded checkpoint), lacks its master, or a device has no schedule counter
+        # yet. Each pass can reveal the next of these for the same parameters, so
+        # passes go on while each one makes progress.
+        done_before = set()
+        while True:
             hyper, device_hypers = self._hyper_tables()   # checks every group first
             missing = _C.fused_step(self.param_groups, self.state, hyper, self._schedule_counters,
                                     grad_scale, found_inf, grad_clip, device_hypers)
             if missing is None:
                 break
+            signature = repr(missing)
+            if signature in done_before:
+                raise AssertionError(f"FusedAdamW: step preparation made no progress: {missing}")
+            done_before.add(signature)
             self._prepare(*missing)
-        else:
-            raise AssertionError(f"FusedAdamW: step preparation did not converge: {missing}")
+        self._pending_clip = None   # used by this step (a step that raised keeps it for the next)
         self._schedule_steps_done += 1
         if self.schedule is not None:
             self._refresh_scheduled_lrs()
@@ -235,11 +242,17 @@ class FusedAdamW(Optimizer):
         # The storage options stay as this optimizer was built with them (a checkpoint is
         # converted to them, whatever stored it); the seed is the checkpoint's where it has
         # one, so that a resumed run draws the same rounding bits.
-        options = [{**{k: g[k] for k in OPTION_KEYS if k in g}, **({"seed": s["seed"]} if "seed" in s else {})}
+        options = [{**{k: g[k] for k in OPTION_KEYS if k in g},
+                    **({"seed": s["seed"]} if "seed" in s and "seed" in g else {})}
                    for g, s in zip(self.param_groups, state_dict["param_groups"])]
         state_dict, kept = _set_aside_own_dtypes(self.param_groups, options, state_dict)
         super().load_state_dict(state_dict)
         for group, own in zip(self.param_groups, options):
+            # torch put the saved groups in place: drop the options this optimizer was not
+            # built with (a checkpoint's master_weights or stochastic_rounding must not turn
+            # them on here), then restore its own.
+            for key in OPTION_KEYS:
+                group.pop(key, None)
             group.update(own)
         for p, key, value, dtype in kept:
             self.state[p][key] = value.to(device=p.device, dtype=dtype)
@@ -290,10 +303,10 @@ class FusedAdamW(Optimizer):
         self._pending_clip = (clip_coef.double(), skip)
         return total_norm
 
-    def _take_pending_clip(self, found_inf: torch.Tensor | None):
-        """The clipping factor for this step (used once), and found_inf with the
-        non-finite-norm skip folded in."""
-        pending, self._pending_clip = self._pending_clip, None
+    def _pending_clip_for_step(self, found_inf: torch.Tensor | None):
+        """The clipping factor for this step (step() clears it once it has run), and
+        found_inf with the non-finite-norm skip folded in."""
+        pending = self._pending_clip
         if pending is None:
             return None, found_inf
         coef, skip = pending
@@ -325,7 +338,9 @@ class FusedAdamW(Optimizer):
         for g, j in masterless:
             p = self.param_groups[g]["params"][j]
             kind = self.param_groups[g]["master_weights"]
-            self.state[p][MASTER_KEYS[kind]] = master_from_param(p, kind)
+            _settle_master(p, self.state[p], kind)   # from the other form, where the state has it
+            if MASTER_KEYS[kind] not in self.state[p]:
+                self.state[p][MASTER_KEYS[kind]] = master_from_param(p, kind)
 
     # ---- schedule ----------------------------------------------------------------------------
 
@@ -432,7 +447,7 @@ def _traceable_step(opt: FusedAdamW) -> None:
                 call["element_offsets"].append(offset)
     grad_scale = getattr(opt, "grad_scale", None)
     found_inf = getattr(opt, "found_inf", None)
-    grad_clip, found_inf = opt._take_pending_clip(found_inf)
+    grad_clip, found_inf = opt._pending_clip_for_step(found_inf)
     devices = [key[0] for key in calls]
     for k, (key, call) in enumerate(calls.items()):
         device, stochastic_rounding = key[0], key[-1]
@@ -449,6 +464,7 @@ def _traceable_step(opt: FusedAdamW) -> None:
     for device, counter in opt._schedule_counters.items():
         if device not in devices:
             counter[:1].add_(1)
+    opt._pending_clip = None
 
 
 def _set_aside_own_dtypes(param_groups: list[dict], group_options: list[dict], state_dict: dict[str, Any]):
@@ -473,23 +489,30 @@ def _set_aside_own_dtypes(param_groups: list[dict], group_options: list[dict], s
 
 @torch.no_grad()
 def _convert_masters(param_groups: list[dict], state: dict) -> None:
-    """A loaded state with the other master form than a group's (master_weights switched
-    between "float32" and "remainder"): converted, exactly, instead of made anew from the
-    parameter (which would drop the bits below the bfloat16 parameter)."""
+    """After a load, each parameter's state holds the master form its group asks for and no
+    other (master_weights switched between "float32" and "remainder", or none)."""
     for group in param_groups:
-        kind = group.get("master_weights")
-        if kind is None:
-            continue
         for p in group["params"]:
             entry = state.get(p)
-            if not entry or MASTER_KEYS[kind] in entry:
-                continue
-            if _local(p) is not p or p.dtype != torch.bfloat16:
-                continue   # a DTensor's master is made anew from the parameter at its next step
-            if kind == "remainder" and "master_param" in entry:
-                entry["master_remainder"] = remainder_of(entry["master_param"])
-            elif kind == "float32" and "master_remainder" in entry:
-                entry["master_param"] = master_of(p.detach(), entry["master_remainder"])
+            if entry:
+                _settle_master(p, entry, group.get("master_weights"))
+
+
+def _settle_master(p: torch.Tensor, entry: dict, kind: str | None) -> None:
+    """Leaves a state entry with at most the master form `kind` asks for. The other form is
+    converted, exactly, where it can be (a local bfloat16 parameter; otherwise the master is
+    made anew from the parameter at its next step), and dropped: a stale master left in the
+    state would be saved, and a later load into an optimizer of that form would bring back
+    old weights."""
+    own = MASTER_KEYS.get(kind)
+    others = [key for key in MASTER_KEYS.values() if key != own and key in entry]
+    if own is not None and own not in entry and others and _local(p) is p and p.dtype == torch.bfloat16:
+        if own == "master_remainder":
+            entry[own] = remainder_of(entry["master_param"])
+        else:
+            entry[own] = master_of(p.detach(), entry["master_remainder"])
+    for key in others:
+        del entry[key]
 
 
 def _check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None:

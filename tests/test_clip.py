@@ -136,3 +136,27 @@ def test_no_gradients_gives_a_zero_norm_and_a_plain_step():
     assert float(opt.clip_grad_norm_(1.0)) == 0.0
     opt.step()
     assert len(opt.state) == 0
+
+
+def test_a_step_that_raises_keeps_the_clip_for_the_step_that_follows():
+    # The clip belongs to the next step that runs: a step refused for a bad state tensor
+    # changes nothing, the clip included, so the retried step is the clipped one.
+    ours, theirs, opt, ref = twins(torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    grads = [3 * torch.randn(p.shape, generator=generator) for p in ours]
+    for params in (ours, theirs):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+    opt.step()
+    ref.step()
+    opt.clip_grad_norm_(0.5)
+    torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+    good = opt.state[ours[0]]["exp_avg"]
+    opt.state[ours[0]]["exp_avg"] = torch.zeros(7)
+    with pytest.raises(RuntimeError, match="exp_avg"):
+        opt.step()
+    opt.state[ours[0]]["exp_avg"] = good
+    opt.step()
+    ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=TOL[torch.float32], atol=TOL[torch.float32])

@@ -13,6 +13,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace noam_ext {
 
@@ -38,8 +39,11 @@ struct TensorRow {
   int32_t layout = -1;     // -1: the tensors are dense and share the parameter's strides, so
                            // element k of each lives at pointer + k; otherwise the index of
                            // the row's StridedLayout in the call's layout table
-  int32_t reserved = 0;
+  int32_t reserved[2] = {0, 0};   // explicit padding, always zero: the CUDA table cache
+                                  // compares rows with memcmp, which reads padding too
 };
+static_assert(std::has_unique_object_representations_v<TensorRow>,
+              "TensorRow must have no implicit padding (its bytes are compared with memcmp)");
 
 // The strided layout of a row whose tensors are not laid out alike and densely: a
 // parameter that is a view with gaps (torch.randn(10, 5, 2)[..., 0]), or a gradient or
