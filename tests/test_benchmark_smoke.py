@@ -318,3 +318,16 @@ def test_low_bytes_skips_are_rows_that_say_why(monkeypatch):
     assert r.layout_skipped.startswith("not enough memory") and not r.timings
     assert low_bytes_rows(r) == [f"| flat 1e+04 | every variant | | skipped: {r.layout_skipped} | | | | | |"]
     assert "none apply" not in low_bytes_markdown({"device": "cpu"}, [r])
+
+
+def test_compute_floor_prints_every_low_byte_variant_with_its_bytes():
+    script = BENCH.parent / "compute_floor.py"
+    run = subprocess.run([sys.executable, str(script), "--elements", "4096", "--threads", "1", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in data_rows(run.stdout)
+            if not line.startswith("| variant |")}
+    assert {f"noam_ext {name}" for name in rows} == set(LOW_BYTES) - {"torch fused float32", "torch fused bfloat16"}
+    for name, cells in rows.items():
+        assert int(cells[1]) == LOW_BYTES[f"noam_ext {name}"]
+        assert float(cells[2]) > 0

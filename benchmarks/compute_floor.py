@@ -1,0 +1,73 @@
+"""What one FusedAdamW step costs per element when memory is not the limit.
+
+Each storage variant of bench_step.py's low-byte section steps a parameter small enough to stay
+in cache (default 524,288 elements), many times, and the best time per element of several
+repeats is printed with the bandwidth it would allow at the variant's bytes per element. Where
+that is below the memory ceiling bench_step.py measures, the variant is compute-bound on this
+machine, and no loop over memory will reach the ceiling. The time includes step()'s fixed cost
+(about 17 us on a 2-core machine: 0.03 ns per element at the default size).
+
+    python benchmarks/compute_floor.py [--elements N] [--threads T] [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import noam_ext
+
+BF16, F32 = torch.bfloat16, torch.float32
+# name: (parameter dtype, gradient dtype, FusedAdamW options, bytes per element)
+VARIANTS = {
+    "float32": (F32, F32, {}, 28),
+    "float32, bf16 moments": (F32, F32, dict(moment_dtype=BF16), 20),
+    "float32, bf16 grads + moments": (F32, BF16, dict(moment_dtype=BF16), 18),
+    "bf16 + float32 master": (BF16, BF16, dict(master_weights="float32"), 28),
+    "bf16 + remainder": (BF16, BF16, dict(master_weights="remainder"), 26),
+    "bf16 + remainder, bf16 moments": (BF16, BF16, dict(master_weights="remainder", moment_dtype=BF16), 18),
+    "bf16, round to nearest": (BF16, BF16, dict(moment_dtype=BF16), 14),
+    "bf16, stochastic rounding": (BF16, BF16, dict(moment_dtype=BF16, stochastic_rounding=True), 14),
+}
+
+
+def seconds_per_step(param_dtype, grad_dtype, options, elements, repeats) -> float:
+    generator = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(elements, generator=generator).to(param_dtype))
+    if grad_dtype != param_dtype:
+        p.grad_dtype = grad_dtype   # torch >= 2.10: a gradient of another dtype than its parameter
+    p.grad = torch.randn(elements, generator=generator).to(grad_dtype)
+    optimizer = noam_ext.FusedAdamW([p], lr=1e-3, **options)
+    steps = max(20, int(2e8 / elements))
+    for _ in range(20):
+        optimizer.step()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            optimizer.step()
+        best = min(best, (time.perf_counter() - start) / steps)
+    return best
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--elements", type=int, default=524_288, help="elements of the parameter (keep it in cache)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the best is kept")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{args.elements:,} elements, {torch.get_num_threads()} threads, CPU capability "
+          f"{noam_ext.build_info()['cpu_capability']}, torch {torch.__version__}")
+    print(f"| variant | bytes/element | ns/element in cache | the most it can stream |\n|---|---:|---:|---:|")
+    for name, (param_dtype, grad_dtype, options, nbytes) in VARIANTS.items():
+        seconds = seconds_per_step(param_dtype, grad_dtype, options, args.elements, args.repeats)
+        ns = seconds / args.elements * 1e9
+        print(f"| {name} | {nbytes} | {ns:.3f} | {nbytes / ns:.0f} GB/s |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
