@@ -465,3 +465,25 @@ def test_a_moment_of_the_wrong_dtype_in_the_state_is_an_error_naming_the_paramet
     with pytest.raises(RuntimeError, match="parameter 1 of param group 0"):
         opt.step()
     assert all(torch.equal(a, p.detach()) for a, p in zip(before, params))
+
+
+def test_stochastic_rounding_bits_do_not_depend_on_the_gradient_s_layout():
+    # A dense transposed parameter: its gradient in the parameter's layout (as autograd makes
+    # it) or contiguous (a strided row) must give the same bits, element k being the k-th in
+    # the parameter's memory either way.
+    base = torch.randn(48, 40, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    grad = torch.randn(40, 48, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    results = []
+    for contiguous_grad in (False, True):
+        p = torch.nn.Parameter(base.clone().t())   # shape (40, 48), strides (1, 40)
+        opt = FusedAdamW([p], **KW, stochastic_rounding=True, moment_dtype=torch.bfloat16, seed=3)
+        for _ in range(3):
+            p.grad = grad.contiguous() if contiguous_grad else grad.t().contiguous().t()
+            assert p.grad.is_contiguous() == contiguous_grad
+            opt.step()
+        results.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
+    (p0, s0), (p1, s1) = results
+    assert torch.equal(p0.view(torch.int16), p1.view(torch.int16))
+    for key in s0:   # bfloat16 moments compared as bits, the step as a value
+        bits = (lambda t: t.view(torch.int16)) if s0[key].dtype == torch.bfloat16 else (lambda t: t)
+        assert torch.equal(bits(s0[key]), bits(s1[key])), key

@@ -93,11 +93,26 @@ inline void check_call_arguments(const at::Tensor& schedule_step, const at::Tens
 // size 1 dropped, and neighbouring dimensions merged where every tensor lays them out
 // contiguously one within the other. `tensors` holds the row's tensors in RowTensor
 // order; a null one (no amsgrad) gets zero strides.
+// The dimensions are walked in the parameter's memory order (by its strides, largest
+// first) when the parameter is dense, so that element k is the k-th in its memory, as in a
+// row whose tensors are all laid out alike: stochastic rounding keys its bits on k, and a
+// gradient laid out unlike its parameter must not change them. A parameter with gaps is
+// walked in its shape's order.
 inline StridedLayout make_strided_layout(at::IntArrayRef sizes, const at::Tensor* const (&tensors)[kRowTensors],
-                                         const std::string& name) {
+                                         const std::string& name, bool in_parameter_memory_order) {
   StridedLayout layout{};
   int64_t ndim = 0;
-  for (size_t d = 0; d < sizes.size(); ++d) {
+  std::vector<size_t> order(sizes.size());
+  for (size_t d = 0; d < order.size(); ++d) {
+    order[d] = d;
+  }
+  if (in_parameter_memory_order) {
+    const at::Tensor& param = *tensors[0];
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return param.stride(static_cast<int64_t>(a)) >
+                                                      param.stride(static_cast<int64_t>(b)); });
+  }
+  for (const size_t d : order) {
     if (sizes[d] == 1) {
       continue;
     }
@@ -226,7 +241,7 @@ inline TensorRow check_and_make_row(const RowTensors& t, const at::Device& devic
   if (!alike && numel > 0) {
     const at::Tensor* const tensors[kRowTensors] = {&p, &t.grad, &t.exp_avg, &t.exp_avg_sq, t.max_exp_avg_sq,
                                                     t.master};
-    layouts.push_back(make_strided_layout(sizes, tensors, name_of(i)));
+    layouts.push_back(make_strided_layout(sizes, tensors, name_of(i), /*in_parameter_memory_order=*/dense));
     r.layout = static_cast<int32_t>(layouts.size() - 1);
   }
   return r;

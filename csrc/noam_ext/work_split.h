@@ -48,7 +48,8 @@ static_assert(std::has_unique_object_representations_v<TensorRow>,
 // The strided layout of a row whose tensors are not laid out alike and densely: a
 // parameter that is a view with gaps (torch.randn(10, 5, 2)[..., 0]), or a gradient or
 // state tensor with other strides than its parameter. Element k is the k-th of the
-// parameter's shape in row-major order; in tensor t it lives at
+// layout's dimensions in row-major order (the parameter's memory order when it is dense,
+// its shape's order when it has gaps: make_strided_layout); in tensor t it lives at
 // pointer_t + sum_d index_d(k) * strides[t][d] (elements). Dimensions that are laid out
 // alike in every tensor are merged and dimensions of size 1 dropped first
 // (make_strided_layout in op_checks.h), so kMaxStridedDims is ample.
