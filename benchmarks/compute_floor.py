@@ -18,28 +18,14 @@ import time
 import torch
 
 import noam_ext
-
-BF16, F32 = torch.bfloat16, torch.float32
-# name: (parameter dtype, gradient dtype, FusedAdamW options, bytes per element)
-VARIANTS = {
-    "float32": (F32, F32, {}, 28),
-    "float32, bf16 moments": (F32, F32, dict(moment_dtype=BF16), 20),
-    "float32, bf16 grads + moments": (F32, BF16, dict(moment_dtype=BF16), 18),
-    "bf16 + float32 master": (BF16, BF16, dict(master_weights="float32"), 28),
-    "bf16 + remainder": (BF16, BF16, dict(master_weights="remainder"), 26),
-    "bf16 + remainder, bf16 moments": (BF16, BF16, dict(master_weights="remainder", moment_dtype=BF16), 18),
-    "bf16, round to nearest": (BF16, BF16, dict(moment_dtype=BF16), 14),
-    "bf16, stochastic rounding": (BF16, BF16, dict(moment_dtype=BF16, stochastic_rounding=True), 14),
-}
+from benchlib.low_bytes import VARIANTS, Variant, assign_grad   # bench_step.py's low-byte variants
 
 
-def seconds_per_step(param_dtype, grad_dtype, options, elements, repeats) -> float:
+def seconds_per_step(variant: Variant, elements: int, repeats: int) -> float:
     generator = torch.Generator().manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(elements, generator=generator).to(param_dtype))
-    if grad_dtype != param_dtype:
-        p.grad_dtype = grad_dtype   # torch >= 2.10: a gradient of another dtype than its parameter
-    p.grad = torch.randn(elements, generator=generator).to(grad_dtype)
-    optimizer = noam_ext.FusedAdamW([p], lr=1e-3, **options)
+    p = torch.nn.Parameter(torch.randn(elements, generator=generator).to(variant.param))
+    assign_grad(p, torch.randn(elements, generator=generator).to(variant.grad))
+    optimizer = noam_ext.FusedAdamW([p], lr=1e-3, **variant.options())
     steps = max(20, int(2e8 / elements))
     for _ in range(20):
         optimizer.step()
@@ -63,10 +49,10 @@ def main(argv=None) -> None:
     print(f"{args.elements:,} elements, {torch.get_num_threads()} threads, CPU capability "
           f"{noam_ext.build_info()['cpu_capability']}, torch {torch.__version__}")
     print(f"| variant | bytes/element | ns/element in cache | the most it can stream |\n|---|---:|---:|---:|")
-    for name, (param_dtype, grad_dtype, options, nbytes) in VARIANTS.items():
-        seconds = seconds_per_step(param_dtype, grad_dtype, options, args.elements, args.repeats)
-        ns = seconds / args.elements * 1e9
-        print(f"| {name} | {nbytes} | {ns:.3f} | {nbytes / ns:.0f} GB/s |", flush=True)
+    for variant in (v for v in VARIANTS if not v.torch_peer):
+        ns = seconds_per_step(variant, args.elements, args.repeats) / args.elements * 1e9
+        nbytes = variant.bytes_per_element
+        print(f"| {variant.name} | {nbytes} | {ns:.3f} | {nbytes / ns:.0f} GB/s |", flush=True)
 
 
 if __name__ == "__main__":

@@ -200,9 +200,6 @@ inline void store_exact_bfloat16(c10::BFloat16* p, const F& a, const F& b, int64
   const __m256i hi = _mm256_blendv_epi8(nan, _mm256_srli_epi32(_mm256_castps_si256(b), 16),
                                         _mm256_castps_si256(_mm256_cmp_ps(b, b, _CMP_ORD_Q)));
   const Vectorized<c10::BFloat16> v(_mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xd8));
-#else
-  store_block(p, a, b, count);   // the portable build's conversion (exact on these values)
-  return;
 #endif
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if (count == kBlock) {
@@ -210,7 +207,21 @@ inline void store_exact_bfloat16(c10::BFloat16* p, const F& a, const F& b, int64
   } else {
     v.store(p, static_cast<int>(count));
   }
+#else
+  store_block(p, a, b, count);   // the portable build's conversion (exact on these values)
 #endif
+}
+
+// store_block, or store_exact_bfloat16 where the values are known to be bfloat16 already.
+template <typename T>
+inline void store_values(T* p, const F& a, const F& b, int64_t count, bool bfloat16_already) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bfloat16_already) {
+      store_exact_bfloat16(p, a, b, count);
+      return;
+    }
+  }
+  store_block(p, a, b, count);
 }
 
 // Bit-level helpers, lane by lane what adamw_math.h does per element.
@@ -321,15 +332,7 @@ void update_mixed(const FlatPointers& b, int64_t begin, int64_t end, const AdamW
       }
     }
     if constexpr (kMaster == MasterKind::kNone) {
-      if constexpr (kRoundParam) {
-        if (stochastic) {
-          store_exact_bfloat16(param + i, p0, p1, count);
-        } else {
-          store_block(param + i, p0, p1, count);
-        }
-      } else {
-        store_block(param + i, p0, p1, count);
-      }
+      store_values(param + i, p0, p1, count, /*bfloat16_already=*/kRoundParam && stochastic);
     } else if constexpr (std::is_same_v<P, c10::Half>) {
       store_block(master + i, p0, p1, count);
       store_block(param + i, p0, p1, count);   // float16: the master rounded to nearest even
@@ -342,20 +345,11 @@ void update_mixed(const FlatPointers& b, int64_t begin, int64_t end, const AdamW
         store_remainders(remainder + i, master_remainder(p0, q0), master_remainder(p1, q1), count);
       }
     }
-    if constexpr (kRoundMoments) {
-      if (stochastic) {   // stochastically rounded moments are bfloat16 values already
-        store_exact_bfloat16(exp_avg + i, m0, m1, count);
-        store_exact_bfloat16(exp_avg_sq + i, v0, v1, count);
-        if constexpr (amsgrad) {
-          store_exact_bfloat16(max_exp_avg_sq + i, x0, x1, count);
-        }
-        continue;
-      }
-    }
-    store_block(exp_avg + i, m0, m1, count);
-    store_block(exp_avg_sq + i, v0, v1, count);
+    const bool moments_rounded = kRoundMoments && stochastic;   // bfloat16 values already
+    store_values(exp_avg + i, m0, m1, count, moments_rounded);
+    store_values(exp_avg_sq + i, v0, v1, count, moments_rounded);
     if constexpr (amsgrad) {
-      store_block(max_exp_avg_sq + i, x0, x1, count);
+      store_values(max_exp_avg_sq + i, x0, x1, count, moments_rounded);
     }
   }
 }

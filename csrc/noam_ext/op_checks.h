@@ -10,9 +10,11 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/FunctionRef.h>
+#include <c10/util/SmallVector.h>
 
 #include <algorithm>
 #include <functional>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <utility>
@@ -102,10 +104,8 @@ inline StridedLayout make_strided_layout(at::IntArrayRef sizes, const at::Tensor
                                          const std::string& name, bool in_parameter_memory_order) {
   StridedLayout layout{};
   int64_t ndim = 0;
-  std::vector<size_t> order(sizes.size());
-  for (size_t d = 0; d < order.size(); ++d) {
-    order[d] = d;
-  }
+  c10::SmallVector<size_t, kMaxStridedDims> order(sizes.size());   // no allocation per step
+  std::iota(order.begin(), order.end(), size_t{0});
   if (in_parameter_memory_order) {
     const at::Tensor& param = *tensors[0];
     std::stable_sort(order.begin(), order.end(),
