@@ -90,7 +90,8 @@ def log(message: str) -> None:
 
 
 def cuda_sources() -> list[str]:
-    return sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
+    """The CUDA op: its kernels and launches (.cu, nvcc) and its registration (.cpp)."""
+    return sorted(str(p) for p in (CSRC / "cuda").glob("*.cu")) + sorted(str(p) for p in (CSRC / "cuda").glob("*.cpp"))
 
 
 def should_build_cuda() -> bool:
@@ -102,7 +103,7 @@ def should_build_cuda() -> bool:
         reasons.append(f"the installed torch {torch.__version__} is a CPU-only build")
     if cpp_extension.CUDA_HOME is None:
         reasons.append("no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)")
-    if not cuda_sources():
+    if not list((CSRC / "cuda").glob("*.cu")):
         reasons.append("there is no CUDA source yet (csrc/cuda/*.cu)")
     if reasons:
         message = "not building CUDA: " + "; ".join(reasons)
@@ -119,6 +120,59 @@ def should_build_cuda() -> bool:
 
 def is_x86_64() -> bool:
     return platform.machine().lower() in {"x86_64", "amd64"}
+
+
+def instruction_set_of(flags: list[str]) -> str | None:
+    """The x86 instruction set a per-ISA source is compiled for (None: the baseline)."""
+    for flag in flags:
+        if flag.startswith("-DCPU_CAPABILITY=") and flag != "-DCPU_CAPABILITY=DEFAULT":
+            return flag.split("=", 1)[1]
+    return None
+
+
+def rename_shared_copies(obj: str, isa: str) -> None:
+    """Gives an AVX2 or AVX-512 object's copies of inline functions names of their own.
+
+    An inline function or template instantiation that the element loop's header pulls in
+    (ours, torch's, the C++ library's) is a weak symbol, compiled here with the wider
+    instruction set. The linker keeps one copy per name for the whole .so, maybe this
+    one, and a baseline caller would then run AVX-512 code (SIGILL on an older CPU).
+    Renamed (name.noam_ext_AVX2), the copy serves this object alone. Our own element
+    loops are in the CPU_CAPABILITY namespace already (segment_kernel_impl.h), and the
+    dispatch table in cpu_capability.cpp links to them by name: they keep theirs.
+    scripts/audit_symbols.py checks the linked objects.
+    """
+    import subprocess
+
+    own_namespace = f"{len(isa)}{isa}"   # the mangled inline namespace, e.g. 4AVX2
+    listing = subprocess.run(["nm", "--defined-only", "-P", obj], capture_output=True, text=True,
+                             check=True).stdout
+    renames = [f"{name} {name}.noam_ext_{isa}" for name, kind, *_ in (line.split() for line in listing.splitlines())
+               if kind == "W" and f"8noam_ext3cpu{own_namespace}" not in name]
+    if renames:
+        table = obj + ".renames"
+        Path(table).write_text("\n".join(renames) + "\n")
+        subprocess.run(["objcopy", f"--redefine-syms={table}", obj], check=True)
+
+
+def keep_objects(build_temp: str, ext) -> None:
+    """Copies the objects just linked into build/objects/, with a manifest of how each was
+    compiled, for scripts/audit_symbols.py (the build's own folder is temporary)."""
+    import json
+    import shutil
+
+    nvcc_objects = {Path(source).stem for source in ext.sources if source.endswith(".cu")}
+    instruction_sets = {Path(source).stem: isa for source, isa in ext.instruction_set_objects.items()}
+    kept = ROOT / "build" / "objects"
+    shutil.rmtree(kept, ignore_errors=True)
+    entries = []
+    for obj in sorted(Path(build_temp).rglob("*.o")):
+        relative = obj.relative_to(build_temp)
+        (kept / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(obj, kept / relative)
+        entries.append({"path": str(relative), "compiler": "nvcc" if obj.stem in nvcc_objects else "c++",
+                        "isa": instruction_sets.get(obj.stem)})
+    (kept / "manifest.json").write_text(json.dumps({"objects": entries}, indent=1) + "\n")
 
 
 class BuildExtensionPerIsa(cpp_extension.BuildExtension):
@@ -141,7 +195,7 @@ class BuildExtensionPerIsa(cpp_extension.BuildExtension):
 
             def compile_one(item):
                 index, (source, flags) = item
-                return self.compiler.compile(
+                objects = self.compiler.compile(
                     [source],
                     output_dir=os.path.join(self.build_temp, f"isa{index}"),
                     macros=list(ext.define_macros),
@@ -150,6 +204,11 @@ class BuildExtensionPerIsa(cpp_extension.BuildExtension):
                     extra_postargs={"cxx": base_cxx + flags, "nvcc": []},
                     depends=ext.depends,
                 )
+                isa = instruction_set_of(flags)
+                if isa is not None:
+                    for obj in objects:
+                        rename_shared_copies(obj, isa)
+                return objects
 
             jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
             with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(per_source_flags)))) as pool:
@@ -157,12 +216,14 @@ class BuildExtensionPerIsa(cpp_extension.BuildExtension):
                     ext.extra_objects = list(ext.extra_objects or []) + objects
             ext.per_source_flags = {}
         super().build_extension(ext)
+        keep_objects(self.build_temp, ext)
 
 
 def make_extension():
     with_cuda = should_build_cuda()
-    sources = [str(CSRC / "ops.cpp"), str(CSRC / "python_module.cpp"), str(CSRC / "cpu" / "adamw_cpu.cpp"),
-               str(CSRC / "cpu" / "cpu_capability.cpp"), str(CSRC / "cpu" / "cuda_emulation.cpp"),
+    sources = [str(CSRC / "ops.cpp"), str(CSRC / "python_module.cpp"), str(CSRC / "noam_ext" / "storage.cpp"),
+               str(CSRC / "cpu" / "adamw_cpu.cpp"),
+               str(CSRC / "cpu" / "cpu_capability.cpp"),
                str(CSRC / "cpu" / "grad_norm_cpu.cpp")]
     # -fwrapv: the element loops hash and split bits in Vectorized<int32_t>, whose portable
     # (DEFAULT) build is plain signed int arithmetic; wrapping makes its overflow defined,
@@ -198,6 +259,8 @@ def make_extension():
         depends=depends,
     )
     ext.per_source_flags = per_source_flags
+    ext.instruction_set_objects = {source: instruction_set_of(flags) for source, flags in per_source_flags.items()
+                                   if instruction_set_of(flags)}
     return ext
 
 

@@ -6,7 +6,7 @@
 # It must fit a lent machine's device time with room to spare (a session has 15 minutes,
 # the machine's start included), whatever hangs: the whole script has a budget
 # (GPU_CHECK_BUDGET_S, default 480 s) and each stage a cap,
-#   build 300 s, tests 150 s, memcheck 75 s, benchmark 75 s, initcheck 60 s,
+#   build 300 s, smoke 60 s, tests 150 s, memcheck 75 s, benchmark 75 s, initcheck 60 s,
 # cut to what the budget leaves after the later stages' minimum (the build, which every
 # other stage needs, may take most of its cap; on 16 cores it should take 2-3 minutes).
 # A stage that runs out is stopped with SIGINT, so that pytest (and compute-sanitizer)
@@ -25,7 +25,7 @@ export PYTHONUNBUFFERED=1
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 START=$SECONDS
 declare -A RESULT TOOK
-ORDER=(build tests memcheck bench initcheck)
+ORDER=(build smoke tests memcheck bench initcheck)
 
 stage() { printf '\n==> [%s, %3d s] %s\n' "$(date +%H:%M:%S)" "$((SECONDS - START))" "$*"; }
 done_stage() { RESULT[$1]="$2"; TOOK[$1]="$3"; printf -- '--> %s: %s (%s s)\n' "$1" "$2" "$3"; }
@@ -95,7 +95,7 @@ if ((GPU == 0)); then
   echo "no GPU visible: building for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST; the GPU stages will skip"
 fi
 t=$SECONDS
-limit=$(allowance "${GPU_CHECK_BUILD_S:-300}" 120)
+limit=$(allowance "${GPU_CHECK_BUILD_S:-300}" 150)
 # -v: ptxas's report of each kernel's registers and spills goes to the log.
 limited "$limit" env NOAM_EXT_FORCE_CUDA=1 MAX_JOBS="$(nproc)" \
   python -m pip install --no-build-isolation --no-deps --no-index -v . >"$OUT_DIR/build.log" 2>&1
@@ -112,6 +112,23 @@ checks=$?
 cat "$OUT_DIR/kernels.txt"
 (cd /tmp && python -c "import noam_ext; print(noam_ext.build_info())") >>"$OUT_DIR/kernels.txt" 2>&1
 done_stage build "ok; register and SASS checks: $( ((checks == 0)) && echo passed || echo FAILED)" $((SECONDS - t))
+
+# The first minute on a GPU: do the launches reach nvcc's kernels (no GPU needed), and
+# does one call of each storage give the CPU op's bits? If not, every later stage would
+# only crash or hang on the same fault: stop here, with the budget mostly left.
+stage "smoke: launch pointers, then each storage's step on the GPU against the CPU op"
+t=$SECONDS
+(cd tests && limited "$(allowance 60 60)" python -m pytest -q -x -p no:cacheprovider --import-mode=importlib \
+    test_linked_extension.py "test_cuda.py::test_every_storage_on_the_gpu_matches_the_cpu_op_bit_for_bit") \
+  >"$OUT_DIR/smoke.log" 2>&1
+rc=$?
+counts="$(grep -E "(passed|failed|skipped|error|no tests ran)" "$OUT_DIR/smoke.log" | tail -n 1 | tr -d '=' | xargs)"
+done_stage smoke "${counts:-no pytest summary}; $(how_it_ended $rc)" $((SECONDS - t))
+if ((rc != 0)); then
+  tail -n 30 "$OUT_DIR/smoke.log"
+  summary
+  exit 1   # a launch that is broken here is broken in every later stage
+fi
 
 stage "GPU tests (tests/test_cuda.py), verbose"
 t=$SECONDS

@@ -1,6 +1,7 @@
 // The op schemas, in one place. Implementations are registered per device in
-// their own files (cpu/adamw_cpu.cpp, cuda/adamw_cuda.cu, cpu/cuda_emulation.cpp,
-// cpu/grad_norm_cpu.cpp);
+// their own files (cpu/adamw_cpu.cpp, cuda/adamw_cuda.cu, cpu/grad_norm_cpu.cpp);
+// every op here is one users or the library call (the host run of the CUDA kernels,
+// for tests, is an extension of its own: tests/host_run/);
 // the fake (meta) implementations used by torch.compile and fake tensors live in
 // noam_ext/_ops.py, and the Python module itself in python_module.cpp.
 #include <torch/library.h>
@@ -43,25 +44,6 @@ TORCH_LIBRARY(noam_ext, m) {
       "int[] groups, *, bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
       "bool stochastic_rounding=False) -> ()");
-  // The CUDA kernels themselves (csrc/cuda/kernels.cuh) run on the host, every
-  // (block, thread) of the launches the CUDA op makes on a GPU with `multiprocessors`
-  // SMs (same arguments, CPU tensors), so that CI tests them without a GPU
-  // (csrc/cpu/cuda_emulation.cpp). For tests: num_blocks and threads_per_block
-  // override the update grid; only_blocks runs only those update blocks; wrong_launch
-  // names a deliberately wrong launch; stats (int64 [5]) receives the prepare and
-  // update blocks, the threads per block, and the 16-byte vector loads and stores.
-  m.def(
-      "emulate_cuda_fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
-      "Tensor(f!) schedule_step, Tensor hyper, int[] groups, *, int multiprocessors=132, int? num_blocks=None, "
-      "int threads_per_block=256, int[] only_blocks=[], str wrong_launch=\"\", Tensor(h!)? stats=None, "
-      "bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
-      "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
-      "bool stochastic_rounding=False) -> ()");
-  // The row walk alone (work_split.h) for tensors of the given sizes over the
-  // virtual range [begin, end): (row, lo, hi) triples, flattened. Lets tests check
-  // 64-bit offsets past 2**31 elements without allocating such tensors.
-  m.def("emulate_row_walk(int[] numels, int begin, int end) -> int[]");
   // The global norm of a list of gradients, as torch.nn.utils.get_total_norm defines
   // it, for FusedAdamW.clip_grad_norm_: norm_type 2.0 (sqrt of the sum of squares,
   // accumulated in float64) or inf (max |g|; a NaN anywhere gives NaN). Gradients of
@@ -76,6 +58,4 @@ TORCH_LIBRARY(noam_ext, m) {
   // CUDA builds only: during a CUDA graph capture, the graph being captured keeps the
   // tensors (which its replays read or write) until it is destroyed; otherwise nothing.
   m.def("hold_for_captured_graph(Tensor[] tensors) -> ()");
-  // CUDA builds only: [device tables cached, tables live CUDA graphs hold], for tests.
-  m.def("cuda_table_cache_stats() -> int[]");
 }

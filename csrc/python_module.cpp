@@ -18,6 +18,7 @@
 
 #include "cpu/cpu_capability.h"
 #include "noam_ext/op_checks.h"
+#include "noam_ext/run_rows.h"
 #include "step/collect.h"
 #include "step/step_plan.h"
 
@@ -117,6 +118,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("cpu_op_parallel") = noam_ext::cpu::op_is_parallel();
 #if defined(NOAM_EXT_WITH_CUDA)
   m.attr("cuda_compiled") = 1;
+  m.def("cuda_table_cache_stats", &noam_ext::cuda::table_cache_stats,
+        "For tests: [device tables cached, tables that live CUDA graphs hold].");
+  m.def(
+      "cuda_launch_pointers",
+      [] {
+        std::vector<std::tuple<int, bool, std::string, uintptr_t, uintptr_t>> out;
+        for (const noam_ext::cuda::LaunchPointers& p : noam_ext::cuda::launch_pointers()) {
+          out.emplace_back(p.storage, p.amsgrad, p.launch, reinterpret_cast<uintptr_t>(p.launched),
+                           reinterpret_cast<uintptr_t>(p.stub));
+        }
+        return out;
+      },
+      "For tests: (storage index, amsgrad, launch, address run_rows would launch, nvcc's stub of that kernel) "
+      "for every kernel (csrc/noam_ext/run_rows.h).");
 #else
   m.attr("cuda_compiled") = 0;
 #endif

@@ -17,16 +17,6 @@ def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, sta
     return None
 
 
-@torch.library.register_fake("noam_ext::emulate_cuda_fused_adamw_")
-def _emulate_cuda_fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps,
-                                   schedule_step, hyper, groups, *, multiprocessors=132, num_blocks=None,
-                                   threads_per_block=256, only_blocks=(), wrong_launch="", stats=None,
-                                   advance_schedule=True, grad_scale=None, found_inf=None,
-                                   grad_clip=None, masters=None, rng_streams=(), element_offsets=(),
-                                   stochastic_rounding=False) -> None:
-    return None
-
-
 @torch.library.register_fake("noam_ext::grad_norm")
 def _grad_norm_fake(grads, norm_type) -> torch.Tensor:
     # A 0-dim float64 norm on the gradients' device (the CPU for an empty list).

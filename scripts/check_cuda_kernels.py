@@ -1,6 +1,6 @@
 """Checks the compiled CUDA kernels without a GPU, from what ptxas and the SASS say.
 
-    python scripts/check_cuda_kernels.py BUILD_LOG [EXTENSION_SO]
+    python scripts/check_cuda_kernels.py [BUILD_LOG [EXTENSION_SO]]
 
 BUILD_LOG is a `pip install -v` log of a CUDA build (setup.py passes
 -Xptxas=-v,--warn-on-spills, so ptxas reports each kernel's registers, spills and stack
@@ -19,7 +19,10 @@ fails when:
     update kernel stores to global memory in pieces other than 16 bytes: every
     vector store must be one STG.E.128; the element path of misaligned tensors
     uses generic stores (ST.E*), and the one 64-bit STG is the schedule counter.
-Exit status 0 when there is nothing to check (a CPU-only build log).
+Without a BUILD_LOG it compiles csrc/cuda/adamw_cuda.cu itself (nvcc from CUDA_HOME or
+PATH, for sm_90, the kernels' flags of setup.py) and checks what ptxas says of it.
+Exit status 0 when there is nothing to check (a CPU-only build log). The whole ptxas table
+goes to stdout; pass --quiet for one summary line instead.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ def store_failures(stores: dict[tuple[str, str, bool], Counter]) -> list[str]:
     return failures
 
 
-def spill_failures(log: str) -> list[str]:
+def spill_failures(log: str, quiet: bool = False) -> list[str]:
     """Spills ptxas warned about: failures in any function but CUDA's slow paths."""
     failures, tolerated = [], set()
     for function, stores in SPILL_WARNING.findall(log):
@@ -152,40 +155,88 @@ def spill_failures(log: str) -> list[str]:
             tolerated.add(f"{function} ({stores} bytes)")
         else:
             failures.append(f"ptxas spilled registers in {function}: {stores} bytes of spill stores")
-    if tolerated:
+    if tolerated and not quiet:
         print(f"  tolerated: spills in CUDA's own slow paths: {', '.join(sorted(tolerated))}")
     return failures
 
 
-def main() -> int:
-    if len(sys.argv) not in (2, 3):
-        sys.exit(__doc__)
-    log = Path(sys.argv[1]).read_text(errors="replace")
+def compile_for_ptxas_report() -> str:
+    """ptxas's report for adamw_cuda.cu, compiled here as setup.py compiles it for sm_90."""
+    import torch
+    from torch.utils import cpp_extension
+
+    nvcc = str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc") if cpp_extension.CUDA_HOME else shutil.which("nvcc")
+    if nvcc is None:
+        sys.exit("check_cuda_kernels: no BUILD_LOG given and no nvcc found (set CUDA_HOME or put nvcc on PATH)")
+    try:
+        includes = cpp_extension.include_paths(device_type="cuda")
+    except TypeError:   # torch before 2.6
+        includes = cpp_extension.include_paths(cuda=True)
+    root = Path(__file__).resolve().parents[1]
+    command = [nvcc, "-c", str(root / "csrc" / "cuda" / "adamw_cuda.cu"), "-o", os.devnull, "-std=c++20",
+               "-O3", "--fmad=false", "--expt-relaxed-constexpr", "-Xptxas=-v,--warn-on-spills",
+               "-gencode=arch=compute_90,code=sm_90", "-DNOAM_EXT_WITH_CUDA", f"-I{root / 'csrc'}",
+               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+               *(f"-I{p}" for p in includes)]
+    print(f"check_cuda_kernels: compiling csrc/cuda/adamw_cuda.cu for sm_90 (a few minutes on 2 cores)",
+          file=sys.stderr)
+    run = subprocess.run(command, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"check_cuda_kernels: nvcc failed:\n{run.stderr[-4000:]}")
+    return run.stdout + run.stderr
+
+
+def sass_of(cuobjdump: str, so: str) -> str | None:
+    """cuobjdump -sass of the extension, or None (with the reason printed) when it cannot run:
+    cuobjdump needs nvdisasm beside it for SASS."""
+    run = subprocess.run([cuobjdump, "-sass", so], capture_output=True, text=True)
+    if run.returncode != 0:
+        reason = (run.stderr.strip().splitlines() or ["no message"])[-1]
+        print(f"  SASS store check skipped: {cuobjdump} -sass failed ({reason}; is nvdisasm installed?)")
+        return None
+    return run.stdout
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="check_cuda_kernels.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("build_log", nargs="?", type=Path, help="a `pip install -v` log of a CUDA build")
+    parser.add_argument("extension_so", nargs="?", help="the built noam_ext._C, for the SASS store check")
+    parser.add_argument("--quiet", action="store_true", help="one summary line instead of the ptxas table")
+    args = parser.parse_args(argv)
+    log = args.build_log.read_text(errors="replace") if args.build_log else compile_for_ptxas_report()
     table = ptxas_table(log)
     if not table:
         return 0
-    failures = spill_failures(log)
-    print("CUDA kernels (ptxas): registers, spills, stack; resident blocks of 256 threads per SM")
+    failures = spill_failures(log, args.quiet)
+    lines = ["CUDA kernels (ptxas): registers, spills, stack; resident blocks of 256 threads per SM"]
     for row in table:
         name, storage, amsgrad = row["kernel"]
         kind = f"{name.replace('_kernel', '')} {storage}{' amsgrad' if amsgrad else ''}"
         blocks = REGISTERS_PER_SM // (row["registers"] * THREADS_PER_BLOCK)
-        print(f"  {row['arch']:6} {kind:24} {row['registers']:3} registers ({blocks} blocks), {row['stack']}")
+        lines.append(f"  {row['arch']:6} {kind:24} {row['registers']:3} registers ({blocks} blocks), {row['stack']}")
         needed = min_blocks(storage, amsgrad) if name == "update_kernel" else None
         if needed is not None and blocks < needed:
             failures.append(f"{row['arch']} {kind}: {row['registers']} registers allow {blocks} blocks per SM, "
                             f"fewer than {needed}")
-    if len(sys.argv) == 3:
+    if args.quiet:
+        print(f"CUDA kernels (ptxas): {len(table)} kernels checked for spills and resident blocks")
+    else:
+        print("\n".join(lines))
+    if args.extension_so:
         cuobjdump = find_cuobjdump()
+        sass = None
         if cuobjdump is None:
             print("  SASS store check skipped: no cuobjdump ($CUDA_HOME/bin, triton, PATH)")
         else:
-            sass = subprocess.run([cuobjdump, "-sass", sys.argv[2]], capture_output=True, text=True,
-                                  check=True).stdout
+            sass = sass_of(cuobjdump, args.extension_so)
+        if sass is not None:
             stores = global_stores(sass)
             store_problems = store_failures(stores)
             if not stores:
-                store_problems.append(f"no update kernel found in the SASS of {sys.argv[2]}")
+                store_problems.append(f"no update kernel found in the SASS of {args.extension_so}")
             failures += store_problems
             if not store_problems:
                 print(f"  SASS: every global store of the {len(stores)} update kernels is one 16-byte STG.E.128, "

@@ -105,10 +105,14 @@ install_noam_ext() {
 # blocks per SM, and 16-byte vector stores. Fails the build when a check fails.
 cuda_kernel_checks() {
   grep -q "ptxas info" "$1" || return 0
-  say "CUDA kernels: ptxas resources and SASS checks"
-  local so
+  local so report="$REPO_ROOT/build/cuda_kernels.log"
   so="$(cd /tmp && python -c 'import noam_ext._C as c; print(c.__file__)')"
-  python "$REPO_ROOT/scripts/check_cuda_kernels.py" "$1" "$so"
+  if ! python "$REPO_ROOT/scripts/check_cuda_kernels.py" "$1" "$so" >"$report" 2>&1; then
+    cat "$report" >&2
+    echo "ERROR: the CUDA kernel checks failed (scripts/check_cuda_kernels.py)" >&2
+    return 1
+  fi
+  say "CUDA kernels: registers, spills and 16-byte stores checked ($(grep -c registers "$report") kernels; table in $report)"
 }
 
 # Which build a set of setup.py switches makes: "cpu" or "cuda".

@@ -25,6 +25,7 @@ import torch
 from noam_ext import (FusedAdamW, Noam, TransformerLRScheduler, WarmupConstant, WarmupCosine, WarmupInverseSqrt,
                       WarmupLinear, WarmupStableDecay)
 
+import noam_ext._C
 import op_args
 import test_schedules as schedules
 from lr_probe import op_lrs
@@ -584,7 +585,7 @@ def test_a_first_capture_uploads_its_tables_in_kernel_parameters():
 
 
 def held_tables() -> int:
-    return torch.ops.noam_ext.cuda_table_cache_stats()[1]
+    return noam_ext._C.cuda_table_cache_stats()[1]
 
 
 def test_captured_tables_are_freed_with_their_graphs():
@@ -603,11 +604,35 @@ def test_captured_tables_are_freed_with_their_graphs():
     while held_tables() > held - 3 and time.monotonic() < deadline:
         time.sleep(0.01)   # CUDA releases a destroyed graph's objects from a thread of its own
     assert held_tables() <= held - 3
-    tables = torch.ops.noam_ext.cuda_table_cache_stats()[0]
+    tables = noam_ext._C.cuda_table_cache_stats()[0]
     opt.zero_grad(set_to_none=True)
     model(x).square().mean().backward()
     opt.step()   # a call on a stream forgets the tables no graph holds beyond the 8 most recent
-    assert torch.ops.noam_ext.cuda_table_cache_stats()[0] <= tables + 1
+    assert noam_ext._C.cuda_table_cache_stats()[0] <= tables + 1
+
+
+def test_two_captures_of_the_same_step_get_tables_of_their_own():
+    # The same rows captured twice: each graph's prepare launch writes coefficients at every
+    # replay, so two graphs replayed on two streams must not share them.
+    model = small_model()
+    opt = FusedAdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(16, 32, device=DEVICE)).square().mean().backward()   # gradients kept: identical rows
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    held = held_tables()
+    graphs = [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
+    for graph in graphs:
+        with torch.cuda.graph(graph):
+            opt.step()
+    assert held_tables() == held + 2
+    for graph in graphs:
+        graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def trained(model, opt, steps, x, stream=None, alternate=None):

@@ -1,6 +1,6 @@
 """The CUDA kernels' own code, run on the host, must give exactly the bits of the CPU op.
 
-noam_ext::emulate_cuda_fused_adamw_ compiles csrc/cuda/kernels.cuh (prepare_kernel,
+noam_ext_host_run::fused_adamw_ (tests/host_run/) compiles csrc/cuda/kernels.cuh (prepare_kernel,
 update_kernel, DeviceExec, the device branches of the 16-byte loads and stores, and
 the grid run_rows launches) as host C++ and calls each kernel once per (block, thread)
 of the launches a GPU with the given number of SMs would get. The 16-byte accesses
@@ -18,6 +18,7 @@ import random
 import pytest
 import torch
 
+import host_run
 from op_args import LIST_KEYS, clone, make_args, positional, tensors_of
 
 CHUNK = 16384  # kChunkElements in csrc/cuda/fused_adamw_plan.h
@@ -47,7 +48,7 @@ def blocks_per_sm(dtype, amsgrad):
 def emulate(args, **options):
     """One host run of the kernels; returns what it reports (its grid and the vectors moved)."""
     stats = torch.zeros(5, dtype=torch.int64)
-    torch.ops.noam_ext.emulate_cuda_fused_adamw_(*positional(args), stats=stats, **options)
+    host_run.ops().fused_adamw_(*positional(args), stats=stats, **options)
     prepare_blocks, update_blocks, threads, loads, stores = stats.tolist()
     return dict(prepare_blocks=prepare_blocks, update_blocks=update_blocks, threads=threads, loads=loads,
                 stores=stores)
@@ -227,7 +228,7 @@ def test_advance_schedule_false_leaves_the_schedule_and_advances_the_steps():
 
 def test_a_step_tensor_shared_by_two_parameters_is_refused():
     # The prepare launch would advance it from two threads at once (on the CPU, twice).
-    for op in (torch.ops.noam_ext.fused_adamw_, torch.ops.noam_ext.emulate_cuda_fused_adamw_):
+    for op in (torch.ops.noam_ext.fused_adamw_, host_run.ops().fused_adamw_):
         a = make_args([5, 7, 9], torch.float32)
         a["state_steps"][2] = a["state_steps"][0]
         before = clone(a)
@@ -270,7 +271,7 @@ def test_row_walk_past_two_to_the_31_elements():
     big = 2**31 + 5
     numels = [big, 7, 3 * 2**30]
     start = 2**31 - 8
-    walk = torch.ops.noam_ext.emulate_row_walk(numels, start, start + 2**31)
+    walk = host_run.ops().row_walk(numels, start, start + 2**31)
     triples = [tuple(walk[k:k + 3]) for k in range(0, len(walk), 3)]
     second = -(-big // 16) * 16            # rows start on multiples of 16 elements
     third = -(-(second + 7) // 16) * 16

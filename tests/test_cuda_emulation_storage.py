@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import noam_ext
+import host_run
 from op_args import clone as clone_tensors, hyper_table, positional
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,7 +85,7 @@ def run_both(cpu, grid, steps=2):
         scale = {"grad_scale": torch.tensor([2.0]), "found_inf": torch.tensor([0.0]),
                  "grad_clip": torch.tensor([0.3], dtype=torch.float64)} if step == 1 else {}
         torch.ops.noam_ext.fused_adamw_(*positional(cpu), **cpu["options"], **scale)
-        torch.ops.noam_ext.emulate_cuda_fused_adamw_(*positional(emulated), **GRIDS[grid], **emulated["options"],
+        host_run.ops().fused_adamw_(*positional(emulated), **GRIDS[grid], **emulated["options"],
                                                       **scale)
     assert_same(cpu, emulated)
 
@@ -130,7 +131,7 @@ def test_stochastic_rounding_does_not_depend_on_the_grid():
     results = []
     for grid in GRIDS:
         a = make_call(storage, NUMELS, amsgrad=True, seed=6, stochastic=True)
-        torch.ops.noam_ext.emulate_cuda_fused_adamw_(*positional(a), **GRIDS[grid], **a["options"])
+        host_run.ops().fused_adamw_(*positional(a), **GRIDS[grid], **a["options"])
         results.append([t.view(torch.int16) for t in a["params"] + a["exp_avgs"] + a["exp_avg_sqs"]])
     for other in results[1:]:
         assert all(torch.equal(x, y) for x, y in zip(results[0], other))
@@ -166,7 +167,7 @@ def test_strided_rows_on_the_host_run_match_the_cpu_op(storage, grid):
     emulated["options"]["masters"] = emulated["masters"] if storage[3] != "none" else None
     for _ in range(2):
         torch.ops.noam_ext.fused_adamw_(*positional(cpu), **cpu["options"])
-        torch.ops.noam_ext.emulate_cuda_fused_adamw_(*positional(emulated), **GRIDS[grid], **emulated["options"])
+        host_run.ops().fused_adamw_(*positional(emulated), **GRIDS[grid], **emulated["options"])
     assert_same(cpu, emulated)
 
 
@@ -181,5 +182,5 @@ def test_a_multi_dimensional_strided_row_spanning_chunks():
     emulated = clone(cpu)
     emulated["params"][0] = gappy_permuted().copy_(cpu["params"][0])   # clone() would make it contiguous
     torch.ops.noam_ext.fused_adamw_(*positional(cpu), **cpu["options"])
-    torch.ops.noam_ext.emulate_cuda_fused_adamw_(*positional(emulated), multiprocessors=132, **emulated["options"])
+    host_run.ops().fused_adamw_(*positional(emulated), multiprocessors=132, **emulated["options"])
     assert_same(cpu, emulated)

@@ -86,3 +86,32 @@ def test_spills_fail_the_check_except_in_cudas_slow_paths():
     assert checks.spill_failures(theirs) == []
     failures = checks.spill_failures(theirs + "\n" + ours)
     assert len(failures) == 1 and "update_kernelILi5ELb1E" in failures[0]
+
+
+def test_help_is_help_not_a_log_path(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as exit:
+        checks.main(["--help"])
+    assert exit.value.code == 0
+    assert "usage: check_cuda_kernels.py" in capsys.readouterr().out
+
+
+def test_quiet_prints_one_summary_line(tmp_path, capsys):
+    path = tmp_path / "build.log"
+    path.write_text(ptxas_entry("13update_kernelILi1ELb0E", 64) + ptxas_entry("14prepare_kernelIfE", 40))
+    assert checks.main([str(path), "--quiet"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["CUDA kernels (ptxas): 2 kernels checked for spills and resident blocks"]
+
+
+def test_a_cuobjdump_that_cannot_disassemble_skips_the_sass_check(tmp_path, capsys, monkeypatch):
+    # cuobjdump -sass needs nvdisasm: without it, the store check says it was skipped and why.
+    fake = tmp_path / "cuobjdump"
+    fake.write_text("#!/bin/sh\necho 'cuobjdump fatal   : nvdisasm not found' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(checks, "find_cuobjdump", lambda: str(fake))
+    path = tmp_path / "build.log"
+    path.write_text(ptxas_entry("13update_kernelILi1ELb0E", 64))
+    assert checks.main([str(path), str(tmp_path / "_C.so")]) == 0
+    assert "SASS store check skipped" in capsys.readouterr().out

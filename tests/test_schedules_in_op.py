@@ -15,6 +15,7 @@ import torch
 
 from noam_ext import FusedAdamW, Noam, ScheduleLR, WarmupConstant, WarmupCosine, WarmupLinear, WarmupStableDecay
 
+import host_run
 from lr_probe import PROBE_HYPER, op_lrs, reset_for_probe
 from test_schedules import LONG, SHORT, sampled_steps, short_steps
 
@@ -51,7 +52,7 @@ def test_emulated_cuda_grid_lr_is_the_twins_bit_for_bit(length, grid):
     # emulated thread per tensor) on the host, with the host's libm.
     table, steps = (SHORT, short_union()) if length == "short" else (LONG, long_union())
     rows = rows_of(table)
-    got = op_lrs(rows, steps, op=torch.ops.noam_ext.emulate_cuda_fused_adamw_, num_blocks=grid[0],
+    got = op_lrs(rows, steps, op=host_run.ops().fused_adamw_, num_blocks=grid[0],
                  threads_per_block=grid[1])
     assert got == expected(rows, steps)
 

@@ -23,7 +23,7 @@
 #include <utility>
 #include <vector>
 
-#include "../noam_ext/op_entry.h"
+#include "../noam_ext/run_rows.h"
 #include "kernels.cuh"
 
 namespace noam_ext::cuda {
@@ -289,6 +289,12 @@ LockedTable device_table(const std::vector<TensorRow>& rows, const std::vector<S
   std::unique_lock<std::mutex> lock(cache_mutex());
   auto& cache = caches()[{device.index(), stream}];
   for (auto it = cache.begin(); it != cache.end(); ++it) {
+    // A capture never shares a table a live graph holds: the prepare launch writes the
+    // table's coefficients at every replay, and two graphs replayed on two streams
+    // would race on them. Each capture gets a table (and coefficients) of its own.
+    if (capturing && it->graphs->load() > 0) {
+      continue;
+    }
     if (holds_this_call(*it)) {
       if (!it->filled) {
         upload(*it);
@@ -317,7 +323,7 @@ LockedTable device_table(const std::vector<TensorRow>& rows, const std::vector<S
     // these bytes: copy them from there (device to device; torch.cuda.graph has
     // synchronised the device before capturing, and those bytes never change).
     for (auto& [where, other] : caches()) {
-      if (where.first == device.index() && where.second != stream && !table.source.defined()) {
+      if (where.first == device.index() && !table.source.defined()) {   // this stream's too: a held table
         for (const DeviceTable& t : other) {
           if (t.filled && t.key == table.key) {
             table.source = t.device;   // held: the graph's copy reads it at every replay
@@ -334,7 +340,8 @@ LockedTable device_table(const std::vector<TensorRow>& rows, const std::vector<S
   return {std::move(lock), pointers(cache.front())};
 }
 
-// [tables cached, tables that live CUDA graphs hold], over every device and stream.
+}  // namespace
+
 std::vector<int64_t> table_cache_stats() {
   const std::lock_guard<std::mutex> lock(cache_mutex());
   int64_t tables = 0, held = 0;
@@ -346,6 +353,8 @@ std::vector<int64_t> table_cache_stats() {
   }
   return {tables, held};
 }
+
+namespace {
 
 // torch.ops.noam_ext.upload_by_launch_: src's bytes (a contiguous CPU tensor) into dst
 // (a contiguous tensor on a GPU, at least as large), on dst's device's current stream,
@@ -413,14 +422,51 @@ void run_rows(const RowsCall& call) {
   }
 }
 
+// fused_adamw_ is registered in adamw_cuda_op.cpp (its argument checks compiled by the
+// C++ compiler only).
 TORCH_LIBRARY_IMPL(noam_ext, CUDA, m) {
-  m.impl("fused_adamw_", &fused_adamw_op<&run_rows>);
   m.impl("upload_by_launch_", &upload_by_launch_op);
   m.impl("hold_for_captured_graph", &hold_for_captured_graph_op);
 }
 
-TORCH_LIBRARY_IMPL(noam_ext, CompositeExplicitAutograd, m) {
-  m.impl("cuda_table_cache_stats", &table_cache_stats);
+namespace {
+
+// The kernels of kSupportedStorage[kStorage], named here: in this file, which nvcc
+// compiles, a kernel's name is its host stub (the function that pushes the launch to
+// the GPU), whatever another compilation of kernels.cuh defines.
+template <int kStorage, bool amsgrad>
+void add_launch_pointers(const StepLaunches& launched, std::vector<LaunchPointers>& out) {
+  using opmath_t = typename StorageTraits<kStorage>::opmath_t;
+  const KernelFunction prepare = &prepare_kernel<opmath_t>;
+  const KernelFunction update = &update_kernel<kStorage, amsgrad>;
+  const KernelFunction strided = &strided_kernel<kStorage, amsgrad>;
+  out.push_back({kStorage, amsgrad, "prepare", reinterpret_cast<const void*>(launched.prepare.kernel),
+                 reinterpret_cast<const void*>(prepare)});
+  out.push_back({kStorage, amsgrad, "update", reinterpret_cast<const void*>(launched.update.kernel),
+                 reinterpret_cast<const void*>(update)});
+  out.push_back({kStorage, amsgrad, "strided", reinterpret_cast<const void*>(launched.strided.kernel),
+                 reinterpret_cast<const void*>(strided)});
+}
+
+template <int... kStorages>
+void add_all_launch_pointers(std::integer_sequence<int, kStorages...>, std::vector<LaunchPointers>& out) {
+  for (const bool amsgrad : {false, true}) {
+    (  // what run_rows would get for one row of one element with strided rows, on 132 SMs
+        (amsgrad ? add_launch_pointers<kStorages, true>(
+                       step_launches(kSupportedStorage[kStorages], true, 1, 1, 132, true), out)
+                 : add_launch_pointers<kStorages, false>(
+                       step_launches(kSupportedStorage[kStorages], false, 1, 1, 132, true), out)),
+        ...);
+  }
+}
+
+}  // namespace
+
+std::vector<LaunchPointers> launch_pointers() {
+  std::vector<LaunchPointers> out;
+  constexpr int n = static_cast<int>(sizeof(kSupportedStorage) / sizeof(kSupportedStorage[0]));
+  add_all_launch_pointers(std::make_integer_sequence<int, n>{}, out);
+  return out;
 }
 
 }  // namespace noam_ext::cuda

@@ -1,6 +1,6 @@
 // The CUDA kernels' work split, written as host/device code: csrc/cuda/kernels.cuh
 // wraps it in the kernels, which nvcc compiles for the GPU and the host run of the
-// kernels (csrc/cpu/cuda_emulation.cpp) compiles as plain C++, launching them over
+// kernels (tests/host_run/host_run.cpp) compiles as plain C++, launching them over
 // every (block, thread) of the grid that the GPU launch would use; CI tests that bit
 // for bit against the CPU op without a GPU.
 //
@@ -34,6 +34,8 @@
 //     throughout.
 #pragma once
 
+#include "kernels_namespace.h"
+
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
@@ -51,12 +53,13 @@
 
 // Code for the GPU: compiled by nvcc for a device, or as host C++ for the host run of
 // the kernels, which defines NOAM_EXT_KERNELS_ON_HOST and host versions of the few CUDA
-// builtins used here (csrc/cpu/cuda_host_shims.h).
+// builtins used here (tests/host_run/cuda_host_shims.h).
 #if defined(__CUDA_ARCH__) || defined(NOAM_EXT_KERNELS_ON_HOST)
 #define NOAM_EXT_DEVICE_CODE 1
 #endif
 
 namespace noam_ext::cuda_plan {
+inline namespace NOAM_EXT_KERNELS_COPY {
 
 constexpr int kVecBytes = 16;
 constexpr int kThreadsPerBlock = 256;
@@ -265,7 +268,7 @@ struct alignas(kVecBytes) Vec {
 // thread, ptxas sm_90); CUDA's cache-operator intrinsics (__ldca ...) are volatile asm.
 // No streaming hint (.cs, evict first): the next forward pass reads the parameters
 // again, and only a GPU measurement could show a gain.
-// The host run of the kernels (csrc/cpu/cuda_host_shims.h) defines ld_global_v4 and
+// The host run of the kernels (tests/host_run/cuda_host_shims.h) defines ld_global_v4 and
 // st_global_v4 for the host: they check the 16-byte alignment the GPU would fault on,
 // and count the vectors moved.
 #if defined(__CUDA_ARCH__)
@@ -680,4 +683,5 @@ C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
   }
 }
 
+}  // inline namespace NOAM_EXT_KERNELS_COPY
 }  // namespace noam_ext::cuda_plan

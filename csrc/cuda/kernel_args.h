@@ -1,6 +1,8 @@
 // Host side of a fused_adamw_ launch, shared by the CUDA op (adamw_cuda.cu) and
-// its host emulation (csrc/cpu/cuda_emulation.cpp): packing the call into KernelArgs.
+// its host emulation (tests/host_run/host_run.cpp): packing the call into KernelArgs.
 #pragma once
+
+#include "kernels_namespace.h"
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -11,6 +13,7 @@
 #include "fused_adamw_plan.h"
 
 namespace noam_ext::cuda_plan {
+inline namespace NOAM_EXT_KERNELS_COPY {
 
 // The tables must lie where the kernels can read them (device memory for the GPU,
 // host memory for the emulation): `rows` [num_rows], `layouts` (the strided rows'),
@@ -40,4 +43,5 @@ inline size_t coefficient_bytes(int64_t num_rows) {
   return static_cast<size_t>(num_rows) * sizeof(RowCoefficients<double>);
 }
 
+}  // inline namespace NOAM_EXT_KERNELS_COPY
 }  // namespace noam_ext::cuda_plan

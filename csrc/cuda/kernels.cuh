@@ -1,7 +1,7 @@
 // The CUDA kernels of fused_adamw_ and the grid they are launched with, in one
 // header that two translation units compile:
 //  - csrc/cuda/adamw_cuda.cu, with nvcc, for the GPU (run_rows launches them);
-//  - csrc/cpu/cuda_emulation.cpp, as plain C++ after csrc/cpu/cuda_host_shims.h, which
+//  - tests/host_run/host_run.cpp, as plain C++ after tests/host_run/cuda_host_shims.h, which
 //    defines __global__, threadIdx, blockIdx, the vector load/store intrinsics and so
 //    on for the host; it runs every (block, thread) of the same launches one after
 //    another, so that CI runs this very code, the kernels' own, without a GPU.
@@ -9,6 +9,8 @@
 // device branches of the vector accesses (fused_adamw_plan.h) and the grid sizing are
 // the same text for both.
 #pragma once
+
+#include "kernels_namespace.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -18,6 +20,7 @@
 #include "kernel_args.h"
 
 namespace noam_ext::cuda_plan {
+inline namespace NOAM_EXT_KERNELS_COPY {
 
 // The block the calling thread belongs to, for run_block (fused_adamw_plan.h).
 struct DeviceExec {
@@ -110,4 +113,5 @@ inline StepLaunches step_launches(const StorageTypes& storage, bool amsgrad, int
   return out;
 }
 
+}  // inline namespace NOAM_EXT_KERNELS_COPY
 }  // namespace noam_ext::cuda_plan

@@ -30,7 +30,7 @@ inline void check_stochastic_rounding(const StorageTypes& types, bool stochastic
 }
 
 // `run` is called with the checked call: a device's run_rows, or the host
-// emulation of the CUDA kernels (csrc/cpu/cuda_emulation.cpp).
+// emulation of the CUDA kernels (tests/host_run/host_run.cpp).
 template <typename Run>
 void checked_fused_adamw(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                          at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,

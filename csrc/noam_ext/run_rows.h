@@ -42,6 +42,25 @@ bool op_is_parallel();
 #if defined(NOAM_EXT_WITH_CUDA)
 namespace cuda {
 void run_rows(const RowsCall& call);
+
+// For tests, through noam_ext._C (no GPU needed): [device tables cached, tables that
+// live CUDA graphs hold], over every device and stream.
+std::vector<int64_t> table_cache_stats();
+
+// For tests, through noam_ext._C (no GPU needed): what run_rows would launch, beside
+// the kernels as adamw_cuda.cu itself names them. For each storage of storage.h, with
+// and without amsgrad, and each launch (prepare, update, strided): the function that
+// step_launches (kernels.cuh, the code run_rows calls) returns, and nvcc's kernel stub
+// for the same kernel, taken in adamw_cuda.cu. They differ when the linker replaced
+// the kernels' code with another compilation's copy (kernels_namespace.h).
+struct LaunchPointers {
+  int storage;            // index into kSupportedStorage
+  bool amsgrad;
+  const char* launch;     // "prepare", "update" or "strided"
+  const void* launched;   // from step_launches
+  const void* stub;       // taken in adamw_cuda.cu
+};
+std::vector<LaunchPointers> launch_pointers();
 }  // namespace cuda
 #endif
 

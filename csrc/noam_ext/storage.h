@@ -79,26 +79,13 @@ constexpr bool is_supported_storage(const StorageTypes& s) {
   return false;
 }
 
-inline const char* master_kind_name(MasterKind k) {
-  switch (k) {
-    case MasterKind::kFloat32: return "float32 master";
-    case MasterKind::kRemainder: return "int16 remainder";
-    default: return "no master";
-  }
-}
-
-inline std::string describe(const StorageTypes& s) {
-  return std::string("parameter ") + c10::toString(s.param) + ", gradient " + c10::toString(s.grad) + ", moments " +
-         c10::toString(s.moment) + ", " + master_kind_name(s.master);
-}
-
-inline std::string supported_storage_list() {
-  std::string out;
-  for (const StorageTypes& t : kSupportedStorage) {
-    out += "\n  " + describe(t);
-  }
-  return out;
-}
+// Names for error messages, defined once in storage.cpp: out of line, so that the .cu
+// (nvcc) and the C++ objects do not each compile a copy for the linker to choose from
+// (scripts/audit_symbols.py).
+const char* master_kind_name(MasterKind k);
+std::string describe(const StorageTypes& s);
+// The list, one "\n  " line per combination.
+std::string supported_storage_list();
 
 // The C++ type that stores a dtype of the list.
 template <c10::ScalarType S>

@@ -5,8 +5,10 @@
 // a GPU with the given number of SMs, and calls each kernel once for every
 // (block, thread) of its grid, as the GPU would, one after another (the kernels have
 // no barriers and share nothing between threads, so any order is one the GPU could
-// run them in). Built into every variant of the extension, so that CI checks the
-// kernels against the CPU op without a GPU.
+// run them in). A test extension of its own (noam_ext_host_run, built by the tests:
+// tests/host_run/__init__.py), not part of noam_ext._C: the product then holds one
+// compilation of the kernels' header, nvcc's, and torch.ops.noam_ext lists only what
+// users call (docs/architecture.md, "The host run of the kernels").
 #include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
@@ -20,10 +22,10 @@
 
 #include "cuda_host_shims.h"   // after the torch headers, before the kernels
 
-#include "../cuda/kernels.cuh"
-#include "../noam_ext/op_entry.h"
+#include "cuda/kernels.cuh"
+#include "noam_ext/op_entry.h"
 
-namespace noam_ext::cpu {
+namespace noam_ext::host_run {
 namespace {
 
 using namespace noam_ext::cuda_plan;
@@ -37,7 +39,7 @@ WrongLaunch wrong_launch_from(const std::string& name) {
   if (name == "block_twice") return WrongLaunch::kBlockTwice;
   if (name == "last_thread_skipped") return WrongLaunch::kLastThreadSkipped;
   if (name == "update_before_prepare") return WrongLaunch::kUpdateBeforePrepare;
-  TORCH_CHECK(false, "emulate_cuda_fused_adamw_: unknown wrong_launch '", name,
+  TORCH_CHECK(false, "host_run fused_adamw_: unknown wrong_launch '", name,
               "' (block_twice, last_thread_skipped, update_before_prepare)");
 }
 
@@ -59,7 +61,7 @@ void run_launch(const KernelLaunch& launch, const KernelArgs& args, const std::v
   };
   if (!only_blocks.empty()) {
     for (const int64_t b : only_blocks) {
-      TORCH_CHECK(b >= 0 && b < launch.blocks, "emulate_cuda_fused_adamw_: block ", b, " is not in the grid of ",
+      TORCH_CHECK(b >= 0 && b < launch.blocks, "host_run fused_adamw_: block ", b, " is not in the grid of ",
                   launch.blocks);
       run_block_of_threads(static_cast<unsigned>(b));
     }
@@ -85,7 +87,7 @@ struct HostRunOptions {
 constexpr int kNumStats = 5;   // prepare blocks, update blocks, threads per block, vector loads, vector stores
 
 void run_rows_on_host(const RowsCall& call, const HostRunOptions& options, int64_t* stats) {
-  TORCH_CHECK(call.hyper.is_cpu(), "emulate_cuda_fused_adamw_: hyper must be a CPU tensor");
+  TORCH_CHECK(call.hyper.is_cpu(), "host_run fused_adamw_: hyper must be a CPU tensor");
   const auto num_rows = static_cast<int64_t>(call.rows.size());
   StepLaunches launches = step_launches(call.storage, call.amsgrad, num_rows, call.total, options.multiprocessors,
                                         !call.layouts.empty());
@@ -136,13 +138,13 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
                               const std::optional<at::Tensor>& grad_clip, std::optional<at::TensorList> masters,
                               at::IntArrayRef rng_streams, at::IntArrayRef element_offsets,
                               bool stochastic_rounding) {
-  TORCH_CHECK(multiprocessors >= 1, "emulate_cuda_fused_adamw_: multiprocessors must be at least 1");
-  TORCH_CHECK(!num_blocks || *num_blocks >= 1, "emulate_cuda_fused_adamw_: num_blocks must be at least 1");
+  TORCH_CHECK(multiprocessors >= 1, "host_run fused_adamw_: multiprocessors must be at least 1");
+  TORCH_CHECK(!num_blocks || *num_blocks >= 1, "host_run fused_adamw_: num_blocks must be at least 1");
   TORCH_CHECK(threads_per_block >= 1 && threads_per_block <= kThreadsPerBlock,
-              "emulate_cuda_fused_adamw_: threads_per_block must be in [1, ", kThreadsPerBlock, "]");
+              "host_run fused_adamw_: threads_per_block must be in [1, ", kThreadsPerBlock, "]");
   TORCH_CHECK(!stats || (stats->scalar_type() == at::kLong && stats->numel() == kNumStats &&
                          stats->is_contiguous() && stats->is_cpu()),
-              "emulate_cuda_fused_adamw_: stats must be a contiguous int64 CPU tensor of ", kNumStats, " elements");
+              "host_run fused_adamw_: stats must be a contiguous int64 CPU tensor of ", kNumStats, " elements");
   const HostRunOptions options{multiprocessors, num_blocks, threads_per_block, only_blocks.vec(),
                                wrong_launch_from(std::string(wrong_launch))};
   checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper,
@@ -170,12 +172,34 @@ std::vector<int64_t> emulate_row_walk(at::IntArrayRef numels, int64_t begin, int
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(noam_ext, CompositeExplicitAutograd, m) {
-  m.impl("emulate_row_walk", &emulate_row_walk);
+}  // namespace noam_ext::host_run
+
+TORCH_LIBRARY(noam_ext_host_run, m) {
+  // The CUDA kernels themselves (csrc/cuda/kernels.cuh) run on the host, every
+  // (block, thread) of the launches the CUDA op makes on a GPU with `multiprocessors`
+  // SMs: noam_ext::fused_adamw_'s arguments, CPU tensors. num_blocks and
+  // threads_per_block override the update grid; only_blocks runs only those update
+  // blocks; wrong_launch names a deliberately wrong launch; stats (int64 [5]) receives
+  // the prepare and update blocks, the threads per block, and the 16-byte vector loads
+  // and stores.
+  m.def(
+      "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, "
+      "Tensor(f!) schedule_step, Tensor hyper, int[] groups, *, int multiprocessors=132, int? num_blocks=None, "
+      "int threads_per_block=256, int[] only_blocks=[], str wrong_launch=\"\", Tensor(h!)? stats=None, "
+      "bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
+      "bool stochastic_rounding=False) -> ()");
+  // The row walk alone (work_split.h) for tensors of the given sizes over the
+  // virtual range [begin, end): (row, lo, hi) triples, flattened. Lets tests check
+  // 64-bit offsets past 2**31 elements without allocating such tensors.
+  m.def("row_walk(int[] numels, int begin, int end) -> int[]");
 }
 
-TORCH_LIBRARY_IMPL(noam_ext, CPU, m) {
-  m.impl("emulate_cuda_fused_adamw_", &emulate_cuda_fused_adamw);
+TORCH_LIBRARY_IMPL(noam_ext_host_run, CompositeExplicitAutograd, m) {
+  m.impl("row_walk", &noam_ext::host_run::emulate_row_walk);
 }
 
-}  // namespace noam_ext::cpu
+TORCH_LIBRARY_IMPL(noam_ext_host_run, CPU, m) {
+  m.impl("fused_adamw_", &noam_ext::host_run::emulate_cuda_fused_adamw);
+}

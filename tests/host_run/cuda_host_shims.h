@@ -1,5 +1,5 @@
 // What nvcc gives the CUDA kernels, defined for the host, so that
-// csrc/cuda/kernels.cuh compiles as plain C++ in csrc/cpu/cuda_emulation.cpp:
+// csrc/cuda/kernels.cuh compiles as plain C++ in tests/host_run/host_run.cpp:
 //  - __global__, __device__ and __launch_bounds__ mean nothing on the host;
 //  - threadIdx, blockIdx, blockDim and gridDim are thread-local and set by the
 //    host launch loop before it calls a kernel for one (block, thread);
