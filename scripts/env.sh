@@ -112,7 +112,7 @@ cuda_kernel_checks() {
     echo "ERROR: the CUDA kernel checks failed (scripts/check_cuda_kernels.py)" >&2
     return 1
   fi
-  say "CUDA kernels: registers, spills and 16-byte stores checked ($(grep -c registers "$report") kernels; table in $report)"
+  say "CUDA kernels: registers, spills and 16-byte stores checked ($(grep -c " registers (" "$report") kernels; table in $report)"
 }
 
 # Which build a set of setup.py switches makes: "cpu" or "cuda".
