@@ -96,6 +96,28 @@ def test_kernels_on_the_host_match_the_cpu_op_bit_for_bit(layout, dtype, grid):
     assert cpu["schedule_step"].tolist() == [7, 0]
 
 
+MIN_CHUNK = 1024  # kMinChunkElements
+
+
+def virtual_length(numels):
+    """work_split.h: rows end to end, each starting at a multiple of 16 elements."""
+    end = 0
+    for i, n in enumerate(numels):
+        start = -(-end // 16) * 16 if i else 0
+        end = start + n
+    return end
+
+
+def expected_update_grid(numels, sms, blocks_per_sm):
+    """(chunk elements, update blocks) as kernels.cuh sizes them: chunks of CHUNK, or fewer
+    elements (multiples of MIN_CHUNK) so that a small call spreads over every resident block;
+    one wave, at most a block per chunk, at least one block."""
+    total, resident = virtual_length(numels), sms * blocks_per_sm
+    per_block = -(-total // resident)
+    chunk = min(max(-(-per_block // MIN_CHUNK) * MIN_CHUNK, MIN_CHUNK), CHUNK)
+    return chunk, max(1, min(-(-total // chunk), resident))
+
+
 def test_the_grid_is_run_rows_own():
     # One wave of resident blocks (4 per SM, 3 with amsgrad, 2 for float64), at most one
     # per chunk and at least one; the prepare launch has a thread per row.
@@ -106,9 +128,25 @@ def test_the_grid_is_run_rows_own():
     assert grid([5 * CHUNK], sms=1)["update_blocks"] == 4
     assert grid([5 * CHUNK], amsgrad=True, sms=1)["update_blocks"] == 3
     assert grid([5 * CHUNK], torch.float64, sms=2)["update_blocks"] == 4
-    assert grid([5 * CHUNK], torch.bfloat16, sms=2)["update_blocks"] == 5
-    assert grid([5 * CHUNK + 1], torch.float16, sms=132)["update_blocks"] == 6
-    assert grid([1] * 257, sms=132) == dict(prepare_blocks=2, update_blocks=1, threads=THREADS, loads=0, stores=0)
+    assert grid([5 * CHUNK], torch.bfloat16, sms=2)["update_blocks"] == 8     # chunks of 10240
+    assert grid([5 * CHUNK + 1], torch.float16, sms=132)["update_blocks"] == 81   # chunks of 1024
+    assert grid([1] * 257, sms=132) == dict(prepare_blocks=2, update_blocks=5, threads=THREADS, loads=0, stores=0)
+    assert grid([40 * CHUNK], sms=4)["update_blocks"] == 16   # a large call: chunks of CHUNK, one wave
+    for numels, dtype, amsgrad, sms in [([3] * 1000, torch.float32, False, 132), ([4097, 5] * 30, torch.bfloat16, True, 8),
+                                        ([CHUNK * 4 + 7], torch.float64, False, 132), ([77] * 3, torch.float32, False, 1)]:
+        _, blocks = expected_update_grid(numels, sms, blocks_per_sm(dtype, amsgrad))
+        assert grid(numels, dtype, amsgrad, sms)["update_blocks"] == blocks, (numels[:2], dtype, amsgrad, sms)
+
+
+def test_many_tiny_tensors_spread_over_the_sms():
+    # 1000 three-element tensors: 16 chunks of 1024 virtual elements, so 16 blocks on 16 SMs
+    # (one 16384-element chunk, one block, with chunks of a fixed size), and the CPU op's bits.
+    cpu = make_args([3] * 1000, torch.float32, seed=4)
+    emulated = clone(cpu)
+    torch.ops.noam_ext.fused_adamw_(*positional(cpu))
+    stats = emulate(emulated, multiprocessors=132)
+    assert stats["update_blocks"] == 16
+    assert_same(cpu, emulated)
 
 
 # ---- the vectors: aligned, after a scalar head, or none -------------------------------------------------------

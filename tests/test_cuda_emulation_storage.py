@@ -137,6 +137,36 @@ def test_stochastic_rounding_does_not_depend_on_the_grid():
         assert all(torch.equal(x, y) for x, y in zip(results[0], other))
 
 
+# ---- mixed element sizes at a common offset ------------------------------------------------------
+
+def one_element_in(t):
+    """A copy of t that starts one element into a fresh buffer (as a view into a flat buffer does)."""
+    out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+MIXED = [s for s in STORAGES if not (s[0] == s[1] == s[2] and s[3] == "none")]
+
+
+@pytest.mark.parametrize("storage", MIXED, ids=storage_id)
+def test_mixed_rows_one_element_into_their_buffers_take_vectors_after_a_head(storage):
+    # Views at the same element of 16-byte aligned buffers, of different element sizes (a
+    # bfloat16 parameter at byte 2, float32 moments at byte 4): a head of 16 / 2 - 1 = 7
+    # elements one by one brings every pointer to a 16-byte boundary, then vectors.
+    cpu = make_call(storage, [4097, 300, 5], amsgrad=True, seed=11, stochastic=can_round(storage))
+    emulated = clone(cpu)
+    for key in ("params", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters"):
+        emulated[key] = [one_element_in(t) for t in emulated[key]]
+    emulated["options"]["masters"] = emulated["masters"] if storage[3] != "none" else None
+    stats = torch.zeros(5, dtype=torch.int64)
+    torch.ops.noam_ext.fused_adamw_(*positional(cpu), **cpu["options"])
+    host_run.ops().fused_adamw_(*positional(emulated), multiprocessors=132, stats=stats, **emulated["options"])
+    assert_same(cpu, emulated)
+    loads, stores = stats[3].item(), stats[4].item()
+    assert loads > 0 and stores > 0, "the rows took the element path"
+
+
 # ---- rows walked through a strided layout ------------------------------------------------------
 
 def gappy(t):

@@ -409,7 +409,8 @@ void run_rows(const RowsCall& call) {
       device_table(call.rows, call.layouts, hyper_on_host ? &call.hyper : nullptr, device, stream);
   const double* hyper = hyper_on_host ? table.pointers.hyper : call.hyper.const_data_ptr<double>();
   const KernelArgs args =
-      make_kernel_args(call, table.pointers.rows, table.pointers.layouts, hyper, table.pointers.coefficients);
+      make_kernel_args(call, launches.chunk_elements, table.pointers.rows, table.pointers.layouts, hyper,
+                       table.pointers.coefficients);
   if (launches.prepare.blocks > 0) {
     launches.prepare.kernel<<<launches.prepare.blocks, launches.prepare.threads, 0, stream>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

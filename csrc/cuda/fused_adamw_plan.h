@@ -11,7 +11,8 @@
 //     16-byte vectors start (vector_head_bytes), written to a per-row buffer; then the
 //     row's step count is advanced (unless GradScaler skips the step).
 //  2. update: the virtual index space of the call's tensors (work_split.h) is cut
-//     into chunks of kChunkElements; blocks take chunks grid-stride; within a chunk
+//     into chunks of kChunkElements (fewer for a small call, so that it spreads over
+//     the SMs: update_chunk_elements in kernels.cuh); blocks take chunks grid-stride; within a chunk
 //     the rows it overlaps are walked in order. A row's part of the chunk is updated
 //     by the whole block, or, when it is small, by one warp (the k-th small part of
 //     a chunk by warp k mod warps), so that a chunk of many tiny tensors keeps every
@@ -25,12 +26,13 @@
 //  A call's storage (csrc/noam_ext/storage.h: the dtypes of parameter, gradient and
 //  moments, and a master) is a template parameter of the update kernel, one kernel per
 //  supported combination; stochastic rounding is a flag of the call. Virtual offsets are multiples of kRowAlignElements and chunk starts
-//     multiples of kChunkElements, so a part starts where its tensor's pointers have the
-//     same position within 16 bytes as at element 0. When every pointer of a row has the
-//     same offset within 16 bytes (aligned tensors, and views that start at the same
-//     element of equally aligned buffers), a part's first few elements, up to that
-//     common boundary, are updated one by one and the rest in aligned vectors; a row
-//     whose pointers have different offsets takes the element path. Offsets are 64-bit
+//     multiples of kMinChunkElements, so a part starts where its tensor's pointers have the
+//     same position within 16 bytes as at element 0. When some number of leading elements
+//     brings every pointer of a row to a 16-byte boundary together (aligned tensors, and
+//     views that start at the same element of equally aligned buffers, of any element
+//     sizes), a part's first few elements, up to that boundary, are updated one by one and
+//     the rest in aligned vectors; a row whose pointers no head aligns takes the element
+//     path (vector_head_elements). Offsets are 64-bit
 //     throughout.
 #pragma once
 
@@ -65,6 +67,9 @@ constexpr int kVecBytes = 16;
 constexpr int kThreadsPerBlock = 256;
 constexpr int kWarpSize = 32;
 constexpr int64_t kChunkElements = 16384;
+// The smallest chunk (update_chunk_elements): a chunk of a small call is still a few
+// 16-byte steps for each of a block's threads.
+constexpr int64_t kMinChunkElements = 1024;
 
 // The C++ types of kSupportedStorage[kStorage], and what follows from them.
 template <int kStorage>
@@ -167,8 +172,9 @@ struct KernelArgs {
   const float* found_inf;        // null: never skip
   const double* grad_clip;       // null: no clipping factor
   void* coefficients;            // [num_rows] RowCoefficients<opmath_t>: prepare writes, update reads
-  int32_t plain_element_size;    // the element size of a plain storage (every tensor in the
-                                 // parameter's dtype); 0 for a mixed one (vector_head_elements)
+  int64_t chunk_elements;        // elements per chunk of the update launch (update_chunk_elements)
+  int8_t element_sizes[kRowTensors];   // bytes per element of each of a row's tensors (work_split.h's
+                                       // RowTensor order; 0: the storage has no master)
   bool advance_schedule;
   bool stochastic_rounding;
 };
@@ -178,24 +184,38 @@ C10_HOST_DEVICE inline bool step_skipped(const KernelArgs& a) {
 }
 
 // Where a row's 16-byte vectors start, in elements: -1 for the element path (a strided
-// row; pointers at different offsets within 16 bytes, so that no step is aligned in all
-// of them; any misaligned pointer of a row of mixed element sizes), otherwise the
-// elements from each pointer to the next 16-byte boundary (0 when all are aligned). A
-// part of the row starting at a multiple of kRowAlignElements elements has the same head.
-C10_HOST_DEVICE inline int32_t vector_head_elements(const TensorRow& r, int32_t plain_element_size) {
+// row, or pointers that no number of leading elements brings to a 16-byte boundary
+// together), otherwise the fewest leading elements after which every pointer of the row
+// is 16-byte aligned (0 when all are). A step is 16 bytes of the narrowest tensor and so
+// whole 16-byte vectors of each wider one: from there on every step is aligned in all of
+// them. That covers views that start at the same element of equally aligned buffers,
+// whatever their element sizes (a bfloat16 parameter and float32 moments one element
+// into flat buffers: 7 elements, then vectors). A part of the row starting at a
+// multiple of kRowAlignElements elements has the same head.
+C10_HOST_DEVICE inline int32_t vector_head_elements(const TensorRow& r, const int8_t* element_sizes) {
   if (r.layout >= 0) {
     return -1;
   }
-  auto offset = [](const void* p) { return static_cast<int32_t>(reinterpret_cast<uintptr_t>(p) % kVecBytes); };
-  const int32_t first = offset(r.param);
-  auto same = [&](const void* p) { return p == nullptr || offset(p) == first; };
-  if (!(same(r.grad) && same(r.exp_avg) && same(r.exp_avg_sq) && same(r.max_exp_avg_sq) && same(r.master))) {
-    return -1;
+  const void* const pointers[kRowTensors] = {r.param, r.grad, r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq, r.master};
+  int32_t narrowest = kVecBytes;
+  for (int t = 0; t < kRowTensors; ++t) {
+    if (pointers[t] != nullptr && element_sizes[t] > 0 && element_sizes[t] < narrowest) {
+      narrowest = element_sizes[t];
+    }
   }
-  if (plain_element_size == 0) {
-    return first == 0 ? 0 : -1;
+  for (int32_t head = 0; head < kVecBytes / narrowest; ++head) {
+    bool aligned = true;
+    for (int t = 0; t < kRowTensors; ++t) {
+      if (pointers[t] != nullptr && element_sizes[t] > 0) {
+        aligned = aligned && (reinterpret_cast<uintptr_t>(pointers[t]) + static_cast<uintptr_t>(head) *
+                              static_cast<uintptr_t>(element_sizes[t])) % kVecBytes == 0;
+      }
+    }
+    if (aligned) {
+      return head;
+    }
   }
-  return ((kVecBytes - first) % kVecBytes) / plain_element_size;
+  return -1;
 }
 
 // Prepare pass, row i: its coefficients from the step counts before this step,
@@ -209,7 +229,7 @@ C10_HOST_DEVICE inline void prepare_row(const KernelArgs& a, int64_t i) {
   RowCoefficients<opmath_t> out;
   out.coefficients = coefficients_for<opmath_t>(hyper, *a.schedule_step, *row.step);
   out.maximize = hyper[kMaximize] != 0.0;
-  out.vector_head = vector_head_elements(row, a.plain_element_size);
+  out.vector_head = vector_head_elements(row, a.element_sizes);
   out.stochastic_rounding = a.stochastic_rounding ? 1 : 0;
   out.rounding_step = *row.step + 1.0f;
   out.rng_stream = row.rng_stream;
@@ -644,10 +664,12 @@ C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
   const GradFactors<opmath_t> factors = grad_factors<opmath_t>(a);
   const auto* all_coefficients = static_cast<const RowCoefficients<opmath_t>*>(a.coefficients);
   const int n = exec.num_threads();
-  const int64_t num_chunks = (a.total + kChunkElements - 1) / kChunkElements;
-  for (int64_t chunk = exec.block(); chunk < num_chunks; chunk += exec.num_blocks()) {
-    const int64_t begin = chunk * kChunkElements;
-    const int64_t end = begin + kChunkElements < a.total ? begin + kChunkElements : a.total;
+  // Chunks grid-stride, walked by their first element (fewer live registers than a chunk
+  // index and a count: the update kernels are compiled at their register budget).
+  const int64_t chunk_elements = a.chunk_elements;
+  const int64_t stride = chunk_elements * exec.num_blocks();
+  for (int64_t begin = chunk_elements * exec.block(); begin < a.total; begin += stride) {
+    const int64_t end = begin + chunk_elements < a.total ? begin + chunk_elements : a.total;
     int64_t small_parts = 0;
     for_each_row_in_range(a.rows, a.num_rows, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
       const PartAssignment part = assign_part<kStorage>(lo, hi, small_parts, n);

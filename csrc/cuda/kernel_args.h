@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <optional>
 
 #include "../noam_ext/run_rows.h"
@@ -19,8 +20,8 @@ inline namespace NOAM_EXT_KERNELS_COPY {
 // host memory for the emulation): `rows` [num_rows], `layouts` (the strided rows'),
 // `hyper` [groups, columns], and `coefficients`, room for num_rows RowCoefficients of
 // the call's math type.
-inline KernelArgs make_kernel_args(const RowsCall& call, const TensorRow* rows, const StridedLayout* layouts,
-                                   const double* hyper, void* coefficients) {
+inline KernelArgs make_kernel_args(const RowsCall& call, int64_t chunk_elements, const TensorRow* rows,
+                                   const StridedLayout* layouts, const double* hyper, void* coefficients) {
   KernelArgs a{};
   a.rows = rows;
   a.layouts = layouts;
@@ -32,7 +33,12 @@ inline KernelArgs make_kernel_args(const RowsCall& call, const TensorRow* rows, 
   a.grad_scale = call.grad_scale ? call.grad_scale->data_ptr<float>() : nullptr;
   a.found_inf = call.found_inf ? call.found_inf->data_ptr<float>() : nullptr;
   a.grad_clip = call.grad_clip ? call.grad_clip->data_ptr<double>() : nullptr;
-  a.plain_element_size = call.storage.is_plain() ? static_cast<int32_t>(c10::elementSize(call.storage.param)) : 0;
+  const auto size = [](c10::ScalarType t) { return static_cast<int8_t>(c10::elementSize(t)); };
+  const int8_t moment = size(call.storage.moment);
+  const int8_t master = call.storage.master == MasterKind::kNone ? 0 : size(master_dtype(call.storage.master));
+  const int8_t sizes[kRowTensors] = {size(call.storage.param), size(call.storage.grad), moment, moment, moment, master};
+  std::copy(sizes, sizes + kRowTensors, a.element_sizes);
+  a.chunk_elements = chunk_elements;   // step_launches' choice for the call
   a.advance_schedule = call.advance_schedule;
   a.stochastic_rounding = call.stochastic_rounding;
   return a;

@@ -73,14 +73,24 @@ struct StepLaunches {
   KernelLaunch prepare;    // no blocks when the call has no rows
   KernelLaunch update;     // always at least one block: it advances the schedule
   KernelLaunch strided;    // no blocks when the call has no strided rows
+  int64_t chunk_elements;  // KernelArgs::chunk_elements for the update and strided launches
 };
+
+// Elements per chunk: kChunkElements, or, for a call too small to give each resident
+// block a chunk that big, what spreads it over all of them (a call of 1000 tensors of
+// 3 elements is one 16384-element chunk, one block on one SM, at kChunkElements), in
+// multiples of kMinChunkElements. Large calls keep kChunkElements.
+inline int64_t update_chunk_elements(int64_t total, int64_t resident_blocks) {
+  const int64_t per_block = (total + resident_blocks - 1) / resident_blocks;
+  const int64_t rounded = (per_block + kMinChunkElements - 1) / kMinChunkElements * kMinChunkElements;
+  return rounded < kMinChunkElements ? kMinChunkElements : rounded > kChunkElements ? kChunkElements : rounded;
+}
 
 // The update grid: one wave, as many blocks as can be resident at once (chunks are
 // equal, so a grid-stride loop over them balances), at most one per chunk, at least one.
-inline unsigned update_grid_blocks(int64_t total, int64_t multiprocessors, int blocks_per_sm) {
-  const int64_t chunks = (total + kChunkElements - 1) / kChunkElements;
-  const int64_t resident = multiprocessors * blocks_per_sm;
-  const int64_t blocks = chunks < resident ? chunks : resident;
+inline unsigned update_grid_blocks(int64_t total, int64_t chunk_elements, int64_t resident_blocks) {
+  const int64_t chunks = (total + chunk_elements - 1) / chunk_elements;
+  const int64_t blocks = chunks < resident_blocks ? chunks : resident_blocks;
   return static_cast<unsigned>(blocks > 1 ? blocks : 1);
 }
 
@@ -92,7 +102,9 @@ StepLaunches step_launches_for(int64_t num_rows, int64_t total, int64_t multipro
   l.prepare.blocks = static_cast<unsigned>((num_rows + kThreadsPerBlock - 1) / kThreadsPerBlock);
   l.prepare.threads = kThreadsPerBlock;
   l.update.kernel = &update_kernel<kStorage, amsgrad>;
-  l.update.blocks = update_grid_blocks(total, multiprocessors, min_blocks_per_sm<kStorage, amsgrad>());
+  const int64_t resident = multiprocessors * min_blocks_per_sm<kStorage, amsgrad>();
+  l.chunk_elements = update_chunk_elements(total, resident);
+  l.update.blocks = update_grid_blocks(total, l.chunk_elements, resident);
   l.update.threads = kThreadsPerBlock;
   l.strided.kernel = &strided_kernel<kStorage, amsgrad>;
   l.strided.blocks = strided_rows ? l.update.blocks : 0;

@@ -106,7 +106,7 @@ void run_rows_on_host(const RowsCall& call, const HostRunOptions& options, int64
   // read coefficients the prepare launch has not written would show it.
   std::vector<RowCoefficients<double>> coefficients(call.rows.size());
   std::memset(static_cast<void*>(coefficients.data()), 0xff, coefficients.size() * sizeof(coefficients[0]));
-  const KernelArgs args = make_kernel_args(call, call.rows.data(), call.layouts.data(),
+  const KernelArgs args = make_kernel_args(call, launches.chunk_elements, call.rows.data(), call.layouts.data(),
                                            call.hyper.const_data_ptr<double>(), coefficients.data());
   vector_counts = {};
   const std::vector<int64_t> all_blocks;
