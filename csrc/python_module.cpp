@@ -33,8 +33,9 @@ using step::StepPlan;
 
 // One optimizer step: plans it from param_groups and optimizer.state as they
 // are now and, when nothing needs preparing, makes it. Returns None when the
-// step was made; otherwise, having changed nothing, (stateless, misplaced_steps,
-// devices without a counter, masterless) for FusedAdamW to prepare before calling again.
+// step was made; otherwise, having changed nothing, everything to prepare, for every
+// parameter at once: (stateless, misplaced_steps, devices without a counter,
+// masterless). After FusedAdamW has prepared all of it, the next call makes the step.
 //   hyper:      the optimizer's float64 [groups, columns] table on the CPU
 //   device_hypers: {torch.device: the same table on that device} for devices whose
 //               kernels should read it there (FusedAdamW keeps them current with
@@ -49,21 +50,25 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
                       const std::optional<at::Tensor>& grad_clip, const std::optional<py::dict>& device_hypers) {
   const std::unique_ptr<step::StepPlan> plan = step::collect(param_groups, state);
   const std::vector<at::Device> devices = plan->devices();
-  std::vector<at::Tensor> device_counters;
-  std::vector<at::Device> missing;
-  for (const at::Device& device : devices) {
+  auto counter_of = [&](const at::Device& device) {
     PyObject* counter = PyDict_GetItemWithError(counters.ptr(), py::cast(device).ptr());
-    if (counter == nullptr) {
-      if (PyErr_Occurred()) {
-        throw py::error_already_set();
-      }
+    if (counter == nullptr && PyErr_Occurred()) {
+      throw py::error_already_set();
+    }
+    return counter;
+  };
+  std::vector<at::Device> missing;
+  for (const at::Device& device : plan->devices_with_parameters()) {
+    if (counter_of(device) == nullptr) {
       missing.push_back(device);
-    } else {
-      device_counters.push_back(THPVariable_Unpack(counter));
     }
   }
   if (!plan->ready() || !missing.empty()) {
     return py::make_tuple(plan->stateless, plan->misplaced_steps, missing, plan->masterless);
+  }
+  std::vector<at::Tensor> device_counters;
+  for (const at::Device& device : devices) {
+    device_counters.push_back(THPVariable_Unpack(counter_of(device)));
   }
   // Every device has a counter (so FusedAdamW has checked it has a kernel): check
   // every call of the step, then make them.

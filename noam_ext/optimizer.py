@@ -205,23 +205,21 @@ class FusedAdamW(Optimizer):
         grad_clip, found_inf = self._pending_clip_for_step(found_inf)
         # One C++ call reads the parameters, gradients and state where torch keeps
         # them, checks them all, and makes the step. It changes nothing and says what
-        # is missing when a parameter takes its first step (its state is created
-        # here, as torch creates it lazily), has its step on another device (a
-        # loaded checkpoint), lacks its master, or a device has no schedule counter
-        # yet. Each pass can reveal the next of these for the same parameters, so
-        # passes go on while each one makes progress.
-        done_before = set()
-        while True:
-            hyper, device_hypers = self._hyper_tables()   # checks every group first
-            missing = _C.fused_step(self.param_groups, self.state, hyper, self._schedule_counters,
-                                    grad_scale, found_inf, grad_clip, device_hypers)
-            if missing is None:
-                break
-            signature = repr(missing)
-            if signature in done_before:
-                raise AssertionError(f"FusedAdamW: step preparation made no progress: {missing}")
-            done_before.add(signature)
+        # must be prepared, for every parameter at once, when a parameter takes its
+        # first step (its state is created here, as torch creates it lazily), has its
+        # step on another device (a loaded checkpoint) or lacks its master, or a device
+        # has no schedule counter yet; the call after the preparation makes the step.
+        hyper, device_hypers = self._hyper_tables()   # checks every group first
+        missing = _C.fused_step(self.param_groups, self.state, hyper, self._schedule_counters,
+                                grad_scale, found_inf, grad_clip, device_hypers)
+        if missing is not None:
             self._prepare(*missing)
+            hyper, device_hypers = self._hyper_tables()   # new devices' tables
+            unprepared = _C.fused_step(self.param_groups, self.state, hyper, self._schedule_counters,
+                                       grad_scale, found_inf, grad_clip, device_hypers)
+            if unprepared is not None:
+                raise AssertionError(f"FusedAdamW: the step is still unprepared after preparing {missing}: "
+                                     f"{unprepared} (a bug in noam_ext)")
         self._pending_clip = None   # used by this step (a step that raised keeps it for the next)
         self._schedule_steps_done += 1
         if self.schedule is not None:

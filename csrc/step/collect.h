@@ -297,15 +297,18 @@ inline std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) 
       PyObject* st = states.find(p.object);
       if (st == nullptr || PyDict_Size(st) == 0) {
         plan->stateless.emplace_back(g, j);   // FusedAdamW creates it, as torch does lazily
+        plan->unplanned_devices.push_back(p.param->device());
         continue;
       }
       const StateView s = read_state(p, st, group.amsgrad, group.master);
-      if (!s.ready) {
-        plan->misplaced_steps.emplace_back(g, j);
-        continue;
-      }
-      if (!s.has_master) {
-        plan->masterless.emplace_back(g, j);
+      if (!s.ready || !s.has_master) {   // both reported: one preparation mends both
+        if (!s.ready) {
+          plan->misplaced_steps.emplace_back(g, j);
+        }
+        if (!s.has_master) {
+          plan->masterless.emplace_back(g, j);
+        }
+        plan->unplanned_devices.push_back(p.param->device());
         continue;
       }
       plan_param(*plan, bucket_of, p, s, group);

@@ -149,17 +149,21 @@ inline CallLists round_lists(const Bucket& b, int32_t round) {
 
 class StepPlan {
  public:
-  // Parameters with a gradient but no optimizer state yet, as (group, index):
-  // FusedAdamW creates their state (as torch does lazily) and collects again.
+  // What FusedAdamW must prepare before the step, every problem of every parameter
+  // (collect reports them all at once, so that one preparation and one more collection
+  // always suffice), as (group, index):
+  // parameters with a gradient but no optimizer state yet (FusedAdamW creates it, as
+  // torch does lazily);
   std::vector<std::pair<int64_t, int64_t>> stateless;
-  // Parameters whose state["step"] is not a one-element float32 tensor on the
-  // parameter's device (a torch.optim.AdamW checkpoint keeps it on the CPU):
-  // FusedAdamW moves it there and collects again.
+  // parameters whose state["step"] is not a one-element float32 tensor on the
+  // parameter's device (a torch.optim.AdamW checkpoint keeps it on the CPU): moved there;
   std::vector<std::pair<int64_t, int64_t>> misplaced_steps;
-  // Parameters of master-weight groups whose state has no master yet (a checkpoint of
-  // torch.optim.AdamW, or of an optimizer without the option): FusedAdamW makes it from
-  // the parameter and collects again.
+  // parameters of master-weight groups whose state has no master yet (a checkpoint of
+  // torch.optim.AdamW, or of an optimizer without the option): made from the parameter.
   std::vector<std::pair<int64_t, int64_t>> masterless;
+  // The devices of those parameters: their schedule counters are checked with the
+  // planned buckets' (devices_with_parameters), so that a first step asks for them too.
+  std::vector<at::Device> unplanned_devices;
   std::vector<Bucket> buckets;
   int64_t num_groups = 0;             // rows of the hyper table
 
@@ -168,6 +172,17 @@ class StepPlan {
     for (const Bucket& b : buckets) {
       if (std::find(out.begin(), out.end(), b.device) == out.end()) {
         out.push_back(b.device);
+      }
+    }
+    return out;
+  }
+
+  // Every device with a parameter to step: the buckets' and the unplanned parameters'.
+  std::vector<at::Device> devices_with_parameters() const {
+    std::vector<at::Device> out = devices();
+    for (const at::Device& d : unplanned_devices) {
+      if (std::find(out.begin(), out.end(), d) == out.end()) {
+        out.push_back(d);
       }
     }
     return out;
