@@ -114,6 +114,37 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
   return py::none();
 }
 
+// The op calls step() would make now, without making them, for tests that compare the
+// eager step's bucketing with the compiled step's (noam_ext/optimizer.py,
+// _traceable_calls): per call, its device, storage, amsgrad, stochastic rounding, and
+// per parameter its (group, index), hyper row, rounding stream and element offset.
+py::list planned_calls(py::list param_groups, py::dict state) {
+  const std::unique_ptr<step::StepPlan> plan = step::collect(param_groups, state);
+  TORCH_CHECK(plan->ready(), "planned_calls: some parameters have no state, steps to move or no masters yet: "
+              "take a step first");
+  auto name = [](c10::ScalarType t) { return std::string(c10::toString(t)); };
+  const char* masters[] = {"none", "float32", "remainder"};
+  py::list out;
+  for (Bucket& b : plan->buckets) {
+    assign_rounds(b);
+    for (int32_t round = 0; round < b.num_rounds; ++round) {
+      const step::CallLists c = step::round_lists(b, round);
+      py::dict call;
+      call["device"] = py::cast(b.device);
+      call["storage"] = py::make_tuple(name(b.storage.param), name(b.storage.grad), name(b.storage.moment),
+                                       masters[static_cast<int>(b.storage.master)]);
+      call["amsgrad"] = b.amsgrad;
+      call["stochastic_rounding"] = b.stochastic_rounding;
+      call["where"] = c.where;
+      call["groups"] = c.rows;
+      call["rng_streams"] = c.rng_streams;
+      call["element_offsets"] = c.element_offsets;
+      out.append(call);
+    }
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace noam_ext
 
@@ -157,6 +188,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "The (param, grad, moment, master) storage combinations the op supports (csrc/noam_ext/storage.h).");
   m.def("cpu_capability", [] { return noam_ext::cpu::active_cpu_capability(); },
         "Instruction set the CPU op runs with: default, avx2 or avx512.");
+  m.def("planned_calls", &noam_ext::planned_calls, py::arg("param_groups"), py::arg("state"),
+        "For tests: the op calls step() would make now (device, storage, amsgrad, stochastic_rounding, and per "
+        "parameter where, groups, rng_streams, element_offsets), without making them.");
   m.def("fused_step", &noam_ext::fused_step, py::arg("param_groups"), py::arg("state"), py::arg("hyper"),
         py::arg("counters"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("grad_clip") = py::none(),
         py::arg("device_hypers") = py::none(),

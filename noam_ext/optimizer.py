@@ -389,14 +389,11 @@ class FusedAdamW(Optimizer):
             counter[0] = done
 
 
-def _traceable_step(opt: FusedAdamW) -> None:
-    """step() as torch.compile traces it: the same reads of param_groups, p.grad and
-    optimizer.state, the same op, but in Python that Dynamo follows (the C++ fast
-    path is opaque to it), so that torch.compile(optimizer.step, fullgraph=True) is
-    one graph. What it leaves out, and the docs say: the host-side lr mirror
-    (group["lr"], get_last_lr()) does not advance inside a compiled step (the device
-    counters do; state_dict() and get_last_lr() re-read them), and parameters that
-    share memory (tied through .data) are not detected."""
+def _traceable_calls(opt: "FusedAdamW") -> tuple[torch.Tensor, dict[tuple, dict[str, list]]]:
+    """The compiled step's hyperparameter table and op calls, one per (device, storages,
+    master, amsgrad, stochastic rounding), with each parameter's (group, index) in
+    "where": creating state and masters as the eager step's preparation does.
+    tests/test_bucketing.py requires the eager step's plan (_C.planned_calls) to be the same."""
     rows = []
     for group in opt.param_groups:
         base_lr = group["initial_lr"] if opt.schedule is not None else group["lr"]
@@ -427,7 +424,7 @@ def _traceable_step(opt: FusedAdamW) -> None:
                    options.stochastic_rounding)
             call = calls.setdefault(key, {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
                                           "max_exp_avg_sqs": [], "masters": [], "steps": [], "groups": [],
-                                          "rng_streams": [], "element_offsets": []})
+                                          "rng_streams": [], "element_offsets": [], "where": []})
             call["params"].append(tensors[0])
             call["grads"].append(tensors[1])
             call["exp_avgs"].append(tensors[2])
@@ -438,11 +435,24 @@ def _traceable_step(opt: FusedAdamW) -> None:
                 call["masters"].append(master)
             call["steps"].append(state["step"])
             call["groups"].append(index)
+            call["where"].append((index, j))
             if options.stochastic_rounding:
                 offset, salt = (0, 0) if _local(p) is p else shard_rounding(p)
                 stream = rounding_stream(options.seed, index, j)
                 call["rng_streams"].append(as_int64(stream if salt == 0 else mix64(stream ^ salt)))
                 call["element_offsets"].append(offset)
+    return hyper, calls
+
+
+def _traceable_step(opt: FusedAdamW) -> None:
+    """step() as torch.compile traces it: the same reads of param_groups, p.grad and
+    optimizer.state, the same op, but in Python that Dynamo follows (the C++ fast
+    path is opaque to it), so that torch.compile(optimizer.step, fullgraph=True) is
+    one graph. What it leaves out, and the docs say: the host-side lr mirror
+    (group["lr"], get_last_lr()) does not advance inside a compiled step (the device
+    counters do; state_dict() and get_last_lr() re-read them), and parameters that
+    share memory (tied through .data) are not detected."""
+    hyper, calls = _traceable_calls(opt)
     grad_scale = getattr(opt, "grad_scale", None)
     found_inf = getattr(opt, "found_inf", None)
     grad_clip, found_inf = opt._pending_clip_for_step(found_inf)
