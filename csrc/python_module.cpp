@@ -186,6 +186,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       "The (param, grad, moment, master) storage combinations the op supports (csrc/noam_ext/storage.h).");
+  m.def(
+      "table_layout",
+      [] {
+        auto named = [](const auto& table) {
+          py::dict out;
+          for (const noam_ext::NamedIndex& entry : table) {
+            out[entry.name] = entry.index;
+          }
+          return out;
+        };
+        py::list shapes(std::size(noam_ext::kDecayShapeNames));
+        for (const noam_ext::NamedIndex& entry : noam_ext::kDecayShapeNames) {
+          shapes[static_cast<size_t>(entry.index)] = entry.name;   // the list index is the shape's
+        }
+        py::dict layout;
+        layout["hyper_columns"] = named(noam_ext::kHyperColumnNames);
+        layout["num_hyper_columns"] = static_cast<int>(noam_ext::kNumHyperColumns);
+        layout["schedule_columns"] = named(noam_ext::kScheduleColumnNames);
+        layout["num_schedule_columns"] = static_cast<int>(noam_ext::kNumScheduleColumns);
+        layout["schedule_kinds"] = named(noam_ext::kScheduleKindNames);
+        layout["decay_shapes"] = shapes;
+        return layout;
+      },
+      "The op's hyperparameter table: column indices, schedule kinds and decay shapes by name "
+      "(csrc/noam_ext/adamw_math.h, schedule_math.h).");
   m.def("cpu_capability", [] { return noam_ext::cpu::active_cpu_capability(); },
         "Instruction set the CPU op runs with: default, avx2 or avx512.");
   m.def("planned_calls", &noam_ext::planned_calls, py::arg("param_groups"), py::arg("state"),

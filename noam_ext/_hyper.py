@@ -8,15 +8,15 @@ from typing import Any
 
 import torch
 
-from .schedules import NUM_SCHEDULE_COLUMNS
+from ._layout import table_layout
 
-# Columns of the table; keep in sync with csrc/noam_ext/adamw_math.h (HyperColumn).
-# They come in blocks: AdamW's own settings, then the schedule block, whose
-# NUM_SCHEDULE_COLUMNS columns noam_ext/schedules.py lays out. A new block goes
-# after the last one, and NUM_HYPER_COLUMNS moves past it.
-LR, BETA1, BETA2, EPS, WEIGHT_DECAY, MAXIMIZE = range(6)
-SCHEDULE_BLOCK = 6
-NUM_HYPER_COLUMNS = SCHEDULE_BLOCK + NUM_SCHEDULE_COLUMNS
+# Columns of the table, as the op defines them (csrc/noam_ext/adamw_math.h, HyperColumn,
+# exported by noam_ext._C.table_layout()): AdamW's own settings, then the schedule block,
+# which noam_ext/schedules.py fills.
+_COLUMNS = table_layout()["hyper_columns"]
+LR, BETA1, BETA2, EPS, WEIGHT_DECAY, MAXIMIZE, SCHEDULE_BLOCK = (
+    _COLUMNS[name] for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize", "schedule_block"))
+NUM_HYPER_COLUMNS = table_layout()["num_hyper_columns"]
 
 # Complex parameters are updated as their real views, as torch.optim.AdamW does.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)

@@ -28,6 +28,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
+from ._layout import table_layout
 from .scheduler import noam_lr, validate_noam_args
 
 __all__ = [
@@ -36,15 +37,9 @@ __all__ = [
     "warmup_inverse_sqrt_lr", "DECAY_SHAPES",
 ]
 
-# Offsets in the schedule block of the op's hyperparameter table
-# (csrc/noam_ext/schedule_math.h, ScheduleColumn: keep in sync).
-KIND, WARMUP_STEPS, DECAY_START, DECAY_END, MIN_LR_RATIO, DECAY_SHAPE, NUM_CYCLES, TIMESCALE, D_MODEL = range(9)
-NUM_SCHEDULE_COLUMNS = 9
-
-# ScheduleKind in schedule_math.h.
-NO_SCHEDULE, NOAM, WARMUP_CONSTANT, WARMUP_LINEAR, WARMUP_COSINE, WARMUP_STABLE_DECAY, WARMUP_INVERSE_SQRT = range(7)
-
-# WSD's decay shapes; the index is DecayShape in schedule_math.h.
+# WSD's decay shapes, as users name them (and the pure functions below evaluate them).
+# Where each sits in the op's table, as every column and schedule kind, the op says
+# (noam_ext._layout, from csrc/noam_ext/schedule_math.h).
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt", "exponential")
 
 _MAX_STEPS = 2**53   # steps are doubles in the op: larger whole numbers are not exact
@@ -53,7 +48,7 @@ _MAX_STEPS = 2**53   # steps are doubles in the op: larger whole numbers are not
 class Schedule:
     """Base of the schedules that FusedAdamW(schedule=...) evaluates inside the op."""
 
-    _KIND = NO_SCHEDULE
+    _KIND = "none"   # the op's name of the schedule kind (schedule_math.h, kScheduleKindNames)
 
     def factor(self, completed_steps: int) -> float:
         """The multiplier of the base lr in the step after `completed_steps` steps."""
@@ -63,18 +58,22 @@ class Schedule:
         return self.factor(step)
 
     def table_block(self) -> list[float]:
-        """The settings as the op's hyperparameter table holds them (NUM_SCHEDULE_COLUMNS
-        floats, by the offsets above; the settings this kind does not read are 0)."""
-        block = [0.0] * NUM_SCHEDULE_COLUMNS
-        block[KIND] = float(self._KIND)
-        for offset, value in self._settings().items():
-            block[offset] = float(value)
+        """The settings as the op's hyperparameter table holds them: its schedule block, laid
+        out as the op says (noam_ext._layout); the settings this kind does not read are 0."""
+        layout = table_layout()
+        columns = layout["schedule_columns"]
+        block = [0.0] * layout["num_schedule_columns"]
+        block[columns["kind"]] = float(layout["schedule_kinds"][self._KIND])
+        for name, value in self._settings().items():
+            if name == "decay_shape":
+                value = layout["decay_shapes"].index(value)
+            block[columns[name]] = float(value)
         return block
 
     def _factor(self, k: float) -> float:
         raise NotImplementedError
 
-    def _settings(self) -> dict[int, float]:
+    def _settings(self) -> dict[str, float | str]:
         raise NotImplementedError
 
 
@@ -85,7 +84,7 @@ class Noam(Schedule):
 
     d_model: int
     warmup_steps: int = 4000
-    _KIND = NOAM
+    _KIND = "noam"
 
     def __post_init__(self):
         d_model, warmup = validate_noam_args(self.d_model, self.warmup_steps)
@@ -95,8 +94,8 @@ class Noam(Schedule):
     def factor(self, completed_steps: int) -> float:
         return noam_lr(completed_steps, self.d_model, self.warmup_steps)
 
-    def _settings(self) -> dict[int, float]:
-        return {D_MODEL: self.d_model, WARMUP_STEPS: self.warmup_steps}
+    def _settings(self) -> dict[str, float | str]:
+        return {"d_model": self.d_model, "warmup_steps": self.warmup_steps}
 
 
 @dataclass(frozen=True)
@@ -104,7 +103,7 @@ class WarmupConstant(Schedule):
     """k / warmup_steps for k < warmup_steps, then 1 (HF get_constant_schedule_with_warmup)."""
 
     warmup_steps: int
-    _KIND = WARMUP_CONSTANT
+    _KIND = "warmup_constant"
 
     def __post_init__(self):
         _set(self, "warmup_steps", _steps("warmup_steps", self.warmup_steps))
@@ -114,8 +113,8 @@ class WarmupConstant(Schedule):
             return k / self.warmup_steps
         return 1.0
 
-    def _settings(self) -> dict[int, float]:
-        return {WARMUP_STEPS: self.warmup_steps}
+    def _settings(self) -> dict[str, float | str]:
+        return {"warmup_steps": self.warmup_steps}
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ class WarmupLinear(Schedule):
     warmup_steps: int
     total_steps: int
     min_lr_ratio: float = 0.0
-    _KIND = WARMUP_LINEAR
+    _KIND = "warmup_linear"
 
     def __post_init__(self):
         warmup = _set(self, "warmup_steps", _steps("warmup_steps", self.warmup_steps))
@@ -141,9 +140,9 @@ class WarmupLinear(Schedule):
             return _above_floor((self.total_steps - k) / (self.total_steps - self.warmup_steps), self.min_lr_ratio)
         return self.min_lr_ratio
 
-    def _settings(self) -> dict[int, float]:
-        return {WARMUP_STEPS: self.warmup_steps, DECAY_START: self.warmup_steps, DECAY_END: self.total_steps,
-                MIN_LR_RATIO: self.min_lr_ratio}
+    def _settings(self) -> dict[str, float | str]:
+        return {"warmup_steps": self.warmup_steps, "decay_start": self.warmup_steps, "decay_end": self.total_steps,
+                "min_lr_ratio": self.min_lr_ratio}
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ class WarmupCosine(Schedule):
     total_steps: int
     min_lr_ratio: float = 0.0
     num_cycles: float = 0.5
-    _KIND = WARMUP_COSINE
+    _KIND = "warmup_cosine"
 
     def __post_init__(self):
         warmup = _set(self, "warmup_steps", _steps("warmup_steps", self.warmup_steps))
@@ -173,9 +172,9 @@ class WarmupCosine(Schedule):
             return _above_floor(_cosine_wave(progress, self.num_cycles), self.min_lr_ratio)
         return self.min_lr_ratio
 
-    def _settings(self) -> dict[int, float]:
-        return {WARMUP_STEPS: self.warmup_steps, DECAY_START: self.warmup_steps, DECAY_END: self.total_steps,
-                MIN_LR_RATIO: self.min_lr_ratio, NUM_CYCLES: self.num_cycles}
+    def _settings(self) -> dict[str, float | str]:
+        return {"warmup_steps": self.warmup_steps, "decay_start": self.warmup_steps, "decay_end": self.total_steps,
+                "min_lr_ratio": self.min_lr_ratio, "num_cycles": self.num_cycles}
 
 
 @dataclass(frozen=True)
@@ -190,7 +189,7 @@ class WarmupStableDecay(Schedule):
     decay_steps: int
     decay: str = "linear"
     min_lr_ratio: float = 0.0
-    _KIND = WARMUP_STABLE_DECAY
+    _KIND = "warmup_stable_decay"
 
     def __post_init__(self):
         _set(self, "warmup_steps", _steps("warmup_steps", self.warmup_steps))
@@ -213,10 +212,10 @@ class WarmupStableDecay(Schedule):
             return _above_floor(_wsd_decay(self.decay, (k - start) / (end - start)), self.min_lr_ratio)
         return self.min_lr_ratio
 
-    def _settings(self) -> dict[int, float]:
+    def _settings(self) -> dict[str, float | str]:
         start = self.warmup_steps + self.stable_steps
-        return {WARMUP_STEPS: self.warmup_steps, DECAY_START: start, DECAY_END: start + self.decay_steps,
-                MIN_LR_RATIO: self.min_lr_ratio, DECAY_SHAPE: DECAY_SHAPES.index(self.decay)}
+        return {"warmup_steps": self.warmup_steps, "decay_start": start, "decay_end": start + self.decay_steps,
+                "min_lr_ratio": self.min_lr_ratio, "decay_shape": self.decay}
 
 
 @dataclass(frozen=True)
@@ -230,7 +229,7 @@ class WarmupInverseSqrt(Schedule):
     warmup_steps: int
     timescale: int | None = None
     min_lr_ratio: float = 0.0
-    _KIND = WARMUP_INVERSE_SQRT
+    _KIND = "warmup_inverse_sqrt"
 
     def __post_init__(self):
         warmup = _set(self, "warmup_steps", _steps("warmup_steps", self.warmup_steps))
@@ -244,8 +243,8 @@ class WarmupInverseSqrt(Schedule):
         decay = 1.0 / math.sqrt((k + (self.timescale - self.warmup_steps)) / self.timescale)
         return self.min_lr_ratio if decay < self.min_lr_ratio else decay
 
-    def _settings(self) -> dict[int, float]:
-        return {WARMUP_STEPS: self.warmup_steps, TIMESCALE: self.timescale, MIN_LR_RATIO: self.min_lr_ratio}
+    def _settings(self) -> dict[str, float | str]:
+        return {"warmup_steps": self.warmup_steps, "timescale": self.timescale, "min_lr_ratio": self.min_lr_ratio}
 
 
 # ---- the pure functions (each builds the schedule, so its arguments are checked) -----------------

@@ -133,3 +133,27 @@ def test_python_and_the_op_agree_on_the_number_of_columns():
     args["hyper"] = args["hyper"][:, :-1].contiguous()
     with pytest.raises(RuntimeError, match=rf"\[groups, {NUM_HYPER_COLUMNS}\]"):
         torch.ops.noam_ext.fused_adamw_(*positional(args))
+
+
+def test_the_table_layout_is_the_ops_own():
+    # The layout is defined in C++ and read by Python (noam_ext/_layout.py): every schedule kind
+    # and decay shape Python can build is one the op knows, every column has a place of its
+    # own, and the names users give decay shapes are the op's.
+    import noam_ext
+    from noam_ext import _C
+    from noam_ext.schedules import DECAY_SHAPES, Schedule
+
+    layout = _C.table_layout()
+    hyper = layout["hyper_columns"]
+    assert sorted(hyper.values()) == list(range(len(hyper)))   # schedule_block last, after AdamW's own
+    assert layout["num_hyper_columns"] == hyper["schedule_block"] + layout["num_schedule_columns"]
+    assert sorted(layout["schedule_columns"].values()) == list(range(layout["num_schedule_columns"]))
+    assert list(DECAY_SHAPES) == layout["decay_shapes"]
+    kinds = {cls._KIND for cls in Schedule.__subclasses__()} | {Schedule._KIND}
+    assert kinds == set(layout["schedule_kinds"])
+    assert NUM_HYPER_COLUMNS == layout["num_hyper_columns"] and LR == hyper["lr"] and BETA1 == hyper["beta1"]
+    block = noam_ext.WarmupStableDecay(2, 3, 4, decay="exponential", min_lr_ratio=0.5).table_block()
+    columns = layout["schedule_columns"]
+    assert block[columns["kind"]] == layout["schedule_kinds"]["warmup_stable_decay"]
+    assert block[columns["decay_shape"]] == layout["decay_shapes"].index("exponential")
+    assert block[columns["min_lr_ratio"]] == 0.5

@@ -20,7 +20,8 @@
 namespace noam_ext {
 
 // Columns of the per-group hyperparameter table (float64, [n_groups, kNumHyperColumns])
-// that the optimizer hands to the op. Keep in sync with noam_ext/_hyper.py.
+// that the optimizer hands to the op; exported with their names (kHyperColumnNames) to
+// noam_ext/_layout.py, from which Python builds the table.
 // amsgrad is not a column: a call either passes max_exp_avg_sqs for every tensor or
 // for none, and the optimizer makes one call per (device, dtype, amsgrad).
 // Columns come in blocks: AdamW's own settings, then the schedule block. A new block
@@ -35,6 +36,10 @@ enum HyperColumn : int {
   kScheduleBlock = 6,  // kNumScheduleColumns columns: which schedule, and its settings (schedule_math.h)
   kNumHyperColumns = kScheduleBlock + kNumScheduleColumns,
 };
+
+constexpr NamedIndex kHyperColumnNames[] = {
+    {"lr", kLr}, {"beta1", kBeta1}, {"beta2", kBeta2}, {"eps", kEps}, {"weight_decay", kWeightDecay},
+    {"maximize", kMaximize}, {"schedule_block", kScheduleBlock}};
 
 // The learning rate a group uses in the step that follows `schedule_step`
 // completed steps. The k-th step() of a scheduled optimizer sees

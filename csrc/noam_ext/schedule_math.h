@@ -17,7 +17,7 @@
 namespace noam_ext {
 
 // Offsets in the schedule block of a hyperparameter row (adamw_math.h,
-// kScheduleBlock). Keep in sync with noam_ext/schedules.py. A kind reads only
+// kScheduleBlock), exported with their names below (noam_ext/_layout.py). A kind reads only
 // the settings it needs; the others are 0.
 enum ScheduleColumn : int {
   kScheduleKind = 0,  // ScheduleKind
@@ -48,6 +48,25 @@ enum DecayShape : int {
   kDecayOneMinusSqrt = 2,
   kDecayExponential = 3,
 };
+
+// The names of the enums above, for noam_ext._C.table_layout(): Python builds its table
+// rows from that, so the layout is written here only (noam_ext/_layout.py).
+struct NamedIndex {
+  const char* name;
+  int index;
+};
+
+constexpr NamedIndex kScheduleColumnNames[] = {
+    {"kind", kScheduleKind}, {"warmup_steps", kWarmupSteps}, {"decay_start", kDecayStart},
+    {"decay_end", kDecayEnd}, {"min_lr_ratio", kMinLrRatio}, {"decay_shape", kDecayShape},
+    {"num_cycles", kNumCycles}, {"timescale", kTimescale}, {"d_model", kDModel}};
+constexpr NamedIndex kScheduleKindNames[] = {
+    {"none", kNoSchedule}, {"noam", kNoam}, {"warmup_constant", kWarmupConstant}, {"warmup_linear", kWarmupLinear},
+    {"warmup_cosine", kWarmupCosine}, {"warmup_stable_decay", kWarmupStableDecay},
+    {"warmup_inverse_sqrt", kWarmupInverseSqrt}};
+constexpr NamedIndex kDecayShapeNames[] = {
+    {"linear", kDecayLinear}, {"cosine", kDecayCosine}, {"1-sqrt", kDecayOneMinusSqrt},
+    {"exponential", kDecayExponential}};
 
 // Python's math.pi: the same double.
 constexpr double kPi = 3.141592653589793;
