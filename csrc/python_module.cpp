@@ -35,7 +35,10 @@ using step::StepPlan;
 // are now and, when nothing needs preparing, makes it. Returns None when the
 // step was made; otherwise, having changed nothing, everything to prepare, for every
 // parameter at once: (stateless, misplaced_steps, devices without a counter,
-// masterless). After FusedAdamW has prepared all of it, the next call makes the step.
+// masterless, unplaced_shards). After FusedAdamW has prepared all of it, the next call
+// makes the step.
+//   shards:     {DTensor parameter: (offset, salt)} of stochastically rounded groups
+//               (noam_ext._storage.shard_rounding, worked out in Python)
 //   hyper:      the optimizer's float64 [groups, columns] table on the CPU
 //   device_hypers: {torch.device: the same table on that device} for devices whose
 //               kernels should read it there (FusedAdamW keeps them current with
@@ -47,8 +50,9 @@ using step::StepPlan;
 //   grad_clip:  the clipping factor (FusedAdamW.clip_grad_norm_) or None
 py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& hyper, py::dict counters,
                       const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-                      const std::optional<at::Tensor>& grad_clip, const std::optional<py::dict>& device_hypers) {
-  const std::unique_ptr<step::StepPlan> plan = step::collect(param_groups, state);
+                      const std::optional<at::Tensor>& grad_clip, const std::optional<py::dict>& device_hypers,
+                      const std::optional<py::dict>& shards) {
+  const std::unique_ptr<step::StepPlan> plan = step::collect(param_groups, state, shards ? shards->ptr() : nullptr);
   const std::vector<at::Device> devices = plan->devices();
   auto counter_of = [&](const at::Device& device) {
     PyObject* counter = PyDict_GetItemWithError(counters.ptr(), py::cast(device).ptr());
@@ -64,7 +68,7 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
     }
   }
   if (!plan->ready() || !missing.empty()) {
-    return py::make_tuple(plan->stateless, plan->misplaced_steps, missing, plan->masterless);
+    return py::make_tuple(plan->stateless, plan->misplaced_steps, missing, plan->masterless, plan->unplaced_shards);
   }
   std::vector<at::Tensor> device_counters;
   for (const at::Device& device : devices) {
@@ -118,8 +122,8 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
 // eager step's bucketing with the compiled step's (noam_ext/optimizer.py,
 // _traceable_calls): per call, its device, storage, amsgrad, stochastic rounding, and
 // per parameter its (group, index), hyper row, rounding stream and element offset.
-py::list planned_calls(py::list param_groups, py::dict state) {
-  const std::unique_ptr<step::StepPlan> plan = step::collect(param_groups, state);
+py::list planned_calls(py::list param_groups, py::dict state, py::dict shards) {
+  const std::unique_ptr<step::StepPlan> plan = step::collect(param_groups, state, shards.ptr());
   TORCH_CHECK(plan->ready(), "planned_calls: some parameters have no state, steps to move or no masters yet: "
               "take a step first");
   auto name = [](c10::ScalarType t) { return std::string(c10::toString(t)); };
@@ -213,12 +217,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "(csrc/noam_ext/adamw_math.h, schedule_math.h).");
   m.def("cpu_capability", [] { return noam_ext::cpu::active_cpu_capability(); },
         "Instruction set the CPU op runs with: default, avx2 or avx512.");
-  m.def("planned_calls", &noam_ext::planned_calls, py::arg("param_groups"), py::arg("state"),
+  m.def("planned_calls", &noam_ext::planned_calls, py::arg("param_groups"), py::arg("state"), py::arg("shards"),
         "For tests: the op calls step() would make now (device, storage, amsgrad, stochastic_rounding, and per "
         "parameter where, groups, rng_streams, element_offsets), without making them.");
   m.def("fused_step", &noam_ext::fused_step, py::arg("param_groups"), py::arg("state"), py::arg("hyper"),
         py::arg("counters"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("grad_clip") = py::none(),
-        py::arg("device_hypers") = py::none(),
+        py::arg("device_hypers") = py::none(), py::arg("shards") = py::none(),
         "FusedAdamW.step()'s work: reads param_groups, every p.grad and optimizer.state as they are now, "
         "checks everything, then calls the op once per (device, dtype, amsgrad), more where parameters share "
         "memory. Returns None, or what must be prepared first (nothing is changed then).");

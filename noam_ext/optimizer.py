@@ -100,6 +100,9 @@ class FusedAdamW(Optimizer):
         self.schedule = schedule
         self._schedule_steps_done = 0   # host mirror of the device counters, for logging
         self._schedule_counters: dict[torch.device, torch.Tensor] = {}
+        # Where each stochastically rounded DTensor shard lies in its whole parameter,
+        # worked out in Python when the step first meets it (_prepare) and passed to C++.
+        self._shards: dict[torch.Tensor, tuple[int, int]] = {}
         self._hyper = HyperTable()
         self._device_hyper = DeviceHyperTables()
         self._pending_clip: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -166,6 +169,7 @@ class FusedAdamW(Optimizer):
         self.schedule = getattr(self, "schedule", schedule)
         self._schedule_steps_done = getattr(self, "_schedule_steps_done", done)
         self._schedule_counters = {}
+        self._shards = {}   # worked out again on first use
         self._hyper = HyperTable()
         self._device_hyper = DeviceHyperTables()
         self._pending_clip = None
@@ -211,12 +215,12 @@ class FusedAdamW(Optimizer):
         # has no schedule counter yet; the call after the preparation makes the step.
         hyper, device_hypers = self._hyper_tables()   # checks every group first
         missing = _C.fused_step(self.param_groups, self.state, hyper, self._schedule_counters,
-                                grad_scale, found_inf, grad_clip, device_hypers)
+                                grad_scale, found_inf, grad_clip, device_hypers, self._shards)
         if missing is not None:
             self._prepare(*missing)
             hyper, device_hypers = self._hyper_tables()   # new devices' tables
             unprepared = _C.fused_step(self.param_groups, self.state, hyper, self._schedule_counters,
-                                       grad_scale, found_inf, grad_clip, device_hypers)
+                                       grad_scale, found_inf, grad_clip, device_hypers, self._shards)
             if unprepared is not None:
                 raise AssertionError(f"FusedAdamW: the step is still unprepared after preparing {missing}: "
                                      f"{unprepared} (a bug in noam_ext)")
@@ -315,11 +319,15 @@ class FusedAdamW(Optimizer):
     # ---- state -----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _prepare(self, stateless, misplaced_steps, devices, masterless=()) -> None:
+    def _prepare(self, stateless, misplaced_steps, devices, masterless=(), unplaced_shards=()) -> None:
         """Creates the state of parameters taking their first step (as torch does,
         lazily), moves steps loaded onto the CPU to their parameter's device, creates
-        the schedule counters of new devices, and the masters of parameters whose state
-        has none (a torch.optim.AdamW checkpoint loaded into a master-weight optimizer)."""
+        the schedule counters of new devices, the masters of parameters whose state
+        has none (a torch.optim.AdamW checkpoint loaded into a master-weight optimizer),
+        and works out where stochastically rounded shards lie in their whole parameters."""
+        for g, j in unplaced_shards:
+            p = self.param_groups[g]["params"][j]
+            self._shards[p] = shard_rounding(p)
         for device in devices:
             _check_device_supported(device)
             self._schedule_counter(device)

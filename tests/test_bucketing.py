@@ -61,7 +61,7 @@ def step_once(opt, grad_dtype=None):
 
 def eager_calls(opt):
     calls = {}
-    for call in _C.planned_calls(opt.param_groups, opt.state):
+    for call in _C.planned_calls(opt.param_groups, opt.state, opt._shards):
         key = (str(call["device"]), *call["storage"], call["amsgrad"], call["stochastic_rounding"])
         assert key not in calls, f"two eager calls for {key}: parameters sharing memory are not in these tests"
         calls[key] = {k: [tuple(w) for w in call[k]] if k == "where" else list(call[k])

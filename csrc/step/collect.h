@@ -178,23 +178,20 @@ inline uint64_t rounding_stream(uint64_t seed, int64_t g, int64_t j) {
   return mix64(seed ^ mix64((static_cast<uint64_t>(g) << 32) | static_cast<uint64_t>(j)));
 }
 
-// Where a shard's elements lie in its whole parameter, for stochastic rounding:
-// (offset of element 0, salt), from noam_ext._storage.shard_rounding (cached there).
-inline std::pair<int64_t, uint64_t> shard_rounding(PyObject* param) {
-  static PyObject* const function = [] {
-    py::object module = py::module_::import("noam_ext._storage");
-    return py::object(module.attr("shard_rounding")).release().ptr();   // held for the process
-  }();
-  py::object result = py::reinterpret_steal<py::object>(PyObject_CallOneArg(function, param));
-  if (!result) {
-    throw py::error_already_set();
+// Where a shard's elements lie in its whole parameter, for stochastic rounding: (offset
+// of element 0, salt), as FusedAdamW worked it out in Python before the step
+// (noam_ext._storage.shard_rounding) and passes it in `shards`, keyed by the parameter;
+// nullopt when it has not yet (collect then reports the parameter for preparation).
+inline std::optional<std::pair<int64_t, uint64_t>> shard_rounding(PyObject* shards, PyObject* param) {
+  PyObject* entry = shards != nullptr ? dict_item(shards, param) : nullptr;
+  if (entry == nullptr) {
+    return std::nullopt;
   }
-  const auto pair = result.cast<std::pair<int64_t, uint64_t>>();
-  return pair;
+  return py::reinterpret_borrow<py::object>(entry).cast<std::pair<int64_t, uint64_t>>();
 }
 
 inline void plan_param(StepPlan& plan, std::map<BucketKey, size_t>& bucket_of, const ParamView& p,
-                       const StateView& s, const GroupView& group) {
+                       const StateView& s, const GroupView& group, const std::pair<int64_t, uint64_t>& shard) {
   const at::Device device = p.param->device();
   const at::Tensor& exp_avg = local_tensor(s.entries.exp_avg, "state['exp_avg']");
   const at::Tensor* master = s.master != nullptr ? &local_tensor(s.master, "the master in the state") : nullptr;
@@ -261,11 +258,9 @@ inline void plan_param(StepPlan& plan, std::map<BucketKey, size_t>& bucket_of, c
   if (group.stochastic_rounding) {
     uint64_t stream = rounding_stream(group.seed, p.group, p.index);
     int64_t offset = 0;
-    if (THPVariable_Unpack(p.object).unsafeGetTensorImpl()->is_python_dispatch()) {   // a shard (DTensor)
-      const auto [shard_offset, salt] = shard_rounding(p.object);
-      offset = shard_offset;
-      stream = salt != 0 ? mix64(stream ^ salt) : stream;
-    }
+    const auto [shard_offset, salt] = shard;   // (0, 0) but for a shard (DTensor)
+    offset = shard_offset;
+    stream = salt != 0 ? mix64(stream ^ salt) : stream;
     row.rng_stream = stream;
     row.element_offset = offset;
     b.rng_streams.push_back(static_cast<int64_t>(stream));
@@ -278,7 +273,7 @@ inline void plan_param(StepPlan& plan, std::map<BucketKey, size_t>& bucket_of, c
 
 // Reads param_groups and optimizer.state as they are now and plans the step:
 // read -> check -> plan, parameter by parameter, in order.
-inline std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) {
+inline std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state, PyObject* shards = nullptr) {
   StateIndex states(state.ptr());
   auto plan = std::make_unique<StepPlan>();
   std::map<BucketKey, size_t> bucket_of;   // (device type, index, storage dtypes, master, amsgrad, rounding)
@@ -294,24 +289,34 @@ inline std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state) 
         continue;  // as torch: a parameter whose .grad is None is not stepped
       }
       check_param(p);
+      std::optional<std::pair<int64_t, uint64_t>> shard = std::make_pair(int64_t{0}, uint64_t{0});
+      if (group.stochastic_rounding && THPVariable_Unpack(p.object).unsafeGetTensorImpl()->is_python_dispatch()) {
+        shard = shard_rounding(shards, p.object);   // a shard (DTensor): where its elements lie
+      }
       PyObject* st = states.find(p.object);
       if (st == nullptr || PyDict_Size(st) == 0) {
         plan->stateless.emplace_back(g, j);   // FusedAdamW creates it, as torch does lazily
+        if (!shard) {
+          plan->unplaced_shards.emplace_back(g, j);
+        }
         plan->unplanned_devices.push_back(p.param->device());
         continue;
       }
       const StateView s = read_state(p, st, group.amsgrad, group.master);
-      if (!s.ready || !s.has_master) {   // both reported: one preparation mends both
+      if (!s.ready || !s.has_master || !shard) {   // all reported: one preparation mends them all
         if (!s.ready) {
           plan->misplaced_steps.emplace_back(g, j);
         }
         if (!s.has_master) {
           plan->masterless.emplace_back(g, j);
         }
+        if (!shard) {
+          plan->unplaced_shards.emplace_back(g, j);
+        }
         plan->unplanned_devices.push_back(p.param->device());
         continue;
       }
-      plan_param(*plan, bucket_of, p, s, group);
+      plan_param(*plan, bucket_of, p, s, group, *shard);
     }
   }
   return plan;

@@ -161,6 +161,9 @@ class StepPlan {
   // parameters of master-weight groups whose state has no master yet (a checkpoint of
   // torch.optim.AdamW, or of an optimizer without the option): made from the parameter.
   std::vector<std::pair<int64_t, int64_t>> masterless;
+  // DTensor parameters of stochastically rounded groups whose place in the whole
+  // parameter FusedAdamW has not worked out yet (noam_ext._storage.shard_rounding).
+  std::vector<std::pair<int64_t, int64_t>> unplaced_shards;
   // The devices of those parameters: their schedule counters are checked with the
   // planned buckets' (devices_with_parameters), so that a first step asks for them too.
   std::vector<at::Device> unplanned_devices;
@@ -188,7 +191,9 @@ class StepPlan {
     return out;
   }
 
-  bool ready() const { return stateless.empty() && misplaced_steps.empty() && masterless.empty(); }
+  bool ready() const {
+    return stateless.empty() && misplaced_steps.empty() && masterless.empty() && unplaced_shards.empty();
+  }
 
   // Checks every call this plan will make, naming parameters, before any is
   // made, and keeps each call's rows for run().
