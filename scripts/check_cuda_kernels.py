@@ -13,7 +13,7 @@ fails when:
   - an update kernel (one per storage of csrc/noam_ext/storage.h, whose list this
     script reads to name them) for any storage but float64 uses more registers than 4
     resident blocks of 256 threads per SM allow (64), or 3 with amsgrad or for float16
-    parameters with a float32 master (85): the occupancy csrc/cuda/fused_adamw_plan.h
+    parameters with a float32 master (85): the occupancy csrc/cuda/launch_policy.cuh
     (min_blocks_per_sm) is built for;
   - (with EXTENSION_SO and a cuobjdump: $CUDA_HOME/bin or the one triton ships) an
     update kernel stores to global memory in pieces other than 16 bytes: every
@@ -72,7 +72,7 @@ def describe(mangled: str, names: list[str] | None = None) -> tuple[str, str, bo
 
 def min_blocks(storage: str, amsgrad: bool) -> int | None:
     """The resident blocks per SM the update kernel must allow (None: no requirement), as
-    min_blocks_per_sm in fused_adamw_plan.h decides it."""
+    min_blocks_per_sm in launch_policy.cuh decides it."""
     if storage.startswith("double"):
         return None
     if storage.startswith("half/") and "master" in storage:

@@ -21,7 +21,7 @@ import torch
 import host_run
 from op_args import LIST_KEYS, clone, make_args, positional, tensors_of
 
-CHUNK = 16384  # kChunkElements in csrc/cuda/fused_adamw_plan.h
+CHUNK = 16384  # kChunkElements in csrc/cuda/launch_policy.cuh
 THREADS = 256  # kThreadsPerBlock
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["float32", "float64", "bfloat16", "float16"]
@@ -41,7 +41,7 @@ LAYOUTS = {
 
 
 def blocks_per_sm(dtype, amsgrad):
-    """min_blocks_per_sm in fused_adamw_plan.h: the update grid is one wave of these."""
+    """min_blocks_per_sm in launch_policy.cuh: the update grid is one wave of these."""
     return 2 if dtype == torch.float64 else 3 if amsgrad else 4
 
 

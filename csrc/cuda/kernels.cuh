@@ -6,23 +6,22 @@
 //    on for the host; it runs every (block, thread) of the same launches one after
 //    another, so that CI runs this very code, the kernels' own, without a GPU.
 // Nothing here may depend on which of the two compiles it: the kernel bodies, the
-// device branches of the vector accesses (fused_adamw_plan.h) and the grid sizing are
+// device branches of the vector accesses (vector_access.cuh) and the grid sizing are
 // the same text for both.
 #pragma once
 
 #include "kernels_namespace.h"
 
-#include <ATen/core/Tensor.h>
-
 #include <cstdint>
 
-#include "fused_adamw_plan.h"
-#include "kernel_args.h"
+#include "call_args.cuh"
+#include "launch_policy.cuh"
+#include "multi_tensor_walk.cuh"
 
 namespace noam_ext::cuda_plan {
 inline namespace NOAM_EXT_KERNELS_COPY {
 
-// The block the calling thread belongs to, for run_block (fused_adamw_plan.h).
+// The block the calling thread belongs to, for run_block (multi_tensor_walk.cuh).
 struct DeviceExec {
   __device__ int64_t block() const { return blockIdx.x; }
   __device__ int64_t num_blocks() const { return gridDim.x; }
@@ -110,19 +109,6 @@ StepLaunches step_launches_for(int64_t num_rows, int64_t total, int64_t multipro
   l.strided.blocks = strided_rows ? l.update.blocks : 0;
   l.strided.threads = kThreadsPerBlock;
   return l;
-}
-
-// The launches of one call on a GPU with `multiprocessors` SMs. Worked out before
-// the first launch: nothing may throw between the two.
-inline StepLaunches step_launches(const StorageTypes& storage, bool amsgrad, int64_t num_rows, int64_t total,
-                                  int64_t multiprocessors, bool strided_rows) {
-  StepLaunches out;
-  dispatch_storage(storage, [&](auto index) {
-    constexpr int kStorage = decltype(index)::value;
-    out = amsgrad ? step_launches_for<kStorage, true>(num_rows, total, multiprocessors, strided_rows)
-                  : step_launches_for<kStorage, false>(num_rows, total, multiprocessors, strided_rows);
-  });
-  return out;
 }
 
 }  // inline namespace NOAM_EXT_KERNELS_COPY

@@ -1,5 +1,6 @@
-// The inline namespace that the kernels' headers (fused_adamw_plan.h, kernel_args.h,
-// kernels.cuh) put everything in, named after the compilation that compiles them:
+// The inline namespace that the kernels' headers (launch_policy.cuh, call_args.cuh,
+// vector_access.cuh, element_update.cuh, multi_tensor_walk.cuh, kernels.cuh, kernel_args.h)
+// put everything in, named after the compilation that compiles them:
 // device_build in the .cu files that nvcc compiles for the GPU, host_run where the
 // kernels' code is compiled as plain C++ (tests/host_run/, after cuda_host_shims.h).
 // Inline functions and template instantiations are weak symbols; without distinct

@@ -11,6 +11,7 @@
 #include <optional>
 #include <vector>
 
+#include "../cuda/launch_pointers.h"
 #include "storage.h"
 #include "work_split.h"
 
@@ -47,19 +48,7 @@ void run_rows(const RowsCall& call);
 // live CUDA graphs hold], over every device and stream.
 std::vector<int64_t> table_cache_stats();
 
-// For tests, through noam_ext._C (no GPU needed): what run_rows would launch, beside
-// the kernels as adamw_cuda.cu itself names them. For each storage of storage.h, with
-// and without amsgrad, and each launch (prepare, update, strided): the function that
-// step_launches (kernels.cuh, the code run_rows calls) returns, and nvcc's kernel stub
-// for the same kernel, taken in adamw_cuda.cu. They differ when the linker replaced
-// the kernels' code with another compilation's copy (kernels_namespace.h).
-struct LaunchPointers {
-  int storage;            // index into kSupportedStorage
-  bool amsgrad;
-  const char* launch;     // "prepare", "update" or "strided"
-  const void* launched;   // from step_launches
-  const void* stub;       // taken in adamw_cuda.cu
-};
+// For tests, through noam_ext._C (no GPU needed): see launch_pointers.h.
 std::vector<LaunchPointers> launch_pointers();
 }  // namespace cuda
 #endif

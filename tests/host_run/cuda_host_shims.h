@@ -3,7 +3,7 @@
 //  - __global__, __device__ and __launch_bounds__ mean nothing on the host;
 //  - threadIdx, blockIdx, blockDim and gridDim are thread-local and set by the
 //    host launch loop before it calls a kernel for one (block, thread);
-//  - uint4, and the PTX of the 16-byte vector accesses (fused_adamw_plan.h's
+//  - uint4, and the PTX of the 16-byte vector accesses (vector_access.cuh's
 //    ld_global_v4, st_global_v4): they do what ld.global.v4.b32 / st.global.v4.b32
 //    do, after checking the 16-byte alignment the GPU would fault on, and count the
 //    vectors moved.

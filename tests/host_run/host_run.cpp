@@ -22,6 +22,7 @@
 
 #include "cuda_host_shims.h"   // after the torch headers, before the kernels
 
+#include "cuda/kernel_args.h"
 #include "cuda/kernels.cuh"
 #include "noam_ext/op_entry.h"
 
@@ -29,6 +30,20 @@ namespace noam_ext::host_run {
 namespace {
 
 using namespace noam_ext::cuda_plan;
+
+// The launches of one call on a GPU with `multiprocessors` SMs, for any storage: the host
+// run compiles every storage's kernels in this one file (the CUDA build compiles them a
+// few storages per unit: csrc/cuda/storage_units.cuh).
+StepLaunches step_launches(const StorageTypes& storage, bool amsgrad, int64_t num_rows, int64_t total,
+                           int64_t multiprocessors, bool strided_rows) {
+  StepLaunches out;
+  dispatch_storage(storage, [&](auto index) {
+    constexpr int kStorage = decltype(index)::value;
+    out = amsgrad ? step_launches_for<kStorage, true>(num_rows, total, multiprocessors, strided_rows)
+                  : step_launches_for<kStorage, false>(num_rows, total, multiprocessors, strided_rows);
+  });
+  return out;
+}
 
 // Deliberately wrong launches, for the tests' mutation check: each breaks a rule
 // the kernels rely on, and the tests must see a difference from the CPU op.
