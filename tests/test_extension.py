@@ -33,10 +33,24 @@ def test_build_matches_what_the_build_was_asked_for():
     assert info["cuda_compiled"] == (expected == "1")
 
 
-def test_cpu_capability_is_one_that_was_compiled():
+def test_cpu_capability_is_the_best_this_cpu_runs():
+    # What the dispatch chose, against what the CPU says it has (/proc/cpuinfo), independently
+    # of cpu_capability.cpp's own detection.
     info = noam_ext.build_info()
     assert info["cpu_capability"] in info["cpu_capabilities_compiled"]
     assert "default" in info["cpu_capabilities_compiled"]
+    cpuinfo = Path("/proc/cpuinfo")
+    if os.environ.get("NOAM_EXT_CPU_CAPABILITY") or not cpuinfo.exists():
+        pytest.skip("the capability is forced by NOAM_EXT_CPU_CAPABILITY, or there is no /proc/cpuinfo to check it by")
+    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split())
+    compiled = set(info["cpu_capabilities_compiled"])
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"} <= flags and "avx512" in compiled:
+        expected = "avx512"
+    elif {"avx2", "fma", "f16c"} <= flags and "avx2" in compiled:
+        expected = "avx2"
+    else:
+        expected = "default"
+    assert info["cpu_capability"] == expected, (sorted(compiled), sorted(flags & {"avx2", "avx512f", "fma"}))
 
 
 def test_cpu_op_uses_torchs_intra_op_threads():

@@ -281,32 +281,62 @@ def test_a_copied_optimizer_steps_and_still_catches_outside_writes(how):
 
 
 def test_a_copied_optimizer_with_a_tensor_lr_steps():
-    p = torch.nn.Parameter(torch.ones(3))
-    opt = FusedAdamW([p], lr=torch.tensor(0.1), schedule=Noam(D_MODEL, WARMUP))
-    p.grad = torch.ones(3)
-    opt.step()
+    # A copy continues the original's schedule: its second step gives the bits of an
+    # optimizer that took both steps itself.
+    def made(steps):
+        p = torch.nn.Parameter(torch.arange(3.0))
+        opt = FusedAdamW([p], lr=torch.tensor(0.1), schedule=Noam(D_MODEL, WARMUP))
+        for _ in range(steps):
+            p.grad = torch.ones(3)
+            opt.step()
+        return p, opt
+
+    expected, _ = made(2)
+    _, opt = made(1)
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        clone.param_groups[0]["params"][0].grad = torch.ones(3)
+        p = clone.param_groups[0]["params"][0]
+        p.grad = torch.ones(3)
         clone.step()
+        assert torch.equal(p, expected)
+        assert clone.state[p]["step"].item() == 2.0
 
 
 def test_load_state_dict_then_step():
+    # A reloaded optimizer's next step is the uninterrupted one's, bit for bit.
     params, opt = stepped()
-    saved = opt.state_dict()
+    uninterrupted = [p.detach().clone() for p in params]
+    saved = copy.deepcopy(opt.state_dict())
+    give_grads(params, seed=20)
+    opt.step()
+    uninterrupted, after = [p.detach().clone() for p in params], uninterrupted
+    with torch.no_grad():
+        for p, value in zip(params, after):
+            p.copy_(value)
     fresh = FusedAdamW(params, lr=0.5, schedule=Noam(D_MODEL, WARMUP))
     fresh.load_state_dict(saved)
     give_grads(params, seed=20)
     fresh.step()
-    # A torch.optim.AdamW checkpoint (its lr is a scheduler's value) loads and steps too.
-    theirs = twin_params()[1]
+    assert all(torch.equal(p, q) for p, q in zip(params, uninterrupted))
+    # A torch.optim.AdamW checkpoint (its lr is a scheduler's value) loads and steps on from its
+    # moments: after one more step of each, on the same gradients, the moments and steps are
+    # torch's, bit for bit (the moments do not depend on the lr).
+    ours_params, theirs = twin_params()
     torch_opt = torch.optim.AdamW(theirs, lr=0.5)
-    TransformerLRScheduler(torch_opt, D_MODEL, WARMUP)
+    torch_sched = TransformerLRScheduler(torch_opt, D_MODEL, WARMUP)
     give_grads(theirs, seed=0)
     torch_opt.step()
-    ours = FusedAdamW(twin_params()[0], lr=0.5, schedule=Noam(D_MODEL, WARMUP))
+    torch_sched.step()
+    ours = FusedAdamW(ours_params, lr=0.5, schedule=Noam(D_MODEL, WARMUP))
+    with torch.no_grad():
+        for p, q in zip(ours_params, theirs):
+            p.copy_(q)
     ours.load_state_dict(torch_opt.state_dict())
-    give_grads(ours.param_groups[0]["params"], seed=1)
+    give_grads(ours_params, theirs, seed=1)
     ours.step()
+    torch_opt.step()
+    for p, q in zip(ours_params, theirs):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(ours.state[p][key].cpu(), torch_opt.state[q][key].cpu()), key
 
 
 def test_add_param_group_then_step_uses_and_shows_the_scheduled_lr():

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from noam_ext.low_bytes_demo import VARIANT_KEYS, stops_improving
+import pytest
+
+from noam_ext.low_bytes_demo import VARIANT_KEYS, smoothed, stops_improving
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4
@@ -42,7 +44,13 @@ def test_every_variant_trains_from_the_same_weights_and_the_outputs_are_written(
     assert abs(first["fp32_torch"] - bf16_first.pop()) < 0.05, first
 
     assert variants["fp32_torch"]["largest_gap_to_reference"] == 0.0
-    assert all(entry["largest_gap_to_reference"] >= 0.0 for entry in variants.values())
+    # The gap the demo reports is the largest |moving-mean loss - float32's| over the run,
+    # recomputed here from the losses it saved; the bfloat16 variants do differ from float32.
+    reference = smoothed(variants["fp32_torch"]["losses"])
+    for key, entry in variants.items():
+        gap = max(abs(a - b) for a, b in zip(smoothed(entry["losses"]), reference))
+        assert entry["largest_gap_to_reference"] == pytest.approx(gap, rel=1e-9, abs=1e-12), key
+    assert any(entry["largest_gap_to_reference"] > 0.0 for entry in variants.values())
 
     # Both master forms hold the same float32 master bit for bit, so they train identically.
     assert variants["bf16_master"]["losses"] == variants["bf16_remainder"]["losses"]
