@@ -102,6 +102,14 @@ def label(obj: Path, how: tuple[str, str | None]) -> str:
     return obj.name + (f" [{isa}]" if isa else f" [{compiler}]" if compiler != "c++" else "")
 
 
+def weak_vtables(obj: Path) -> list[str]:
+    """Weak vtables an object defines: one chosen from an instruction-set object would send
+    baseline callers to that object's (renamed, wider) copies of the virtual functions."""
+    out = subprocess.run(["nm", "--defined-only", "-P", str(obj)], capture_output=True, text=True, check=True).stdout
+    return [parts[0] for parts in (line.split() for line in out.splitlines())
+            if len(parts) >= 2 and parts[1] in {"V", "u"} and parts[0].startswith("_ZTV")]
+
+
 def audit(objects: dict[Path, tuple[str, str | None]]) -> tuple[list[str], list[str]]:
     """(clashes that fail, differences tolerated: the same compilation, or another library's code)."""
     defined = {obj: functions_defined(obj) for obj in objects}
@@ -127,6 +135,10 @@ def audit(objects: dict[Path, tuple[str, str | None]]) -> tuple[list[str], list[
         groups = "; ".join(" = ".join(label(o, objects[o]) for o in group) for group in variants.values())
         line = f"{names[name]}\n      {len(variants)} different copies: {groups}"
         (failing if across and (ours or isa_involved) else tolerated).append(line)
+    for obj, (_, isa) in objects.items():
+        if isa:
+            names = demangle(weak_vtables(obj))
+            failing += [f"{names[v]}\n      a weak vtable in {label(obj, objects[obj])}" for v in names]
     return failing, tolerated
 
 

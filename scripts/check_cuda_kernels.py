@@ -19,8 +19,8 @@ fails when:
     update kernel stores to global memory in pieces other than 16 bytes: every
     vector store must be one STG.E.128; the element path of misaligned tensors
     uses generic stores (ST.E*), and the one 64-bit STG is the schedule counter.
-Without a BUILD_LOG it compiles csrc/cuda/adamw_cuda.cu itself (nvcc from CUDA_HOME or
-PATH, for sm_90, the kernels' flags of setup.py) and checks what ptxas says of it.
+Without a BUILD_LOG it compiles every csrc/cuda/*.cu itself (nvcc from CUDA_HOME or PATH,
+for sm_90, the kernels' flags of setup.py) and checks what ptxas says of them.
 Exit status 0 when there is nothing to check (a CPU-only build log). The whole ptxas table
 goes to stdout; pass --quiet for one summary line instead.
 """
@@ -161,7 +161,8 @@ def spill_failures(log: str, quiet: bool = False) -> list[str]:
 
 
 def compile_for_ptxas_report() -> str:
-    """ptxas's report for adamw_cuda.cu, compiled here as setup.py compiles it for sm_90."""
+    """ptxas's report for every .cu of csrc/cuda (the launch file and the kernels' units),
+    compiled here as setup.py compiles them, for sm_90."""
     import torch
     from torch.utils import cpp_extension
 
@@ -173,17 +174,19 @@ def compile_for_ptxas_report() -> str:
     except TypeError:   # torch before 2.6
         includes = cpp_extension.include_paths(cuda=True)
     root = Path(__file__).resolve().parents[1]
-    command = [nvcc, "-c", str(root / "csrc" / "cuda" / "adamw_cuda.cu"), "-o", os.devnull, "-std=c++20",
-               "-O3", "--fmad=false", "--expt-relaxed-constexpr", "-Xptxas=-v,--warn-on-spills",
-               "-gencode=arch=compute_90,code=sm_90", "-DNOAM_EXT_WITH_CUDA", f"-I{root / 'csrc'}",
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *(f"-I{p}" for p in includes)]
-    print(f"check_cuda_kernels: compiling csrc/cuda/adamw_cuda.cu for sm_90 (a few minutes on 2 cores)",
-          file=sys.stderr)
-    run = subprocess.run(command, capture_output=True, text=True)
-    if run.returncode != 0:
-        sys.exit(f"check_cuda_kernels: nvcc failed:\n{run.stderr[-4000:]}")
-    return run.stdout + run.stderr
+    report = []
+    for source in sorted((root / "csrc" / "cuda").glob("*.cu")):
+        command = [nvcc, "-c", str(source), "-o", os.devnull, "-std=c++20",
+                   "-O3", "--fmad=false", "--expt-relaxed-constexpr", "-Xptxas=-v,--warn-on-spills",
+                   "-gencode=arch=compute_90,code=sm_90", "-DNOAM_EXT_WITH_CUDA", f"-I{root / 'csrc'}",
+                   f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                   *(f"-I{p}" for p in includes)]
+        print(f"check_cuda_kernels: compiling {source.relative_to(root)} for sm_90", file=sys.stderr)
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode != 0:
+            sys.exit(f"check_cuda_kernels: nvcc failed on {source.name}:\n{run.stderr[-4000:]}")
+        report.append(run.stdout + run.stderr)
+    return "\n".join(report)
 
 
 def sass_of(cuobjdump: str, so: str) -> str | None:

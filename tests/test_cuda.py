@@ -727,19 +727,7 @@ import test_cuda_emulation_storage as storage_cases  # noqa: E402
 
 
 def _to_device(args):
-    out = {}
-    for key, value in args.items():
-        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            out[key] = [t.to(DEVICE) for t in value]
-        elif isinstance(value, torch.Tensor):
-            out[key] = value.to(DEVICE)
-        elif key == "options":
-            out[key] = dict(value)
-        else:
-            out[key] = value
-    out["hyper"] = args["hyper"].to(DEVICE)
-    out["options"]["masters"] = out["masters"] if args["options"]["masters"] is not None else None
-    return out
+    return storage_cases.on_device(args, DEVICE)
 
 
 @pytest.mark.parametrize("storage,amsgrad,stochastic", storage_cases.CASES,

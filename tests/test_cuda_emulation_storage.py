@@ -65,6 +65,26 @@ def make_call(storage, numels, amsgrad, seed=0, stochastic=False, offsets=None, 
     return args
 
 
+def on_device(args, device):
+    """A copy of a call's arguments on `device` (the same objects for the CPU), options
+    (masters, GradScaler tensors, clipping factor) included."""
+    if device == "cpu":
+        return args
+    out = {}
+    for key, value in args.items():
+        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+            out[key] = [t.to(device) for t in value]
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.to(device)
+        else:
+            out[key] = dict(value) if key == "options" else value
+    out["options"]["masters"] = out["masters"] if args["options"]["masters"] is not None else None
+    for name in ("grad_scale", "found_inf", "grad_clip"):
+        if out["options"].get(name) is not None:
+            out["options"][name] = out["options"][name].to(device)
+    return out
+
+
 def clone(a):
     """op_args.clone, with the copy's options pointing at the copy's masters."""
     out = clone_tensors(a)

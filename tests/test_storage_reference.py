@@ -116,24 +116,6 @@ def run(runner, args):
         torch.cuda.synchronize()
 
 
-def on(args, device):
-    if device == "cpu":
-        return args
-    out = {}
-    for key, value in args.items():
-        if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
-            out[key] = [t.to(device) for t in value]
-        elif isinstance(value, torch.Tensor):
-            out[key] = value.to(device)
-        else:
-            out[key] = dict(value) if key == "options" else value
-    out["options"]["masters"] = out["masters"] if args["options"]["masters"] is not None else None
-    for name in ("grad_scale", "found_inf", "grad_clip"):
-        if out["options"].get(name) is not None:
-            out["options"][name] = out["options"][name].to(device)
-    return out
-
-
 class Checker:
     """Compares a stored tensor with the float64 reference, by how the docs say it is stored."""
 
@@ -195,7 +177,7 @@ def test_each_step_matches_the_documented_formulas(storage, amsgrad, rounded, ru
                            grad_clip=torch.tensor([clip], dtype=torch.float64))
     for i, g in enumerate(args["grads"]):
         args["grads"][i] = (g.double() * scale).to(g.dtype)   # scaled gradients, as GradScaler leaves them
-    args = on(args, device)
+    args = storage_cases.on_device(args, device)
     checker = Checker()
     rounds_param = rounded and param_dtype == "bfloat16" and master == "none"
     rounds_moments = rounded and moment_dtype == "bfloat16"
