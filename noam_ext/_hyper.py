@@ -105,8 +105,15 @@ class HyperTable:
         self._key: tuple | None = None
         self._table: torch.Tensor | None = None
         self.device_entries: list[tuple[int, int, torch.Tensor]] = []
+        # The objects the table was last built from, per group (base lr, beta1, beta2, eps,
+        # weight decay, maximize), when none was a tensor: the same objects again are the
+        # same values (Python numbers are immutable), found without building the key.
+        self._plain_sources: list[tuple] | None = None
 
     def get(self, param_groups: list[dict], schedule, read_gpu_tensors: bool = True) -> torch.Tensor:
+        if self._unchanged(param_groups, schedule):
+            self.device_entries = []
+            return self._table
         rows, device_entries = [], []
         for index, group in enumerate(param_groups):
             base_lr = group["initial_lr"] if schedule is not None else group["lr"]
@@ -125,7 +132,31 @@ class HyperTable:
             self._table = self._build(rows, schedule)
             self._key = key
         self.device_entries = device_entries
+        self._plain_sources = self._sources(param_groups, schedule)
+        if any(isinstance(value, torch.Tensor) for row in self._plain_sources for value in row):
+            self._plain_sources = None
         return self._table
+
+    @staticmethod
+    def _sources(param_groups: list[dict], schedule) -> list[tuple]:
+        lr_key = "initial_lr" if schedule is not None else "lr"
+        return [(group[lr_key], *group["betas"], group["eps"], group["weight_decay"], group["maximize"])
+                for group in param_groups]
+
+    def _unchanged(self, param_groups: list[dict], schedule) -> bool:
+        """Whether every group holds the very objects the table was built from (a check of
+        identities: a steady step with float hyperparameters pays no more)."""
+        sources = self._plain_sources
+        if sources is None or len(sources) != len(param_groups):
+            return False
+        lr_key = "initial_lr" if schedule is not None else "lr"
+        for group, (lr, beta1, beta2, eps, weight_decay, maximize) in zip(param_groups, sources):
+            betas = group["betas"]
+            if not (group[lr_key] is lr and group["eps"] is eps and group["weight_decay"] is weight_decay
+                    and group["maximize"] is maximize and len(betas) == 2 and betas[0] is beta1
+                    and betas[1] is beta2):
+                return False
+        return True
 
     @staticmethod
     def _build(rows: list[tuple], schedule) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ._lr_mirror import LrMirror
 from ._hyper import (SUPPORTED_DTYPES, DeviceHyperTables, HyperTable, check_hyperparameters,
                      check_tensor_hyperparameters, table_row)
 from ._state import step_on_device
+from ._step_wrapper import profile_hook_step
 from ._storage import (MASTER_DTYPES, MASTER_KEYS, OPTION_KEYS, as_int64, check_options, check_param, draw_seed,
                        loaded_dtype, master_from_param, master_of, mix64, options_of, remainder_of, rounding_stream,
                        shard_rounding, state_for)
@@ -72,6 +73,10 @@ class FusedAdamW(Optimizer):
     # (self.grad_scale, self.found_inf) instead of unscaling the gradients itself;
     # the op reads both on the device: no sync, and an inf/NaN step changes nothing.
     _step_supports_amp_scaling = True
+
+    # torch.optim.Optimizer wraps step() in this (once per class): torch's wrapper,
+    # skipped when no profiler, step hook or compiler is there to see it (_step_wrapper.py).
+    profile_hook_step = staticmethod(profile_hook_step)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
@@ -355,7 +360,7 @@ class FusedAdamW(Optimizer):
         return [group["lr"] for group in self.param_groups]
 
     def _refresh_scheduled_lrs(self) -> None:
-        factor = self.schedule.factor(self._schedule_steps_done)
+        factor = self.schedule._factor(float(self._schedule_steps_done))   # a valid count: no checks
         for group in self.param_groups:
             group["lr"] = group["initial_lr"] * factor
         self._lr_mirror.record(self.param_groups)

@@ -91,8 +91,10 @@ class Noam(Schedule):
         object.__setattr__(self, "d_model", d_model)
         object.__setattr__(self, "warmup_steps", warmup)
 
-    def factor(self, completed_steps: int) -> float:
-        return noam_lr(completed_steps, self.d_model, self.warmup_steps)
+    def _factor(self, k: float) -> float:
+        # noam_lr's expression (step 0 counts as step 1), without its argument checks.
+        s = max(k, 1.0)
+        return float(self.d_model) ** -0.5 * min(s ** -0.5, s * float(self.warmup_steps) ** -1.5)
 
     def _settings(self) -> dict[str, float | str]:
         return {"d_model": self.d_model, "warmup_steps": self.warmup_steps}

@@ -390,3 +390,53 @@ def test_dropping_a_parameters_state_frees_its_memory():
     del storage
     del ours.state[p]
     assert ref() is None
+
+
+def test_step_hooks_run_as_torchs_around_each_step():
+    """register_step_pre_hook / register_step_post_hook and the global hooks see each
+    step as torch's do (FusedAdamW skips torch's step wrapper only when none is set),
+    and a pre-hook's replacement arguments reach step()."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    twin = Twin([(3, 4), (5,)])
+    set_grads(twin, [twin.random(p.shape) for p in twin.ours])
+    logs = {}
+    handles = []
+    for params, opt in twin.sides():
+        log = logs[type(opt).__name__] = []
+        handles.append(opt.register_step_pre_hook(lambda o, args, kwargs, log=log: log.append(("pre", len(args)))))
+        handles.append(opt.register_step_post_hook(lambda o, args, kwargs, log=log: log.append(("post", len(args)))))
+    seen = []
+    handles.append(register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(type(o).__name__)))
+    handles.append(register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(type(o).__name__)))
+    try:
+        twin.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert logs["FusedAdamW"] == logs["AdamW"] == [("pre", 1), ("post", 1)]
+    assert seen == ["FusedAdamW", "FusedAdamW", "AdamW", "AdamW"]
+    twin.assert_same()
+
+    # A pre-hook may replace step()'s arguments: here it hands step() a closure.
+    calls = []
+    handle = twin.opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": lambda: calls.append(1)}))
+    try:
+        twin.opt.step()
+    finally:
+        handle.remove()
+    assert calls == [1]
+    twin.opt.step()   # no hook left: step() itself, straight
+    assert calls == [1]
+
+
+def test_profiler_sees_the_step_as_torchs():
+    """Under torch.profiler a step shows as "Optimizer.step#FusedAdamW.step", the range
+    torch's wrapper records (and FusedAdamW skips when no profiler runs)."""
+    twin = Twin([(3, 4)])
+    set_grads(twin, [twin.random(p.shape) for p in twin.ours])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        twin.step()
+    names = [event.name for event in prof.events()]
+    assert names.count("Optimizer.step#FusedAdamW.step") == 1
+    assert names.count("Optimizer.step#AdamW.step") == 1
+    twin.assert_same()

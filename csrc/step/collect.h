@@ -157,7 +157,7 @@ inline StateView read_state(const ParamView& p, PyObject* state, bool amsgrad, M
     s.master = master == MasterKind::kFloat32 ? s.entries.master_param : s.entries.master_remainder;
     s.has_master = s.master != nullptr;
   }
-  s.ready = THPVariable_Check(s.entries.step) && [&] {
+  s.ready = is_tensor(s.entries.step) && [&] {
     const at::Tensor& step = THPVariable_Unpack(s.entries.step);
     return step.scalar_type() == at::kFloat && step.numel() == 1 && step.device() == p.param->device() &&
            !step.unsafeGetTensorImpl()->is_python_dispatch();
@@ -170,6 +170,29 @@ inline StateView read_state(const ParamView& p, PyObject* state, bool amsgrad, M
 // are in cache, as a row of the bucket's single call. Parameters that share memory
 // (rare) are split into rounds and checked again by StepPlan::check().
 using BucketKey = std::tuple<int, int, int, int, int, int, bool, bool>;
+
+// Which bucket each key (device type and index, storage dtypes, master, amsgrad,
+// rounding) fills. Parameters come in runs of one bucket: the last one found is
+// looked at first.
+class BucketIndex {
+ public:
+  std::optional<size_t> find(const BucketKey& key) {
+    if (last_ != index_.end() && last_->first == key) {
+      return last_->second;
+    }
+    const auto found = index_.find(key);
+    if (found == index_.end()) {
+      return std::nullopt;
+    }
+    last_ = found;
+    return found->second;
+  }
+  void add(const BucketKey& key, size_t bucket) { last_ = index_.emplace(key, bucket).first; }
+
+ private:
+  std::map<BucketKey, size_t> index_;
+  std::map<BucketKey, size_t>::iterator last_ = index_.end();
+};
 
 // Stochastic rounding's stream of parameter j of group g (adamw_math.h, rounding_key):
 // the group's seed and the parameter's place, the same on every rank of a sharded run.
@@ -190,7 +213,7 @@ inline std::optional<std::pair<int64_t, uint64_t>> shard_rounding(PyObject* shar
   return py::reinterpret_borrow<py::object>(entry).cast<std::pair<int64_t, uint64_t>>();
 }
 
-inline void plan_param(StepPlan& plan, std::map<BucketKey, size_t>& bucket_of, const ParamView& p,
+inline void plan_param(StepPlan& plan, BucketIndex& bucket_of, const ParamView& p,
                        const StateView& s, const GroupView& group, const std::pair<int64_t, uint64_t>& shard) {
   const at::Device device = p.param->device();
   const at::Tensor& exp_avg = local_tensor(s.entries.exp_avg, "state['exp_avg']");
@@ -206,14 +229,15 @@ inline void plan_param(StepPlan& plan, std::map<BucketKey, size_t>& bucket_of, c
                       static_cast<int>(storage.param), static_cast<int>(storage.grad),
                       static_cast<int>(storage.moment), static_cast<int>(storage.master), group.amsgrad,
                       group.stochastic_rounding};
-  auto slot = bucket_of.find(key);
-  if (slot == bucket_of.end()) {
+  std::optional<size_t> slot = bucket_of.find(key);
+  if (!slot) {
     TORCH_CHECK(is_supported_storage(storage), "FusedAdamW: ", p.name(), " is stored as ", describe(storage),
                 ", which is not supported; supported:", supported_storage_list());
     TORCH_CHECK(!group.stochastic_rounding || storage.stores_bfloat16(), "FusedAdamW: param group ", p.group,
                 " has stochastic_rounding=True, but ", p.name(), " stores nothing in bfloat16 (",
                 describe(storage), ")");
-    slot = bucket_of.emplace(key, plan.buckets.size()).first;
+    slot = plan.buckets.size();
+    bucket_of.add(key, *slot);
     plan.buckets.emplace_back();
     Bucket& fresh = plan.buckets.back();
     fresh.device = device;
@@ -223,7 +247,7 @@ inline void plan_param(StepPlan& plan, std::map<BucketKey, size_t>& bucket_of, c
     fresh.stochastic_rounding = group.stochastic_rounding;
     fresh.reserve_more(static_cast<size_t>(group.size));
   }
-  Bucket& b = plan.buckets[slot->second];
+  Bucket& b = plan.buckets[*slot];
   const bool amsgrad = group.amsgrad;
   b.rows.push_back(p.group);
   auto add = [&](BorrowedTensors& list, const at::Tensor& t) {
@@ -276,7 +300,7 @@ inline void plan_param(StepPlan& plan, std::map<BucketKey, size_t>& bucket_of, c
 inline std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state, PyObject* shards = nullptr) {
   StateIndex states(state.ptr());
   auto plan = std::make_unique<StepPlan>();
-  std::map<BucketKey, size_t> bucket_of;   // (device type, index, storage dtypes, master, amsgrad, rounding)
+  BucketIndex bucket_of;
   plan->num_groups = static_cast<int64_t>(param_groups.size());
   for (int64_t g = 0; g < plan->num_groups; ++g) {
     const GroupView group = read_group(PyList_GET_ITEM(param_groups.ptr(), g), g);

@@ -58,17 +58,19 @@ struct Bucket {
 // twice) must be updated one after the other, as torch.optim.AdamW's loop does:
 // each gets a round, one more than the latest earlier parameter it overlaps,
 // and each round is a call of its own.
+// The spans come from the rows collect checked (their pointers and extents).
 inline void assign_rounds(Bucket& b) {
   const int64_t n = static_cast<int64_t>(b.params.size());
   b.rounds.assign(n, 0);
   b.num_rounds = 1;
   std::vector<std::tuple<uintptr_t, uintptr_t, int64_t>> spans;  // [start, end), position
   spans.reserve(n);
+  const int64_t element_size = static_cast<int64_t>(c10::elementSize(b.dtype));
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = b.params[i];
-    if (p.numel() > 0) {
-      const auto start = reinterpret_cast<uintptr_t>(p.data_ptr());
-      spans.emplace_back(start, start + element_extent(p) * p.element_size(), i);
+    const TensorRow& row = b.single_call_rows[i];
+    if (row.numel > 0) {
+      const auto start = reinterpret_cast<uintptr_t>(row.param);
+      spans.emplace_back(start, start + row_param_extent(row, b.single_call_layouts) * element_size, i);
     }
   }
   // Parameters created one after the other usually lie in ascending memory: then one

@@ -21,8 +21,16 @@ namespace py = pybind11;
 // wraps a local tensor (DTensor under FSDP2 or tensor parallelism) that local
 // shard, which is what torch's own fused optimizers update. The reference stays
 // valid while `obj` lives (a DTensor holds its local tensor).
+inline bool is_tensor(PyObject* obj) {
+  // A subtype test on the type's MRO: THPVariable_Check's PyObject_IsInstance goes
+  // through the metaclass (torch.nn.Parameter's is _ParameterMeta), several times slower,
+  // and only a real subtype has the tensor THPVariable_Unpack reads.
+  return THPVariableClass != nullptr &&
+         (THPVariable_CheckExact(obj) || PyType_IsSubtype(Py_TYPE(obj), reinterpret_cast<PyTypeObject*>(THPVariableClass)));
+}
+
 inline const at::Tensor& local_tensor(PyObject* obj, const char* what) {
-  if (!THPVariable_CheckExact(obj) && !THPVariable_Check(obj)) {
+  if (!is_tensor(obj)) {
     throw py::type_error(std::string("FusedAdamW: ") + what + " is not a tensor");
   }
   const at::Tensor& t = THPVariable_Unpack(obj);
@@ -173,11 +181,15 @@ inline StateEntries read_state_entries(PyObject* state) {
   Py_ssize_t pos = 0;
   PyObject *key = nullptr, *value = nullptr;
   while (PyDict_Next(state, &pos, &key, &value)) {
-    for (int k = 0; k < kCount; ++k) {
-      if (key == kKeys[k] || (PyUnicode_Check(key) && PyUnicode_CompareWithASCIIString(key, kKeyNames[k]) == 0)) {
-        *slots[k] = value;
-        break;
-      }
+    int found = -1;
+    for (int k = 0; k < kCount && found < 0; ++k) {   // the interned keys themselves, usually
+      found = key == kKeys[k] ? k : -1;
+    }
+    for (int k = 0; k < kCount && found < 0 && PyUnicode_Check(key); ++k) {   // equal strings (a loaded dict's)
+      found = PyUnicode_CompareWithASCIIString(key, kKeyNames[k]) == 0 ? k : -1;
+    }
+    if (found >= 0) {
+      *slots[found] = value;
     }
   }
   return out;
