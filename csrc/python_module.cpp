@@ -19,6 +19,7 @@
 #include "cpu/cpu_capability.h"
 #include "noam_ext/op_checks.h"
 #include "noam_ext/run_rows.h"
+#include "python_bit_tricks.h"
 #include "step/collect.h"
 #include "step/step_plan.h"
 
@@ -126,8 +127,7 @@ py::list planned_calls(py::list param_groups, py::dict state, py::dict shards) {
   const std::unique_ptr<step::StepPlan> plan = step::collect(param_groups, state, shards.ptr());
   TORCH_CHECK(plan->ready(), "planned_calls: some parameters have no state, steps to move or no masters yet: "
               "take a step first");
-  auto name = [](c10::ScalarType t) { return std::string(c10::toString(t)); };
-  const char* masters[] = {"none", "float32", "remainder"};
+  const auto name = noam_ext::storage_dtype_name;
   py::list out;
   for (Bucket& b : plan->buckets) {
     assign_rounds(b);
@@ -136,7 +136,7 @@ py::list planned_calls(py::list param_groups, py::dict state, py::dict shards) {
       py::dict call;
       call["device"] = py::cast(b.device);
       call["storage"] = py::make_tuple(name(b.storage.param), name(b.storage.grad), name(b.storage.moment),
-                                       masters[static_cast<int>(b.storage.master)]);
+                                       noam_ext::storage_master_name(b.storage.master));
       call["amsgrad"] = b.amsgrad;
       call["stochastic_rounding"] = b.stochastic_rounding;
       call["where"] = c.where;
@@ -178,18 +178,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "supported_storage",
       [] {
-        auto name = [](c10::ScalarType t) {
-          return t == c10::ScalarType::Double ? "float64" : t == c10::ScalarType::Float ? "float32"
-                 : t == c10::ScalarType::BFloat16 ? "bfloat16" : "float16";
-        };
-        const char* masters[] = {"none", "float32", "remainder"};
+        using noam_ext::storage_dtype_name;
         std::vector<std::tuple<std::string, std::string, std::string, std::string>> out;
         for (const noam_ext::StorageTypes& s : noam_ext::kSupportedStorage) {
-          out.emplace_back(name(s.param), name(s.grad), name(s.moment), masters[static_cast<int>(s.master)]);
+          out.emplace_back(storage_dtype_name(s.param), storage_dtype_name(s.grad), storage_dtype_name(s.moment),
+                           noam_ext::storage_master_name(s.master));
         }
         return out;
       },
       "The (param, grad, moment, master) storage combinations the op supports (csrc/noam_ext/storage.h).");
+  m.def(
+      "storage_problem",
+      [](const std::string& param, const std::string& grad, const std::string& moment, const std::string& master,
+         bool stochastic_rounding) {
+        return noam_ext::storage_problem(noam_ext::storage_named(param, grad, moment, master), stochastic_rounding);
+      },
+      py::arg("param"), py::arg("grad"), py::arg("moment"), py::arg("master"), py::arg("stochastic_rounding"),
+      "Why the op cannot store a parameter so (dtype names as supported_storage() gives them), or '' when it "
+      "can: the op's own check (csrc/noam_ext/op_checks.h, storage_problem), for FusedAdamW's constructor.");
+  m.def("remainders_of_masters", &noam_ext::python::remainders_of_masters, py::arg("masters"),
+        "The int16 remainders of float32 masters (CPU), as the op splits a master (adamw_math.h).");
+  m.def("masters_of_remainders", &noam_ext::python::masters_of_remainders, py::arg("params"),
+        py::arg("remainders"), "The float32 masters of bfloat16 parameters and their int16 remainders (CPU).");
+  m.def("rounding_stream", &noam_ext::python::rounding_stream_argument, py::arg("seed"), py::arg("group"),
+        py::arg("index"), py::arg("salt") = 0,
+        "Stochastic rounding's stream of parameter `index` of param group `group` as the op's int64 argument "
+        "(csrc/noam_ext/rounding_streams.h); salt: a shard's (shard_salt), 0 for none.");
+  m.def("shard_salt", &noam_ext::shard_salt, py::arg("global_offsets"),
+        "The salt of a shard whose elements are not a run of its whole parameter's, from its global offsets.");
   m.def(
       "table_layout",
       [] {

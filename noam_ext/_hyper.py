@@ -18,8 +18,6 @@ LR, BETA1, BETA2, EPS, WEIGHT_DECAY, MAXIMIZE, SCHEDULE_BLOCK = (
     _COLUMNS[name] for name in ("lr", "beta1", "beta2", "eps", "weight_decay", "maximize", "schedule_block"))
 NUM_HYPER_COLUMNS = table_layout()["num_hyper_columns"]
 
-# Complex parameters are updated as their real views, as torch.optim.AdamW does.
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.complex64, torch.complex128)
 
 
 def as_float(name: str, value: Any) -> float:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._extension import _C
+
 MASTER_WEIGHTS = (None, "float32", "remainder")
 MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
 MASTER_KEYS = {"float32": "master_param", "remainder": "master_remainder"}
@@ -31,9 +33,6 @@ MASTER_DTYPES = {"master_param": torch.float32, "master_remainder": torch.int16}
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 OPTION_KEYS = ("master_weights", "moment_dtype", "stochastic_rounding", "seed")
 
-_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.bfloat16: "bfloat16",
-                torch.float16: "float16"}
-_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,27 @@ def draw_seed() -> int:
 
 @functools.lru_cache(maxsize=None)
 def _supported() -> frozenset:
-    from ._extension import _C
     return frozenset(_C.supported_storage())
+
+
+def _name(dtype: torch.dtype) -> str:
+    """The op's name of a dtype ("float32", as _C.supported_storage() names them)."""
+    return str(dtype).removeprefix("torch.")
+
+
+@functools.lru_cache(maxsize=None)
+def supported_param_dtypes() -> tuple[torch.dtype, ...]:
+    """The parameter dtypes the op updates (its storage list's), and the complex dtypes of
+    its real ones (a complex parameter is updated as its real view, as torch does)."""
+    real = [getattr(torch, name) for name in sorted({s[0] for s in _supported()})]
+    complex_of = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+    return tuple(real + [complex_of[d] for d in real if d in complex_of])
+
+
+def check_param_dtype(p: torch.Tensor, name: str) -> None:
+    if p.dtype not in supported_param_dtypes():
+        names = ", ".join(_name(d) for d in supported_param_dtypes())
+        raise ValueError(f"FusedAdamW: {name} has dtype {p.dtype}; supported: {names}")
 
 
 def moment_dtype_for(param_dtype: torch.dtype, options: StorageOptions) -> torch.dtype:
@@ -98,20 +116,13 @@ def check_param(p: torch.Tensor, options: StorageOptions, name: str) -> None:
     if master == "remainder" and p.dtype != torch.bfloat16:
         raise ValueError(f"FusedAdamW: master_weights='remainder' needs bfloat16 parameters (a float32 master is a "
                          f"bfloat16 value and a 16-bit remainder); {name} is {p.dtype}: use 'float32'")
-    moment = moment_dtype_for(p.dtype, options)
-    kind = master or "none"
-    param_name = _DTYPE_NAMES[p.dtype]
-    if not any(s[0] == param_name and s[2] == _DTYPE_NAMES[moment] and s[3] == kind for s in _supported()):
-        supported = ", ".join(sorted({f"{s[0]} parameters with {s[2]} moments ({s[3]} master)"
-                                      for s in _supported()}))
-        raise ValueError(f"FusedAdamW: {name} is {p.dtype} with moment_dtype {moment} and master_weights "
-                         f"{master!r}, which is not supported; supported: {supported}")
-    if options.stochastic_rounding:
-        stores_bfloat16 = (p.dtype == torch.bfloat16 and master is None) or moment == torch.bfloat16
-        if not stores_bfloat16:
-            raise ValueError(f"FusedAdamW: stochastic_rounding rounds what the step stores in bfloat16, and {name} "
-                             f"({p.dtype}, moments {moment}, master_weights {master!r}) stores nothing in "
-                             "bfloat16")
+    # The rest is the op's own check (op_checks.h, storage_problem), asked before any step,
+    # with gradients of the parameter's dtype.
+    problem = _C.storage_problem(_name(p.dtype), _name(p.dtype), _name(moment_dtype_for(p.dtype, options)),
+                                 master or "none", options.stochastic_rounding)
+    if problem:
+        raise ValueError(f"FusedAdamW: {name} (moment_dtype {options.moment_dtype}, master_weights {master!r}, "
+                         f"stochastic_rounding {options.stochastic_rounding}) {problem}")
 
 
 def state_for(p: torch.Tensor, amsgrad: bool, options: StorageOptions) -> dict:
@@ -137,17 +148,14 @@ def master_from_param(p: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def remainder_of(master: torch.Tensor) -> torch.Tensor:
-    """The int16 remainder of a float32 master (adamw_math.h, split_master) with torch ops."""
-    bits = master.view(torch.int32)
-    rounded = (bits + 0x8000) & -0x10000
-    remainder = (bits - rounded).to(torch.int16)
-    return torch.where(master.isnan(), torch.zeros_like(remainder), remainder)
+    """The int16 remainder of a float32 master, as the op splits it (the op's own code,
+    on the CPU: a checkpoint conversion, not a step)."""
+    return _C.remainders_of_masters(master.detach().cpu()).to(master.device)
 
 
 def master_of(param: torch.Tensor, remainder: torch.Tensor) -> torch.Tensor:
-    """The float32 master a bfloat16 parameter and its remainder make (join_master)."""
-    high = param.view(torch.int16).to(torch.int32) << 16
-    return (high + remainder.to(torch.int32)).view(torch.float32)
+    """The float32 master a bfloat16 parameter and its remainder make (as remainder_of)."""
+    return _C.masters_of_remainders(param.detach().cpu(), remainder.cpu()).to(param.device)
 
 
 def loaded_dtype(p: torch.Tensor, key: str, options: StorageOptions) -> torch.dtype | None:
@@ -163,25 +171,13 @@ def loaded_dtype(p: torch.Tensor, key: str, options: StorageOptions) -> torch.dt
 
 # ---- stochastic rounding's streams ----------------------------------------------------
 
-def mix64(x: int) -> int:
-    """splitmix64's finaliser, as csrc/noam_ext/adamw_math.h computes it."""
-    x &= _MASK64
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def rounding_stream(seed: int, group: int, index: int) -> int:
-    """Parameter `index` of param group `group`: the stream of its rounding bits (as
-    csrc/step/collect.h's rounding_stream; the same on every rank of a sharded run)."""
-    return mix64(seed ^ mix64((group << 32) | index))
-
-
-def as_int64(value: int) -> int:
-    """An unsigned 64-bit value as the op's int64 arguments carry it."""
-    return value - (1 << 64) if value >= 1 << 63 else value
+@torch.compiler.assume_constant_result
+def rounding_stream(seed: int, group: int, index: int, salt: int = 0) -> int:
+    """Parameter `index` of param group `group`: the stream of its rounding bits as the op's
+    int64 argument carries it (the op's own computation, csrc/noam_ext/rounding_streams.h;
+    the same on every rank of a sharded run). A constant to torch.compile, which calls it
+    while tracing (it cannot trace into C++)."""
+    return _C.rounding_stream(seed, group, index, salt)
 
 
 # Cached per parameter, by id (a WeakKeyDictionary would compare tensors with ==, which
@@ -215,7 +211,4 @@ def _shard_rounding(p: torch.Tensor) -> tuple[int, int]:
     local_shape, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     if p.dim() == 0 or (all(o == 0 for o in global_offset[1:]) and tuple(local_shape[1:]) == tuple(p.shape[1:])):
         return (int(global_offset[0]) * math.prod(p.shape[1:]) if p.dim() else 0), 0
-    salt = 0
-    for offset in global_offset:
-        salt = mix64(salt ^ int(offset))
-    return 0, salt | 1
+    return 0, _C.shard_salt([int(offset) for offset in global_offset])

@@ -13,13 +13,13 @@ from torch.optim import Optimizer
 from . import _extension
 from ._extension import _C
 from ._lr_mirror import LrMirror
-from ._hyper import (SUPPORTED_DTYPES, DeviceHyperTables, HyperTable, check_hyperparameters,
+from ._hyper import (DeviceHyperTables, HyperTable, check_hyperparameters,
                      check_tensor_hyperparameters, table_row)
 from ._state import step_on_device
 from ._step_wrapper import profile_hook_step
-from ._storage import (MASTER_DTYPES, MASTER_KEYS, OPTION_KEYS, as_int64, check_options, check_param, draw_seed,
-                       loaded_dtype, master_from_param, master_of, mix64, options_of, remainder_of, rounding_stream,
-                       shard_rounding, state_for)
+from ._storage import (MASTER_DTYPES, MASTER_KEYS, OPTION_KEYS, check_options, check_param, check_param_dtype,
+                       draw_seed, loaded_dtype, master_from_param, master_of, options_of, remainder_of,
+                       rounding_stream, shard_rounding, state_for)
 from .schedules import Noam, Schedule
 
 __all__ = ["FusedAdamW", "Noam"]   # Noam lives in noam_ext.schedules; this name is kept for old imports
@@ -131,10 +131,11 @@ class FusedAdamW(Optimizer):
             raise
         for index, p in enumerate(group["params"]):
             name = f"parameter {index} of param group {len(self.param_groups) - 1} (shape {tuple(p.shape)})"
-            if p.dtype not in SUPPORTED_DTYPES:
+            try:
+                check_param_dtype(p, name)
+            except ValueError:
                 self.param_groups.pop()
-                raise ValueError(f"FusedAdamW: {name} has dtype {p.dtype}; supported: float32, "
-                                 "float64, bfloat16, float16, complex64, complex128")
+                raise
             if p.is_sparse or p.layout != torch.strided:
                 self.param_groups.pop()
                 raise ValueError(f"FusedAdamW: {name} is not a dense strided tensor")
@@ -451,8 +452,7 @@ def _traceable_calls(opt: "FusedAdamW") -> tuple[torch.Tensor, dict[tuple, dict[
             call["where"].append((index, j))
             if options.stochastic_rounding:
                 offset, salt = (0, 0) if _local(p) is p else shard_rounding(p)
-                stream = rounding_stream(options.seed, index, j)
-                call["rng_streams"].append(as_int64(stream if salt == 0 else mix64(stream ^ salt)))
+                call["rng_streams"].append(rounding_stream(options.seed, index, j, salt))
                 call["element_offsets"].append(offset)
     return hyper, calls
 

@@ -73,14 +73,14 @@ def traced_calls(opt):
     hyper, calls = _traceable_calls(opt)
     out = {}
     for (device, param, grad, moment, master, amsgrad, rounding), call in calls.items():
-        key = (str(device), c10_name(param), c10_name(grad), c10_name(moment), master or "none", amsgrad, rounding)
+        key = (str(device), storage_name(param), storage_name(grad), storage_name(moment), master or "none", amsgrad, rounding)
         out[key] = {k: list(call[k]) for k in ("where", "groups", "rng_streams", "element_offsets")}
     return hyper, out
 
 
-def c10_name(dtype):
-    """c10::toString's name of a dtype (what _C.planned_calls reports)."""
-    return {torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half"}[dtype]
+def storage_name(dtype):
+    """The name _C.planned_calls (and _C.supported_storage) gives a dtype: "float32", ..."""
+    return str(dtype).removeprefix("torch.")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -36,7 +36,8 @@ import torch
 import noam_ext
 from mixed_grads import assign_grad
 from noam_ext import FusedAdamW
-from noam_ext._storage import as_int64, master_of, mix64, rounding_stream
+from noam_ext._extension import _C
+from noam_ext._storage import master_of, rounding_stream
 
 KW = dict(lr=1e-2, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.1)
 SIZES = [(3, 5), (257,), (40000,), (1,), (64, 33)]   # tails, a multi-thread range, a single element
@@ -240,6 +241,54 @@ def test_bfloat16_gradients_of_float32_parameters_are_read_as_converted(moment_d
 # ---- stochastic rounding ------------------------------------------------------------------
 
 M32 = np.uint64(0xFFFFFFFF)
+MASK64 = (1 << 64) - 1
+
+
+def mix64(x: int) -> int:
+    """splitmix64's finaliser, written again from its definition (the reference)."""
+    x &= MASK64
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & MASK64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+def as_int64(value: int) -> int:
+    """An unsigned 64-bit value as the op's int64 arguments carry it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+@pytest.mark.parametrize("seed,group,index,salt", [(0, 0, 0, 0), (7, 0, 1, 0), (2**63 - 1, 3, 2**20, 0),
+                                                    (12345, 1, 2, 0xDEADBEEF | 1)])
+def test_rounding_streams_and_shard_salts_are_the_documented_hashes(seed, group, index, salt):
+    """_C's streams (what the step and the compiled step use) against docs/adamw.md's
+    definition: mix64(seed ^ mix64(group << 32 | index)), salted by mix64(stream ^ salt)."""
+    stream = mix64(seed ^ mix64((group << 32) | index))
+    expected = stream if salt == 0 else mix64(stream ^ salt)
+    assert _C.rounding_stream(seed, group, index, salt) == as_int64(expected)
+    offsets = [index, group, seed % 1000]
+    folded = 0
+    for offset in offsets:
+        folded = mix64(folded ^ offset)
+    assert _C.shard_salt(offsets) == folded | 1
+
+
+def test_master_conversions_are_the_ops_split_and_join():
+    """_C's remainders and masters (checkpoint conversion) against torch bit arithmetic:
+    round to nearest, ties away from zero, on the float32 bits; a NaN's remainder is 0."""
+    master = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,)),
+                        torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0])])
+    bits = master.view(torch.int32)
+    rounded = (bits + 0x8000) & -0x10000
+    remainder = torch.where(master.isnan(), 0, bits - rounded).to(torch.int16)
+    assert torch.equal(_C.remainders_of_masters(master), remainder)
+    param = (rounded >> 16).to(torch.int16).view(torch.bfloat16)
+    finite = ~master.isnan()
+    assert torch.equal(_C.masters_of_remainders(param, remainder)[finite], master[finite])
+    assert torch.equal(master_of(param, remainder)[finite], master[finite])
+    strided = master[:1000].reshape(40, 25).t()   # a layout kept as the master's
+    assert _C.remainders_of_masters(strided).stride() == strided.stride()
 
 
 def _mix32(x):

@@ -74,7 +74,7 @@ def _set(key, i, value):
     (_set("grads", 1, lambda t: t.double()), r"gradient of params\[1\] has dtype"),
     (_set("exp_avgs", 2, lambda t: t[:-1]), r"exp_avg of params\[2\] has shape"),
     (_set("state_steps", 0, lambda t: t.double()), r"step of params\[0\]"),
-    (_set("params", 3, lambda t: t.to(torch.int32)), r"params\[3\] must be float32"),
+    (_set("params", 3, lambda t: t.to(torch.int32)), r"params\[3\] has dtype Int but this call.s parameters have Float"),
     (_set("grads", 2, lambda t: t.to_sparse()), "SparseCPU"),   # the dispatcher refuses it
     (_set("exp_avg_sqs", 2, lambda t: t.reshape(10, 13).t()), r"exp_avg_sq of params\[2\] has shape"),
     (lambda a: a["groups"].__setitem__(1, 7), r"params\[1\] names hyperparameter row 7"),

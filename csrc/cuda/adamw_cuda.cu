@@ -405,13 +405,7 @@ static_assert(std::size(kStorageLaunches) == std::size(kSupportedStorage),
 
 StepLaunches storage_launches(const StorageTypes& storage, bool amsgrad, int64_t num_rows, int64_t total,
                               int64_t multiprocessors, bool strided_rows) {
-  for (size_t k = 0; k < std::size(kSupportedStorage); ++k) {
-    if (kSupportedStorage[k] == storage) {
-      return kStorageLaunches[k](amsgrad, num_rows, total, multiprocessors, strided_rows);
-    }
-  }
-  TORCH_CHECK(false, "fused_adamw_: unsupported storage (", describe(storage), "); supported:",
-              supported_storage_list());
+  return kStorageLaunches[storage_index(storage)](amsgrad, num_rows, total, multiprocessors, strided_rows);
 }
 
 }  // namespace

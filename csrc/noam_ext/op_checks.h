@@ -44,6 +44,7 @@ struct OpTensors {
   at::TensorList masters = {};      // empty, or one float32 master / int16 remainder per param
   at::IntArrayRef rng_streams = {};       // empty (stream = list index) or one per param
   at::IntArrayRef element_offsets = {};   // empty (all 0) or one per param
+  bool stochastic_rounding = false;
 };
 
 // One parameter's tensors within a call.
@@ -73,8 +74,23 @@ inline StorageTypes storage_of(const at::Tensor& param, const at::Tensor& grad, 
           exp_avg.defined() ? exp_avg.scalar_type() : param.scalar_type(), kind};
 }
 
-inline bool is_supported_dtype(at::ScalarType dtype) {
-  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
+// Why a call cannot store what it stores, or "" when it can: the one check of the storage
+// combination (storage.h) and of stochastic rounding, made by the op, by FusedAdamW's step
+// for each bucket and, through noam_ext._C.storage_problem, by its constructor.
+inline std::string storage_problem(const StorageTypes& types, bool stochastic_rounding) {
+  if (!is_supported_storage(types)) {
+    return "is stored as " + describe(types) + ", which is not supported; supported:" + supported_storage_list();
+  }
+  if (stochastic_rounding && !types.stores_bfloat16()) {
+    return "stores nothing in bfloat16 (" + describe(types) +
+           "), and stochastic_rounding rounds what the step stores in bfloat16";
+  }
+  return "";
+}
+
+inline void check_storage(const StorageTypes& types, bool stochastic_rounding, const std::string& who) {
+  const std::string problem = storage_problem(types, stochastic_rounding);
+  TORCH_CHECK(problem.empty(), who, " ", problem);
 }
 
 // The call-wide arguments: the schedule counter and the hyperparameter table.
@@ -163,9 +179,7 @@ inline TensorRow check_and_make_row(const RowTensors& t, const at::Device& devic
   const at::Tensor& p = t.param;
   TORCH_CHECK(p.defined() && p.layout() == at::kStrided, "fused_adamw_: ", name_of(i),
               " must be a dense (strided) tensor");
-  const at::ScalarType dtype = p.scalar_type();
-  TORCH_CHECK(is_supported_dtype(dtype), "fused_adamw_: ", name_of(i),
-              " must be float32, float64, bfloat16 or float16, got ", dtype);
+  const at::ScalarType dtype = p.scalar_type();   // the call's (checked supported) or an error below
   TORCH_CHECK(p.device() == device, "fused_adamw_: ", name_of(i), " is on ", p.device(), " but this call runs on ",
               device, " (one call takes one device)");
   TORCH_CHECK(dtype == types.param, "fused_adamw_: ", name_of(i), " has dtype ", dtype, " but this call's "
@@ -252,8 +266,8 @@ inline TensorRow check_and_make_row(const RowTensors& t, const at::Device& devic
 // advance it twice.
 inline void check_distinct_steps(const std::vector<TensorRow>& rows, const TensorNamer& name_of = list_element_name) {
   auto address = [&](size_t i) { return reinterpret_cast<uintptr_t>(rows[i].step); };
-  // Usually in ascending memory (FusedAdamW makes the steps of parameters that start
-  // together in one tensor): then one pass shows they differ, without a sort.
+  // Steps made one after the other often lie in ascending memory: then one pass shows
+  // they differ, without a sort.
   bool ascending = true;
   for (size_t i = 1; i < rows.size() && ascending; ++i) {
     ascending = address(i - 1) < address(i);
@@ -307,8 +321,7 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
   types = n > 0 ? storage_of(t.params[0], t.grads[0], t.exp_avgs[0],
                                                 t.masters.empty() ? nullptr : &t.masters[0], name_of(0))
                                    : StorageTypes{at::kFloat, at::kFloat, at::kFloat, MasterKind::kNone};
-  TORCH_CHECK(is_supported_storage(types), "fused_adamw_: ", n > 0 ? name_of(0) : std::string("the call"),
-              " is stored as ", describe(types), ", which is not supported; supported:", supported_storage_list());
+  check_storage(types, t.stochastic_rounding, "fused_adamw_: " + (n > 0 ? name_of(0) : std::string("the call")));
   for (int64_t i = 0; i < n; ++i) {
     const RowTensors row{t.params[i], t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i],
                          amsgrad ? &t.max_exp_avg_sqs[i] : nullptr, t.masters.empty() ? nullptr : &t.masters[i],

@@ -24,11 +24,6 @@ struct LowByteArgs {
   bool stochastic_rounding = false;
 };
 
-inline void check_stochastic_rounding(const StorageTypes& types, bool stochastic_rounding) {
-  TORCH_CHECK(!stochastic_rounding || types.stores_bfloat16(), "fused_adamw_: stochastic_rounding rounds what the "
-              "step stores in bfloat16, and this call stores nothing in bfloat16 (", describe(types), ")");
-}
-
 // `run` is called with the checked call: a device's run_rows, or the host
 // emulation of the CUDA kernels (tests/host_run/host_run.cpp).
 template <typename Run>
@@ -44,11 +39,10 @@ void checked_fused_adamw(at::TensorList params, at::TensorList grads, at::Tensor
   StorageTypes types{};
   const std::vector<TensorRow> rows = build_tensor_rows(
       {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, low_byte.masters, low_byte.rng_streams,
-       low_byte.element_offsets},
+       low_byte.element_offsets, low_byte.stochastic_rounding},
       schedule_step.device(), hyper.size(0), groups, total, layouts, types);
   check_no_shared_memory(rows, layouts, params.empty() ? 1 : params[0].element_size());
   check_scaler_tensors(grad_scale, found_inf, schedule_step.device(), grad_clip);
-  check_stochastic_rounding(types, low_byte.stochastic_rounding);
   run({rows, layouts, total, types.param, !max_exp_avg_sqs.empty(), schedule_step, hyper, advance_schedule,
        grad_scale, found_inf, grad_clip, types, low_byte.stochastic_rounding});
 }

@@ -86,6 +86,15 @@ const char* master_kind_name(MasterKind k);
 std::string describe(const StorageTypes& s);
 // The list, one "\n  " line per combination.
 std::string supported_storage_list();
+// The error for a storage the list lacks; and the index of one it has (or that error).
+[[noreturn]] void refuse_storage(const StorageTypes& s);
+size_t storage_index(const StorageTypes& s);
+// The names Python gives storages (noam_ext._C.supported_storage()): dtypes "float64",
+// "float32", "bfloat16", "float16"; masters "none", "float32", "remainder".
+const char* storage_dtype_name(c10::ScalarType t);
+const char* storage_master_name(MasterKind k);
+StorageTypes storage_named(const std::string& param, const std::string& grad, const std::string& moment,
+                           const std::string& master);
 
 // The C++ type that stores a dtype of the list.
 template <c10::ScalarType S>
@@ -110,7 +119,7 @@ void dispatch_storage(const StorageTypes& s, F&& f) {
     }
     return dispatch_storage<I + 1>(s, std::forward<F>(f));
   } else {
-    TORCH_CHECK(false, "fused_adamw_: unsupported storage (", describe(s), "); supported:", supported_storage_list());
+    refuse_storage(s);
   }
 }
 

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "noam_ext/op_checks.h"
+#include "noam_ext/rounding_streams.h"
 #include "step/step_plan.h"
 #include "step/torch_objects.h"
 
@@ -115,15 +116,11 @@ inline ParamView read_param(const GroupView& group, int64_t g, Py_ssize_t j) {
   return p;
 }
 
-// What torch refuses before looking at the state: a sparse gradient, a dtype the op lacks.
+// What torch refuses before looking at the state, with its message: a sparse gradient.
+// (Everything else about the tensors is the op's to check: op_checks.h.)
 inline void check_param(const ParamView& p) {
   if (p.grad->is_sparse() || p.grad->layout() != at::kStrided) {
     throw std::runtime_error("FusedAdamW does not support sparse gradients (" + p.name() + ")");
-  }
-  if (!is_supported_dtype(p.math_dtype)) {
-    throw py::value_error("FusedAdamW: " + p.name() + " has dtype " +
-                          std::string(c10::toString(p.param->scalar_type())) +
-                          "; supported: float32, float64, bfloat16, float16, complex64, complex128");
   }
 }
 
@@ -194,13 +191,6 @@ class BucketIndex {
   std::map<BucketKey, size_t>::iterator last_ = index_.end();
 };
 
-// Stochastic rounding's stream of parameter j of group g (adamw_math.h, rounding_key):
-// the group's seed and the parameter's place, the same on every rank of a sharded run.
-// noam_ext/_storage.py computes the same for the compiled step.
-inline uint64_t rounding_stream(uint64_t seed, int64_t g, int64_t j) {
-  return mix64(seed ^ mix64((static_cast<uint64_t>(g) << 32) | static_cast<uint64_t>(j)));
-}
-
 // Where a shard's elements lie in its whole parameter, for stochastic rounding: (offset
 // of element 0, salt), as FusedAdamW worked it out in Python before the step
 // (noam_ext._storage.shard_rounding) and passes it in `shards`, keyed by the parameter;
@@ -231,11 +221,7 @@ inline void plan_param(StepPlan& plan, BucketIndex& bucket_of, const ParamView& 
                       group.stochastic_rounding};
   std::optional<size_t> slot = bucket_of.find(key);
   if (!slot) {
-    TORCH_CHECK(is_supported_storage(storage), "FusedAdamW: ", p.name(), " is stored as ", describe(storage),
-                ", which is not supported; supported:", supported_storage_list());
-    TORCH_CHECK(!group.stochastic_rounding || storage.stores_bfloat16(), "FusedAdamW: param group ", p.group,
-                " has stochastic_rounding=True, but ", p.name(), " stores nothing in bfloat16 (",
-                describe(storage), ")");
+    check_storage(storage, group.stochastic_rounding, "FusedAdamW: " + p.name());
     slot = plan.buckets.size();
     bucket_of.add(key, *slot);
     plan.buckets.emplace_back();
@@ -280,11 +266,8 @@ inline void plan_param(StepPlan& plan, BucketIndex& bucket_of, const ParamView& 
   TensorRow row = check_and_make_row(tensors, b.device, b.storage, b.rows[i], plan.num_groups,
                                      static_cast<int64_t>(i), name_of, b.single_call_layouts);
   if (group.stochastic_rounding) {
-    uint64_t stream = rounding_stream(group.seed, p.group, p.index);
-    int64_t offset = 0;
-    const auto [shard_offset, salt] = shard;   // (0, 0) but for a shard (DTensor)
-    offset = shard_offset;
-    stream = salt != 0 ? mix64(stream ^ salt) : stream;
+    const auto [offset, salt] = shard;   // (0, 0) but for a shard (DTensor)
+    const uint64_t stream = param_rounding_stream(group.seed, p.group, p.index, salt);
     row.rng_stream = stream;
     row.element_offset = offset;
     b.rng_streams.push_back(static_cast<int64_t>(stream));

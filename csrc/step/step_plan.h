@@ -221,7 +221,8 @@ class StepPlan {
         };
         StorageTypes types{};
         b.call_rows.push_back(build_tensor_rows({c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs,
-                                                 c.steps, c.masters, c.rng_streams, c.element_offsets},
+                                                 c.steps, c.masters, c.rng_streams, c.element_offsets,
+                                                 b.stochastic_rounding},
                                                 b.device, n_rows, c.rows, b.call_totals[round],
                                                 b.call_layouts[round], types, name_of));
       }
