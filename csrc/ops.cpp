@@ -15,8 +15,8 @@ TORCH_LIBRARY(noam_ext, m) {
   //   max_exp_avg_sqs: empty, or one per parameter (amsgrad)
   //   state_steps:    torch's state["step"]: one-element float32 tensors on the
   //                   device, read for the bias corrections and incremented
-  //   schedule_step:  int64 [2] on the device: completed steps of the in-op
-  //                   schedule, and a reserved zero
+  //   schedule_step:  int64 [1] on the device: completed steps of the in-op
+  //                   schedule (advanced by the call when advance_schedule)
   //   hyper:          float64 [rows, kNumHyperColumns]: lr, betas, eps, weight decay,
   //                   maximize and the schedule's settings per row
   //                   (csrc/noam_ext/adamw_math.h, schedule_math.h); on the CPU,

@@ -113,7 +113,7 @@ py::object fused_step(py::list param_groups, py::dict state, const at::Tensor& h
   while (PyDict_Next(counters.ptr(), &pos, &key, &value)) {
     const at::Tensor& counter = THPVariable_Unpack(value);
     if (std::find(devices.begin(), devices.end(), counter.device()) == devices.end()) {
-      counter.narrow(0, 0, 1).add_(1);
+      counter.add_(1);
     }
   }
   return py::none();

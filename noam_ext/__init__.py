@@ -1,14 +1,11 @@
 """noam_ext: fused, exact AdamW with its learning-rate schedule (Noam, warmup + cosine,
 linear, warmup-stable-decay, inverse square root, constant) computed inside the op."""
 
-from .in_op_schedule_lr import InOpScheduleLR
 from .param_groups import param_groups
-from .schedule_lr import (ScheduleLR, WarmupConstantLR, WarmupCosineLR, WarmupInverseSqrtLR, WarmupLinearLR,
-                          WarmupStableDecayLR)
-from .scheduler import TransformerLRScheduler, noam_lr, noam_peak_lr
-from .schedules import (Noam, Schedule, WarmupConstant, WarmupCosine, WarmupInverseSqrt, WarmupLinear,
-                        WarmupStableDecay, warmup_constant_lr, warmup_cosine_lr, warmup_inverse_sqrt_lr,
-                        warmup_linear_lr, wsd_lr)
+from .schedules import (InOpScheduleLR, Noam, Schedule, ScheduleLR, TransformerLRScheduler, WarmupConstant,
+                        WarmupConstantLR, WarmupCosine, WarmupCosineLR, WarmupInverseSqrt, WarmupInverseSqrtLR,
+                        WarmupLinear, WarmupLinearLR, WarmupStableDecay, WarmupStableDecayLR, noam_lr, noam_peak_lr,
+                        warmup_constant_lr, warmup_cosine_lr, warmup_inverse_sqrt_lr, warmup_linear_lr, wsd_lr)
 
 __all__ = [
     "FusedAdamW",
@@ -46,7 +43,7 @@ __version__ = "0.1.0"
 
 # Importing the package loads the compiled extension, which registers
 # torch.ops.noam_ext.*. Where it cannot be loaded (e.g. a source checkout that was
-# never built), the pure-Python parts (the schedules, their demo, param_groups) still
+# never built), the pure-Python parts (the schedules, param_groups) still
 # work, and the names that need it raise the extension's import error when used.
 try:
     from . import _extension  # noqa: F401

@@ -1,6 +1,6 @@
-"""FusedAdamW's low-byte options (docs/adamw.md, "Fewer bytes per parameter"):
-checking them per parameter, the state they need, the dtypes of loaded state, and
-stochastic rounding's streams.
+"""FusedAdamW's per-parameter state: its format (torch.optim.AdamW's), and the low-byte
+options (docs/adamw.md, "Fewer bytes per parameter"): checking them per parameter, the
+state they need, the dtypes of loaded state, and stochastic rounding's streams.
 
 Group options (defaults of the constructor, or keys of a param group):
   master_weights:  None, "float32" (a float32 master per 16-bit parameter, in
@@ -126,8 +126,14 @@ def check_param(p: torch.Tensor, options: StorageOptions, name: str) -> None:
 
 
 def state_for(p: torch.Tensor, amsgrad: bool, options: StorageOptions) -> dict:
-    """Fresh state for one parameter: torch's format (with the options' moment dtype),
-    plus its master, made from the parameter as it is."""
+    """Fresh state for one parameter, made lazily at its first step as torch makes it:
+    torch's format (state["step"] a float32 scalar on the parameter's device, the moments
+    shaped like p, in the options' moment dtype), plus its master, made from the parameter
+    as it is. Each entry is an allocation of its own, made with zeros_like as torch makes
+    it: it has the parameter's strides where the parameter is dense, is a DTensor sharded
+    like a DTensor parameter, and one parameter's state can be saved, copied or freed
+    alone. (Moments carved out of one buffer measured no faster on the whole iteration:
+    docs/adamw.md, "Memory".)"""
     state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
     moment = moment_dtype_for(p.dtype, options)
     for key in MOMENT_KEYS:
@@ -136,6 +142,19 @@ def state_for(p: torch.Tensor, amsgrad: bool, options: StorageOptions) -> dict:
     if options.master_weights is not None:
         state[MASTER_KEYS[options.master_weights]] = master_from_param(p, options.master_weights)
     return state
+
+
+def step_on_device(value, device: torch.device) -> torch.Tensor:
+    """state["step"] as the op reads it: a float32 scalar on the parameter's device
+    (torch.optim.AdamW checkpoints keep it on the CPU, older ones as a float)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+def local(p: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor parameter (what the op updates), else p."""
+    return getattr(p, "_local_tensor", p)
 
 
 def master_from_param(p: torch.Tensor, kind: str) -> torch.Tensor:

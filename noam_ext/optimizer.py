@@ -12,15 +12,14 @@ from torch.optim import Optimizer
 
 from . import _extension
 from ._extension import _C
-from ._lr_mirror import LrMirror
 from ._hyper import (DeviceHyperTables, HyperTable, check_hyperparameters,
                      check_tensor_hyperparameters, table_row)
-from ._state import step_on_device
 from ._step_wrapper import profile_hook_step
-from ._storage import (MASTER_DTYPES, MASTER_KEYS, OPTION_KEYS, check_options, check_param, check_param_dtype,
-                       draw_seed, loaded_dtype, master_from_param, master_of, options_of, remainder_of,
-                       rounding_stream, shard_rounding, state_for)
+from ._checkpoint import check_loadable, convert_masters, set_aside_own_dtypes, settle_master
+from ._storage import (MASTER_KEYS, OPTION_KEYS, check_options, check_param, check_param_dtype, draw_seed, local,
+                       master_from_param, options_of, rounding_stream, shard_rounding, state_for, step_on_device)
 from .schedules import Noam, Schedule
+from .schedules.lr_mirror import LrMirror
 
 __all__ = ["FusedAdamW", "Noam"]   # Noam lives in noam_ext.schedules; this name is kept for old imports
 
@@ -40,7 +39,7 @@ class FusedAdamW(Optimizer):
         each step's lr itself from a step counter on the parameters' device (no host
         sync). Each group's ``initial_lr`` is then its base lr and ``group["lr"]`` shows
         the lr the next step will use, exactly as with torch.optim.AdamW + the
-        schedule's LambdaLR (noam_ext.schedule_lr, TransformerLRScheduler for Noam).
+        schedule's LambdaLR (noam_ext.ScheduleLR, TransformerLRScheduler for Noam).
         Without a schedule the op uses ``group["lr"]``, so any torch LR scheduler drives it.
         With one, an lr written into ``group["lr"]`` by anything else (a torch LR scheduler)
         makes the next step() raise before it changes anything; hand trainers
@@ -243,7 +242,7 @@ class FusedAdamW(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        _check_loadable(self.param_groups, state_dict)   # everything first: a bad dict changes nothing
+        check_loadable(self.param_groups, state_dict)   # everything first: a bad dict changes nothing
         # torch casts every floating state entry to its parameter's dtype: entries the
         # options keep in another dtype (float32 moments or masters of 16-bit parameters,
         # int16 remainders) are set aside and loaded here in their own.
@@ -253,7 +252,7 @@ class FusedAdamW(Optimizer):
         options = [{**{k: g[k] for k in OPTION_KEYS if k in g},
                     **({"seed": s["seed"]} if "seed" in s and "seed" in g else {})}
                    for g, s in zip(self.param_groups, state_dict["param_groups"])]
-        state_dict, kept = _set_aside_own_dtypes(self.param_groups, options, state_dict)
+        state_dict, kept = set_aside_own_dtypes(self.param_groups, options, state_dict)
         super().load_state_dict(state_dict)
         for group, own in zip(self.param_groups, options):
             # torch put the saved groups in place: drop the options this optimizer was not
@@ -264,7 +263,7 @@ class FusedAdamW(Optimizer):
             group.update(own)
         for p, key, value, dtype in kept:
             self.state[p][key] = value.to(device=p.device, dtype=dtype)
-        _convert_masters(self.param_groups, self.state)
+        convert_masters(self.param_groups, self.state)
         if self.schedule is not None:
             steps = [float(s["step"]) for s in self.state.values() if isinstance(s, dict) and "step" in s]
             done = state_dict.get(SCHEDULE_STEP_KEY, int(max(steps)) if steps else 0)
@@ -338,7 +337,7 @@ class FusedAdamW(Optimizer):
             _check_device_supported(device)
             self._schedule_counter(device)
         for g, j in stateless:   # checked first: an unsupported device creates no state
-            _check_device_supported(_local(self.param_groups[g]["params"][j]).device)
+            _check_device_supported(local(self.param_groups[g]["params"][j]).device)
         for g, j in stateless:
             p = self.param_groups[g]["params"][j]
             if not self.state.get(p):   # the same parameter twice in a group: one state
@@ -346,11 +345,11 @@ class FusedAdamW(Optimizer):
                 self.state[p] = state_for(p, bool(group["amsgrad"]), options_of(group))
         for g, j in misplaced_steps:
             p = self.param_groups[g]["params"][j]
-            self.state[p]["step"] = step_on_device(self.state[p]["step"], _local(p).device)
+            self.state[p]["step"] = step_on_device(self.state[p]["step"], local(p).device)
         for g, j in masterless:
             p = self.param_groups[g]["params"][j]
             kind = self.param_groups[g]["master_weights"]
-            _settle_master(p, self.state[p], kind)   # from the other form, where the state has it
+            settle_master(p, self.state[p], kind)   # from the other form, where the state has it
             if MASTER_KEYS[kind] not in self.state[p]:
                 self.state[p][MASTER_KEYS[kind]] = master_from_param(p, kind)
 
@@ -380,12 +379,12 @@ class FusedAdamW(Optimizer):
         return hyper, {d: self._device_hyper.get(d, hyper, entries) for d in gpus}
 
     def _schedule_counter(self, device: torch.device) -> torch.Tensor:
-        """The op's schedule counter on `device` (completed steps, and a reserved
-        zero), created at the current position."""
+        """The op's schedule counter on `device` (an int64 [1] of completed steps),
+        created at the current position."""
         counter = self._schedule_counters.get(device)
         if counter is None:
             position = self._current_schedule_position()
-            counter = torch.tensor([position, 0], dtype=torch.int64, device=device)
+            counter = torch.tensor([position], dtype=torch.int64, device=device)
             self._schedule_counters[device] = counter
         return counter
 
@@ -451,7 +450,7 @@ def _traceable_calls(opt: "FusedAdamW") -> tuple[torch.Tensor, dict[tuple, dict[
             call["groups"].append(index)
             call["where"].append((index, j))
             if options.stochastic_rounding:
-                offset, salt = (0, 0) if _local(p) is p else shard_rounding(p)
+                offset, salt = (0, 0) if local(p) is p else shard_rounding(p)
                 call["rng_streams"].append(rounding_stream(options.seed, index, j, salt))
                 call["element_offsets"].append(offset)
     return hyper, calls
@@ -484,96 +483,8 @@ def _traceable_step(opt: FusedAdamW) -> None:
             grad_clip=None if grad_clip is None else grad_clip.to(device=device, dtype=torch.float64).reshape(1))
     for device, counter in opt._schedule_counters.items():
         if device not in devices:
-            counter[:1].add_(1)
+            counter.add_(1)
     opt._pending_clip = None
-
-
-def _set_aside_own_dtypes(param_groups: list[dict], group_options: list[dict], state_dict: dict[str, Any]):
-    """A copy of state_dict without the state entries that the groups' storage options
-    keep in another dtype than the parameter's, and those entries as (param, key,
-    value, dtype)."""
-    kept, state = [], dict(state_dict["state"])
-    for group, own, saved in zip(param_groups, group_options, state_dict["param_groups"]):
-        options = options_of(own)
-        for p, saved_key in zip(group["params"], saved["params"]):
-            entry = state.get(saved_key)
-            if not isinstance(entry, dict):
-                continue
-            entry = dict(entry)
-            for key in list(entry):
-                dtype = loaded_dtype(p, key, options)
-                if dtype is not None and isinstance(entry[key], torch.Tensor):
-                    kept.append((p, key, entry.pop(key), dtype))
-            state[saved_key] = entry
-    return {**state_dict, "state": state}, kept
-
-
-@torch.no_grad()
-def _convert_masters(param_groups: list[dict], state: dict) -> None:
-    """After a load, each parameter's state holds the master form its group asks for and no
-    other (master_weights switched between "float32" and "remainder", or none)."""
-    for group in param_groups:
-        for p in group["params"]:
-            entry = state.get(p)
-            if entry:
-                _settle_master(p, entry, group.get("master_weights"))
-
-
-def _settle_master(p: torch.Tensor, entry: dict, kind: str | None) -> None:
-    """Leaves a state entry with at most the master form `kind` asks for. The other form is
-    converted, exactly, where it can be (a local bfloat16 parameter; otherwise the master is
-    made anew from the parameter at its next step), and dropped: a stale master left in the
-    state would be saved, and a later load into an optimizer of that form would bring back
-    old weights."""
-    own = MASTER_KEYS.get(kind)
-    others = [key for key in MASTER_KEYS.values() if key != own and key in entry]
-    if own is not None and own not in entry and others and _local(p) is p and p.dtype == torch.bfloat16:
-        if own == "master_remainder":
-            entry[own] = remainder_of(entry["master_param"])
-        else:
-            entry[own] = master_of(p.detach(), entry["master_remainder"])
-    for key in others:
-        del entry[key]
-
-
-def _check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None:
-    """The checks torch.optim.Optimizer.load_state_dict makes (with its messages), and
-    those it leaves to the next step (a missing or misshapen moment), made before
-    anything is replaced and naming the parameter."""
-    saved_groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
-    saved_state = state_dict.get("state") if isinstance(state_dict, dict) else None
-    if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
-        raise ValueError("loaded state dict must have 'state' (a dict) and 'param_groups' (a list)")
-    if len(saved_groups) != len(param_groups):
-        raise ValueError("loaded state dict has a different number of parameter groups")
-    for g, (group, saved) in enumerate(zip(param_groups, saved_groups)):
-        if len(group["params"]) != len(saved["params"]):
-            raise ValueError("loaded state dict contains a parameter group that doesn't match the size of "
-                             "optimizer's group")
-        for j, (p, key) in enumerate(zip(group["params"], saved["params"])):
-            state = saved_state.get(key)
-            if not state:
-                continue
-            name = f"parameter {j} of param group {g} (shape {tuple(p.shape)})"
-            needed = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if saved.get("amsgrad") else [])
-            for entry in needed:
-                if entry not in state:
-                    raise ValueError(f"loaded state dict: the state of {name} has no '{entry}'")
-            for entry in needed[1:]:
-                value = state[entry]
-                if not isinstance(value, torch.Tensor) or value.shape != p.shape:
-                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-                    raise ValueError(f"loaded state dict: '{entry}' of {name} has shape {shape}")
-            # A master is loaded in its own dtype (not cast to the parameter's): one of another
-            # dtype (the other form's, or a 16-bit copy) or shape is no master of this parameter.
-            for entry, dtype in MASTER_DTYPES.items():
-                value = state.get(entry)
-                if value is not None and (not isinstance(value, torch.Tensor) or value.dtype != dtype
-                                          or value.shape != p.shape):
-                    found = (f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor)
-                             else f"a {type(value).__name__}")
-                    raise ValueError(f"loaded state dict: '{entry}' of {name} is {found}; it must be a {dtype} "
-                                     "tensor of the parameter's shape")
 
 
 def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
@@ -592,7 +503,7 @@ def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     get_total_norm, the computation clip_grad_norm_ makes."""
     dtypes = _GRAD_NORM_DTYPES if norm_type == float("inf") else (torch.float32, torch.float64)
     if norm_type in (2.0, float("inf")) and all(
-            g.device.type == "cpu" and g.dtype in dtypes and g.layout == torch.strided and _local(g) is g
+            g.device.type == "cpu" and g.dtype in dtypes and g.layout == torch.strided and local(g) is g
             for g in grads):
         dtype = grads[0].dtype
         for g in grads[1:]:
@@ -619,8 +530,3 @@ def _check_device_supported(device: torch.device) -> None:
     if not supported:
         raise RuntimeError(f"FusedAdamW: this build of noam_ext has no {device.type} implementation "
                            f"(build info: {_extension.build_info()}); parameters on {device} cannot be optimised")
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor parameter (what the op updates), else p."""
-    return getattr(p, "_local_tensor", p)

@@ -7,8 +7,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${NOAM_EXT_VENV:-$REPO_ROOT/.venv}"
 run_demo() {
   export NOAM_EXT_DEMO_OUT="${NOAM_EXT_DEMO_OUT:-$REPO_ROOT/demo_out}"
-  cd "$REPO_ROOT/scripts"  # import the installed package, not the source folder
-  python -m noam_ext.train_demo "$@"
+  python "$REPO_ROOT/examples/train_demo.py" "$@"
 }
 # --help needs no installing when the environment is already there.
 if [[ " $* " == *" --help "* || " $* " == *" -h "* ]] && [[ -x "$VENV/bin/python" ]] \

@@ -34,7 +34,7 @@ def op_lrs(rows, steps, op=None, device="cpu", **op_kwargs) -> list[list[float]]
         params, exp_avgs, exp_avg_sqs = zeros(), zeros(), zeros()
         grads = [torch.ones(1, dtype=torch.float64, device=device) for _ in range(n)]
         steps_t = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(n)]
-        counter = torch.tensor([k, 0], dtype=torch.int64, device=device)
+        counter = torch.tensor([k], dtype=torch.int64, device=device)
         op(params, grads, exp_avgs, exp_avg_sqs, [], steps_t, counter, hyper, list(range(n)), **op_kwargs)
         out.append(torch.cat(params).neg().tolist())   # -(-lr) is lr exactly; one read per call
     return out

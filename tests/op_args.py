@@ -51,7 +51,7 @@ def make_args(numels, dtype=torch.float32, amsgrad=False, seed=0, misaligned_eve
         if amsgrad:
             args["max_exp_avg_sqs"].append(_tensor(numel, generator, dtype, odd, positive=True))
         args["state_steps"].append(torch.tensor(float(i % 4)))
-    args["schedule_step"] = torch.tensor([5, 0], dtype=torch.int64)
+    args["schedule_step"] = torch.tensor([5], dtype=torch.int64)
     args["hyper"] = hyper_table(groups)
     args["groups"] = [i % groups for i in range(n)]
     return args

@@ -54,7 +54,7 @@ def make_call(storage, numels, amsgrad, seed=0, stochastic=False, offsets=None, 
             bits = torch.randint(-2**15, 2**15, (n + 1,), generator=generator, dtype=torch.int16)
             args["masters"].append(bits[1:] if odd else bits[:n].clone())
         args["state_steps"].append(torch.tensor(float(i % 4)))
-    args["schedule_step"] = torch.tensor([5, 0], dtype=torch.int64)
+    args["schedule_step"] = torch.tensor([5], dtype=torch.int64)
     args["hyper"] = hyper_table(3)
     args["groups"] = [i % 3 for i in range(len(numels))]
     args["options"] = dict(masters=args["masters"] if master != "none" else None,

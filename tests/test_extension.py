@@ -90,7 +90,8 @@ def test_a_source_checkout_without_the_extension_explains_itself_and_its_pure_pa
     # copy the built _C of this checkout).
     never_installed = dict(os.environ, PYTHONPATH=os.pathsep.join(site.getsitepackages()))
     python = [sys.executable, "-S"]
-    demo = subprocess.run(python + ["-m", "noam_ext.schedule_demo", "--plot", str(tmp_path / "s.png")],
+    shutil.copy(REPO / "examples" / "schedule_demo.py", tmp_path)
+    demo = subprocess.run(python + ["schedule_demo.py", "--plot", str(tmp_path / "s.png")],
                           cwd=tmp_path, env=never_installed, capture_output=True, text=True)
     assert demo.returncode == 0, demo.stderr
     assert "peak" in demo.stdout.lower()

@@ -329,7 +329,7 @@ def op_call(params, grads, moments, step, **kwargs):
     hyper[0, noam_ext._hyper.EPS], hyper[0, noam_ext._hyper.WEIGHT_DECAY] = 1e-8, 0.1
     steps = [torch.tensor(float(step)) for _ in params]
     torch.ops.noam_ext.fused_adamw_(params, grads, [m for m, _ in moments], [v for _, v in moments], [], steps,
-                                    torch.tensor([0, 0]), hyper, [0] * len(params), **kwargs)
+                                    torch.tensor([0]), hyper, [0] * len(params), **kwargs)
 
 
 @pytest.mark.parametrize("offset", [0, 2**32 - 37, 3 * 2**32 + 5], ids=["offset-0", "across-2**32", "high-offset"])

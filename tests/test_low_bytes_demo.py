@@ -1,4 +1,4 @@
-"""python -m noam_ext.low_bytes_demo run end to end for a few steps (a smoke test: the
+"""python examples/low_bytes_demo.py run end to end for a few steps (a smoke test: the
 convergence figures themselves come from a full run, benchmarks/low_bytes_training.md), and
 its plateau detection on made-up curves."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from noam_ext.low_bytes_demo import VARIANT_KEYS, smoothed, stops_improving
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples"))   # the demos are scripts, not part of the package
+from low_bytes_demo import VARIANT_KEYS, smoothed, stops_improving  # noqa: E402
 STEPS = 4
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
@@ -21,7 +21,7 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 def test_every_variant_trains_from_the_same_weights_and_the_outputs_are_written(tmp_path):
     # Started in the repository root, as a user of the clone would (the source folder holds
     # the compiled extension after an in-place build or an editable install).
-    run = subprocess.run([sys.executable, "-m", "noam_ext.low_bytes_demo", "--steps", str(STEPS), "--warmup", "2",
+    run = subprocess.run([sys.executable, "examples/low_bytes_demo.py", "--steps", str(STEPS), "--warmup", "2",
                           "--eval-batch", "16", "--out", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

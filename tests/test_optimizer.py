@@ -229,7 +229,7 @@ def test_mixed_dtypes_share_one_schedule_counter():
             p.grad = torch.ones_like(p)
         opt.step()
     assert all(float(opt.state[p]["step"]) == 3.0 for p in (a, b, c))
-    assert [c.tolist() for c in opt._schedule_counters.values()] == [[3, 0]]   # one per device, advanced once a step
+    assert [c.tolist() for c in opt._schedule_counters.values()] == [[3]]   # one per device, advanced once a step
 
 
 # ---- bad input: clear errors, nothing touched ---------------------------------------------

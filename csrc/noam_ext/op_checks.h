@@ -95,10 +95,8 @@ inline void check_storage(const StorageTypes& types, bool stochastic_rounding, c
 
 // The call-wide arguments: the schedule counter and the hyperparameter table.
 inline void check_call_arguments(const at::Tensor& schedule_step, const at::Tensor& hyper) {
-  TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 2 &&
-                  schedule_step.is_contiguous(),
-              "fused_adamw_: schedule_step must be a contiguous two-element int64 tensor (completed steps, and "
-              "a reserved zero)");
+  TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 1,
+              "fused_adamw_: schedule_step must be a one-element int64 tensor (the schedule's completed steps)");
   // On the CPU, or (CUDA) on the call's device, where the kernel reads it as it is
   // when the launch runs: a CUDA graph replay sees changes made by stream-ordered copies.
   TORCH_CHECK(hyper.scalar_type() == at::kDouble && hyper.dim() == 2 && hyper.size(1) == kNumHyperColumns &&

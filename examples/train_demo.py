@@ -1,5 +1,5 @@
 """Trains a small Transformer to reverse sequences with noam_ext and with torch, side by side
-(python -m noam_ext.train_demo).
+(python examples/train_demo.py).
 
 The task: the source is a random sequence of tokens, the target is the same sequence reversed.
 The decoder is trained with teacher forcing (its input is BOS followed by the target shifted right,
@@ -37,10 +37,7 @@ from statistics import mean
 import torch
 from torch import nn
 
-from ._extension import build_info
-from .optimizer import FusedAdamW, Noam
-from .param_groups import param_groups
-from .scheduler import TransformerLRScheduler, noam_lr, noam_peak_lr
+from noam_ext import FusedAdamW, Noam, TransformerLRScheduler, build_info, noam_lr, noam_peak_lr, param_groups
 
 # The paper's Adam settings; lr=1.0 makes each step's lr exactly the Noam factor.
 BASE_LR = 1.0

@@ -1,5 +1,5 @@
 """Prints every schedule FusedAdamW can compute in the op at a few steps, and plots
-them all on one figure (python -m noam_ext.schedule_demo)."""
+them all on one figure (python examples/schedule_demo.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .scheduler import noam_peak_lr
-from .schedules import (DECAY_SHAPES, Noam, WarmupConstant, WarmupCosine, WarmupInverseSqrt, WarmupLinear,
-                        WarmupStableDecay)
+from noam_ext.schedules import (DECAY_SHAPES, Noam, WarmupConstant, WarmupCosine, WarmupInverseSqrt, WarmupLinear,
+                                WarmupStableDecay, noam_peak_lr)
 
 
 def demo_schedules(steps: int, warmup: int, d_model: int, min_lr_ratio: float) -> dict[str, dict]:

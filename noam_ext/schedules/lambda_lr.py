@@ -1,5 +1,5 @@
-"""The schedules of noam_ext.schedules as torch LR schedulers (LambdaLR), for any
-torch.optim optimizer: the host twins of the schedules FusedAdamW evaluates in the op.
+"""The schedules as torch LR schedulers (LambdaLR), for any torch.optim optimizer:
+the host twins of the schedules FusedAdamW evaluates in the op.
 
 In the usual loop
 
@@ -21,11 +21,11 @@ import numbers
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from .schedules import (Schedule, WarmupConstant, WarmupCosine, WarmupInverseSqrt, WarmupLinear,
-                        WarmupStableDecay)
+from .definitions import (Noam, Schedule, WarmupConstant, WarmupCosine, WarmupInverseSqrt, WarmupLinear,
+                          WarmupStableDecay)
 
-__all__ = ["ScheduleLR", "WarmupConstantLR", "WarmupLinearLR", "WarmupCosineLR", "WarmupStableDecayLR",
-           "WarmupInverseSqrtLR"]
+__all__ = ["ScheduleLR", "TransformerLRScheduler", "WarmupConstantLR", "WarmupLinearLR", "WarmupCosineLR",
+           "WarmupStableDecayLR", "WarmupInverseSqrtLR"]
 
 
 class ScheduleLR(LambdaLR):
@@ -47,6 +47,17 @@ class ScheduleLR(LambdaLR):
     @property
     def schedule(self) -> Schedule:
         return self.lr_lambdas[0]
+
+
+class TransformerLRScheduler(ScheduleLR):
+    """ScheduleLR(optimizer, Noam(d_model, warmup_steps)): each group's lr becomes
+    initial_lr * noam_lr(last_epoch, d_model, warmup_steps). Use lr=1.0 for the paper's
+    schedule; the k-th optimizer.step() of the usual loop runs with noam_lr(k - 1)."""
+
+    def __init__(self, optimizer: Optimizer, d_model: int, warmup_steps: int = 4000, last_epoch: int = -1):
+        schedule = Noam(d_model, warmup_steps)   # checked before LambdaLR evaluates it
+        self.d_model, self.warmup_steps = schedule.d_model, schedule.warmup_steps
+        super().__init__(optimizer, schedule, last_epoch)
 
 
 class WarmupConstantLR(ScheduleLR):

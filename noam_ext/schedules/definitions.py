@@ -1,11 +1,19 @@
 """The learning-rate schedules FusedAdamW evaluates inside the op, and their
 pure-Python definitions (which are also the host twins).
 
+Noam's, from "Attention Is All You Need":
+
+    lr(step) = base_lr * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
+
+With base_lr = 1 this is the paper's schedule: a linear warm-up to a peak at
+step == warmup_steps (about 6.99e-4 for d_model=512, warmup=4000), then decay with
+the inverse square root of the step; step 0 counts as step 1 (0^-0.5 is undefined).
+
 Each schedule is a frozen dataclass whose factor(k) is the multiplier of the base
 lr in the step that follows k completed steps: the k-th step() (k counted from 1)
 uses factor(k - 1), as LambdaLR's last_epoch is k - 1 at the k-th
 optimizer.step() of the usual loop. Each is also callable (the same factor), so it
-is a LambdaLR lr_lambda (noam_ext.schedule_lr has a LambdaLR for each), and it
+is a LambdaLR lr_lambda (lambda_lr.py has a LambdaLR for each), and it
 hands the op its settings as one block of the hyperparameter table.
 
     Noam(d_model, warmup_steps)                   "Attention Is All You Need"
@@ -28,13 +36,12 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from ._layout import table_layout
-from .scheduler import noam_lr, validate_noam_args
+from .._layout import table_layout
 
 __all__ = [
     "Schedule", "Noam", "WarmupConstant", "WarmupLinear", "WarmupCosine", "WarmupStableDecay",
-    "WarmupInverseSqrt", "warmup_constant_lr", "warmup_linear_lr", "warmup_cosine_lr", "wsd_lr",
-    "warmup_inverse_sqrt_lr", "DECAY_SHAPES",
+    "WarmupInverseSqrt", "noam_lr", "noam_peak_lr", "warmup_constant_lr", "warmup_linear_lr",
+    "warmup_cosine_lr", "wsd_lr", "warmup_inverse_sqrt_lr", "DECAY_SHAPES",
 ]
 
 # WSD's decay shapes, as users name them (and the pure functions below evaluate them).
@@ -87,12 +94,11 @@ class Noam(Schedule):
     _KIND = "noam"
 
     def __post_init__(self):
-        d_model, warmup = validate_noam_args(self.d_model, self.warmup_steps)
-        object.__setattr__(self, "d_model", d_model)
-        object.__setattr__(self, "warmup_steps", warmup)
+        _set(self, "d_model", _positive_steps("d_model", self.d_model))
+        _set(self, "warmup_steps", _positive_steps("warmup_steps", self.warmup_steps))
 
     def _factor(self, k: float) -> float:
-        # noam_lr's expression (step 0 counts as step 1), without its argument checks.
+        # The same pow() calls as the op (csrc/noam_ext/schedule_math.h): the same bits on the CPU.
         s = max(k, 1.0)
         return float(self.d_model) ** -0.5 * min(s ** -0.5, s * float(self.warmup_steps) ** -1.5)
 
@@ -251,6 +257,17 @@ class WarmupInverseSqrt(Schedule):
 
 # ---- the pure functions (each builds the schedule, so its arguments are checked) -----------------
 
+def noam_lr(step: int, d_model: int, warmup_steps: int) -> float:
+    """Noam(d_model, warmup_steps).factor(step): d_model^-0.5 * min(s^-0.5, s * warmup^-1.5),
+    s = max(step, 1), so noam_lr(0) == noam_lr(1)."""
+    return Noam(d_model, warmup_steps).factor(step)
+
+
+def noam_peak_lr(d_model: int, warmup_steps: int) -> float:
+    """The largest value of the Noam schedule, reached at step == warmup_steps."""
+    return noam_lr(warmup_steps, d_model, warmup_steps)
+
+
 def warmup_constant_lr(step: int, warmup_steps: int) -> float:
     """WarmupConstant(warmup_steps).factor(step)."""
     return WarmupConstant(warmup_steps).factor(step)
@@ -325,6 +342,18 @@ def _steps(name: str, value, above: int | None = None, above_name: str = "") -> 
     if above is not None and value <= above:
         raise ValueError(f"{name} must be larger than {above_name} ({above}), got {value}")
     return value
+
+
+def _positive_steps(name: str, value) -> int:
+    """A positive whole number, at most 2**53 (the op computes in float64, where larger
+    integers are not exact); bool is an int, but True is no d_model."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    if value > _MAX_STEPS:
+        raise ValueError(f"{name} must be at most 2**53, got {value}")
+    return int(value)
 
 
 def _real(name: str, value) -> float:

@@ -1,6 +1,6 @@
 """Trains the demo's sequence-reversal Transformer with bfloat16 parameters under each of
 FusedAdamW's low-byte options, against float32 torch.optim.AdamW
-(python -m noam_ext.low_bytes_demo).
+(python examples/low_bytes_demo.py).
 
 Why: a bfloat16 parameter updated in float32 and rounded to nearest once per step (what
 torch's fused=True does) loses every update smaller than half a bfloat16 ulp, about 2**-9 of
@@ -48,11 +48,9 @@ from statistics import mean
 import torch
 from torch import nn
 
-from .optimizer import FusedAdamW
-from .param_groups import param_groups
-from .schedule_lr import ScheduleLR
-from .schedules import Schedule, WarmupConstant, WarmupCosine
-from .train_demo import (BETAS, EPS, EVAL_BATCH, LABEL_SMOOTHING, MAX_GRAD_NORM, WEIGHT_DECAY, Seq2SeqTransformer,
+from noam_ext import FusedAdamW, ScheduleLR, WarmupConstant, WarmupCosine, param_groups
+from noam_ext.schedules import Schedule
+from train_demo import (BETAS, EPS, EVAL_BATCH, LABEL_SMOOTHING, MAX_GRAD_NORM, WEIGHT_DECAY, Seq2SeqTransformer,
                          accuracy, add_task_arguments, check_task_arguments, loss_floor, make_batch,
                          progress_bar)
 
@@ -429,7 +427,7 @@ def main(argv=None) -> dict:
     bar.close()
     payload = {
         "machine": machine_info(),
-        "command": shlex.join(["python", "-m", "noam_ext.low_bytes_demo", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "examples/low_bytes_demo.py", *(sys.argv[1:] if argv is None else argv)]),
         "settings": settings_line(args),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "steps": args.steps, "vocab": args.vocab, "eval_batch": args.eval_batch,
