@@ -119,7 +119,7 @@ done_stage build "ok; register and SASS checks: $( ((checks == 0)) && echo passe
 stage "smoke: launch pointers, then each storage's step on the GPU against the CPU op"
 t=$SECONDS
 (cd tests && limited "$(allowance 60 60)" python -m pytest -q -x -p no:cacheprovider --import-mode=importlib \
-    test_linked_extension.py "test_cuda.py::test_every_storage_on_the_gpu_matches_the_cpu_op_bit_for_bit") \
+    gpu_kernels/test_linked_extension.py "gpu_kernels/test_cuda.py::test_every_storage_on_the_gpu_matches_the_cpu_op_bit_for_bit") \
   >"$OUT_DIR/smoke.log" 2>&1
 rc=$?
 counts="$(grep -E "(passed|failed|skipped|error|no tests ran)" "$OUT_DIR/smoke.log" | tail -n 1 | tr -d '=' | xargs)"
@@ -130,13 +130,13 @@ if ((rc != 0)); then
   exit 1   # a launch that is broken here is broken in every later stage
 fi
 
-stage "GPU tests (tests/test_cuda.py), verbose"
+stage "GPU tests (tests/gpu_kernels/test_cuda.py), verbose"
 t=$SECONDS
 limit=$(allowance 150 90)
 per_test=()
 python -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=60 --timeout-method=signal)
 (cd tests && limited "$limit" python -m pytest -v -rfEs --import-mode=importlib -p no:cacheprovider \
-    --maxfail=50 "${per_test[@]}" test_cuda.py) >"$OUT_DIR/tests.log" 2>&1
+    --maxfail=50 "${per_test[@]}" gpu_kernels/test_cuda.py) >"$OUT_DIR/tests.log" 2>&1
 rc=$?
 counts="$(grep -E "^=+ .*(passed|failed|skipped|error|no tests ran).* =+$" "$OUT_DIR/tests.log" | tail -n 1 | tr -d '=' | xargs)"
 done_stage tests "${counts:-no pytest summary}; $(how_it_ended $rc)${per_test[*]:+, at most 60 s a test}" \

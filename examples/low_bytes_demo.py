@@ -179,7 +179,7 @@ def train_variant(variant: Variant, args, state, schedule: Schedule, device: tor
         losses.append(loss.detach())
         bar.update(1)
         if step % REFRESH_EVERY == 0 or step == args.steps:
-            bar.set_postfix_str(f"{variant.key}  step {step}  loss {loss.item():.4f}  lr {lrs[-1]:.2e}")
+            bar.set_postfix_str(f"{variant.key} loss {loss.item():.3f} lr {lrs[-1]:.1e}")
     src, _, target = eval_batch
     sequence_acc, token_acc = accuracy(model, src, target)
     return RunResult(variant, torch.stack(losses).tolist(), lrs, digest, sequence_acc, token_acc,

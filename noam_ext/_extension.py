@@ -14,14 +14,14 @@ def _source_checkout_hint() -> str:
         return (f" Python imported noam_ext from the source folder {here}, which has no compiled "
                 "extension: this clone was not built in place (scripts/test.sh and scripts/demo.sh do it, "
                 "into .venv), or the current directory shadows a copy installed elsewhere. Build it in "
-                "place from the repository root: pip install --no-build-isolation -e . (see README.md).")
+                "place from the repository root: pip install --no-build-isolation -e . (see docs/development.md).")
     return (" Build it against the torch you run with: pip install --no-build-isolation . "
-            "(see README.md).")
+            "(see docs/development.md).")
 
 
 try:
     from . import _C  # noqa: F401  (importing registers torch.ops.noam_ext.*)
-except ImportError as error:  # pragma: no cover - exercised in a subprocess by tests/test_extension.py
+except ImportError as error:  # pragma: no cover - exercised in a subprocess by tests/package/test_extension.py
     raise ImportError("noam_ext's compiled extension (noam_ext._C) could not be loaded." + _source_checkout_hint()
                       + f" Original error: {error}") from error
 

@@ -406,7 +406,7 @@ def _traceable_calls(opt: "FusedAdamW") -> tuple[torch.Tensor, dict[tuple, dict[
     """The compiled step's hyperparameter table and op calls, one per (device, storages,
     master, amsgrad, stochastic rounding), with each parameter's (group, index) in
     "where": creating state and masters as the eager step's preparation does.
-    tests/test_bucketing.py requires the eager step's plan (_C.planned_calls) to be the same."""
+    tests/optimizer/test_bucketing.py requires the eager step's plan (_C.planned_calls) to be the same."""
     rows = []
     for group in opt.param_groups:
         base_lr = group["initial_lr"] if opt.schedule is not None else group["lr"]

@@ -74,9 +74,9 @@ build_progress() {
 # import exactly what was built. Extra arguments become environment for setup.py.
 # Shows which source is being compiled, and a heartbeat while a long one (CUDA) runs.
 install_noam_ext() {
-  local variant="CPU and, where it can be built, CUDA" minutes="1-3"
+  local variant="CPU and, where it can be built, CUDA" minutes="2"
   [[ " $* " == *" NOAM_EXT_NO_CUDA=1 "* ]] && variant="CPU only"
-  [[ " $* " == *" NOAM_EXT_FORCE_CUDA=1 "* ]] && variant="CPU and CUDA" && minutes="5-10"
+  [[ " $* " == *" NOAM_EXT_FORCE_CUDA=1 "* ]] && variant="CPU and CUDA" && minutes="3-4"
   say "building noam_ext ($variant) against torch $(python -c 'import torch; print(torch.__version__)'): about $minutes minutes on 2 cores"
   local log="$REPO_ROOT/build/pip-install.log"
   mkdir -p "$REPO_ROOT/build"

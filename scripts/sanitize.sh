@@ -33,7 +33,7 @@ say "CPU test suite under ASan + UBSan (distributed and benchmark tests excluded
 cd "$REPO_ROOT/tests"
 status=0
 python -m pytest -p no:cacheprovider --import-mode=importlib --rootdir="$REPO_ROOT" \
-      -c "$REPO_ROOT/pyproject.toml" -q --ignore=test_distributed.py --ignore=test_benchmark_smoke.py "$@" || status=$?
+      -c "$REPO_ROOT/pyproject.toml" -q --ignore=distributed --ignore=package/test_benchmark_harness.py "$@" || status=$?
 if [[ $status -eq 5 ]]; then
   echo "ERROR: pytest collected no tests" >&2
 fi

@@ -1,5 +1,5 @@
 """One rank of the distributed section (benchlib/distributed.py starts each rank as a fresh
-Python running this module, as tests/test_distributed.py does, rendezvous through a
+Python running this module, as tests/distributed/test_distributed.py does, rendezvous through a
 FileStore). For every configuration it builds one model per optimizer from the same seed,
 places its parameters as DTensors (FSDP2 or tensor parallel), assigns the same gradients
 once, times step() of all optimizers interleaved round-robin (the ranks enter every timed

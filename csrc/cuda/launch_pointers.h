@@ -1,5 +1,5 @@
 // What run_rows would launch beside the kernels as their compilation unit names them, for
-// tests (noam_ext._C.cuda_launch_pointers; tests/test_linked_extension.py): kept free of
+// tests (noam_ext._C.cuda_launch_pointers; tests/gpu_kernels/test_linked_extension.py): kept free of
 // ATen so that the kernels' units (storage_units.cuh) stay light to compile.
 #pragma once
 

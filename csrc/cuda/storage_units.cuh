@@ -2,7 +2,7 @@
 // csrc/noam_ext/storage.h each (update_kernels_*.cu), which nvcc builds side by side;
 // adamw_cuda.cu launches them through the functions each unit defines here. A unit's
 // functions name its kernels where nvcc compiles them, so the launch pointers they
-// return are that unit's kernel stubs (tests/test_linked_extension.py checks all of them).
+// return are that unit's kernel stubs (tests/gpu_kernels/test_linked_extension.py checks all of them).
 #pragma once
 
 #include "kernels_namespace.h"

@@ -6,7 +6,7 @@
 //
 // The update follows torch.optim.AdamW's single-tensor path term for term,
 // including where it rounds its scalar coefficients, so that float32 and
-// float64 results agree with PyTorch (see docs/adamw.md and tests/test_parity.py).
+// float64 results agree with PyTorch (see docs/adamw.md and tests/optimizer/test_parity.py).
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -141,7 +141,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T unscaled_clipped_grad(T grad, bool unscale, 
 //   vm = max(vm, v)                                amsgrad only; vm replaces v below
 //   p  = p + (-lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
 // Rounding follows what torch.optim.AdamW's kernels do on both devices (measured
-// in tests/test_parity.py, explained in docs/adamw.md): the lerp is one fused
+// in tests/optimizer/test_parity.py, explained in docs/adamw.md): the lerp is one fused
 // multiply-add, fma(w, g - m, m), as torch.lerp's vectorised CPU kernel and its
 // CUDA kernel compute it; the second moment is fma((1-beta2)*g, g, beta2*v), as
 // PyTorch's compiled addcmul_ evaluates it. Every other operation rounds on its own.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples"))   # the demos are scripts, not part of the package
 from low_bytes_demo import VARIANT_KEYS, smoothed, stops_improving  # noqa: E402
 STEPS = 4

@@ -127,7 +127,7 @@ def test_every_compiled_instruction_set_gives_identical_bits():
     results = {}
     for capability in compiled:
         env = dict(os.environ, NOAM_EXT_CPU_CAPABILITY=capability)
-        script = SCRIPT.format(tests=os.path.dirname(__file__))
+        script = SCRIPT.format(tests=os.path.dirname(os.path.dirname(__file__)))   # op_args lives in tests/
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                              cwd=os.path.dirname(__file__), check=True)
         results[capability] = json.loads(run.stdout)

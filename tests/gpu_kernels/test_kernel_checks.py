@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_cuda_kernels.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "check_cuda_kernels.py"
 spec = importlib.util.spec_from_file_location("check_cuda_kernels", SCRIPT)
 checks = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(checks)

@@ -27,7 +27,7 @@ import torch
 import noam_ext
 from noam_ext import _C
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AUDIT = REPO / "scripts" / "audit_symbols.py"
 OBJECTS = REPO / "build" / "objects"
 LAUNCHES = ("prepare", "update", "strided")

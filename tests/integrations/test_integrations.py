@@ -8,8 +8,8 @@ GradScaler path. Optional frameworks: each test skips, saying why, where its
 framework is not installed.
 
 Tolerance for parameters against torch (float32, 6-8 steps): each step may differ
-by the square root's last bits (tests/test_parity.py: 2e-6 over 300 steps) and the
-clipping factor by the norm's rounding (tests/test_clip.py: 1e-6 relative), so
+by the square root's last bits (tests/optimizer/test_parity.py: 2e-6 over 300 steps) and the
+clipping factor by the norm's rounding (tests/optimizer/test_clip.py: 1e-6 relative), so
 rtol=atol=1e-5; measured at most 1.2e-7 here, while a wrong lr or clip would be off
 by more than 1e-3."""
 
@@ -24,7 +24,7 @@ import torch
 import noam_ext
 from noam_ext import FusedAdamW, InOpScheduleLR, Noam, TransformerLRScheduler, noam_lr
 
-PAGE = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "integrations.md"
 SNIPPET = re.compile(r"<!-- snippet: (\w+)(?: \((\w+)\))? -->\n```python\n(.*?)```", re.S)
 FRAMEWORKS = {
     "transformers": "HF transformers is not installed (optional: pip install transformers accelerate)",

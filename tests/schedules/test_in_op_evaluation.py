@@ -17,7 +17,7 @@ from noam_ext import FusedAdamW, Noam, ScheduleLR, WarmupConstant, WarmupCosine,
 
 import host_run
 from lr_probe import PROBE_HYPER, op_lrs, reset_for_probe
-from test_schedules import LONG, SHORT, sampled_steps, short_steps
+from schedule_cases import LONG, SHORT, sampled_steps, short_steps
 
 BASES = (1.0, 3e-4)   # two groups per schedule: the op multiplies the base lr by the factor
 

@@ -8,7 +8,7 @@ What the optimizer writes itself (construction, steps, load_state_dict,
 add_param_group, copies, compiled steps) is never mistaken for an outside write.
 
 References and tolerances: the scheduler-driven way out is compared with
-torch.optim.AdamW(foreach=False) + the same scheduler as tests/test_parity.py does it:
+torch.optim.AdamW(foreach=False) + the same scheduler as tests/optimizer/test_parity.py does it:
 lrs and float32 moments bit for bit, parameters within 2e-6 (torch's CPU sqrt is not
 correctly rounded, ours is: a few ulp, measured up to 2.4e-7 there). The in-op
 schedule evaluates noam_lr with the same pow() calls as the host, so it is compared

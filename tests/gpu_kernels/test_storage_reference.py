@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import host_run
-import test_cuda_emulation_storage as storage_cases
+import storage_cases
 from noam_ext._hyper import BETA1, BETA2, EPS, LR, MAXIMIZE, NUM_HYPER_COLUMNS, WEIGHT_DECAY
 
 STEPS = 4

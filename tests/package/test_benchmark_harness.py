@@ -1,5 +1,8 @@
-"""benchmarks/bench_step.py --quick, and its --profile gpu-check on the CPU, run end to end
-(smoke tests: no timing is asserted)."""
+"""benchmarks/bench_step.py --quick, and its --profile gpu-check on the CPU, run end to end:
+what keeps the benchmark honest (every peer timed in the same interleaved run, each
+candidate really trained or stepped its copy, ceilings measured in the same run and each
+variant judged against its own byte count, the issue's targets judged as stated, rows
+kept as measured). No timing is asserted, and the markdown's layout is not pinned."""
 
 import json
 import math
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_step.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_step.py"
 OPTIMIZERS = {"noam_ext", "torch for-loop", "torch foreach", "torch fused"}
 TORCH = OPTIMIZERS - {"noam_ext"}
 ZERO_GRADS = ("optimizer.zero_grad()", "model.zero_grad()")
@@ -109,19 +112,7 @@ def test_quick_benchmark_writes_table_json_and_chart(tmp_path):
         assert row["bytes_per_param"] == {"noam_ext": 32, **{p: 40 for p in TORCH}}
         assert all(v > 0 for v in row["gbps"].values()) and all(v > 0 for v in row["over_step_alone"].values())
 
-    # Tables: iterations first, then steps, on stdout and in the markdown file.
     table = (tmp_path / "bench_cpu_quick.md").read_text()
-    for text in (run.stdout, table):
-        assert "| model |" in text and "| layout |" in text
-        assert text.index("| model |") < text.index("| layout |") < text.index("### Clip + step")
-        assert "ours vs torch fused" in text and "model.zero_grad()" in text and "flat-view" in text
-        assert text.count("**with clip_grad_norm_**") == 2   # one iteration row per model
-        for row in rows:
-            assert row["model"] in text
-        clip_table = text[text.index("### Clip + step"):]
-        assert "| noam_ext clip + step |" in clip_table and "GB/s (32 B)" in clip_table
-        for row in clip_rows:
-            assert f"| {row['name']} |" in clip_table
 
     # Fewer bytes per parameter: every storage variant and both torch fused peers on flat
     # 1e6 and the ~1e6 stack, each with the ceiling for its own byte count; below 1e7
@@ -169,17 +160,6 @@ def test_quick_benchmark_writes_table_json_and_chart(tmp_path):
         # Every optimizer updated the parameters as torch for-loop did, and that moved them.
         assert row["reference_moved"] > 0
         assert all(math.isfinite(g) and g < 0.05 for g in row["param_gap"].values()), row["param_gap"]
-    for text in (run.stdout, table):
-        distributed_table = text[text.index("### One optimizer step on DTensor parameters"):]
-        assert (text.index("### Clip + step") < text.index("### Fewer bytes per parameter")
-                < text.index("### One optimizer step on DTensor parameters"))
-        low_table = text[text.index("### Fewer bytes per parameter"):text.index("### One optimizer step on DTensor")]
-        for r in low:
-            for name, v in r["variants"].items():
-                assert f"| {r['name']} | {name} | {v['bytes_per_element']} |" in low_table
-        assert "n/a (below 1e+07 elements)" in low_table and "skipped" not in low_table
-        for row in dist_rows:
-            assert f"| {row['label']} |" in distributed_table
     low_rows = sum(len(r["variants"]) for r in low)
     assert_rows_streamed(tmp_path, table,
                          len(rows) + len(payload["results"]) + len(clip_rows) + low_rows + len(dist_rows))

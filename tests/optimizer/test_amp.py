@@ -1,4 +1,4 @@
-"""torch.amp.GradScaler integration (on the CPU here; tests/test_cuda.py repeats
+"""torch.amp.GradScaler integration (on the CPU here; tests/gpu_kernels/test_cuda.py repeats
 it on a GPU): the scaler hands its scale and found-inf tensors to the op, which
 unscales in the math type and skips a step with inf/NaN gradients whole."""
 

@@ -61,7 +61,7 @@ def test_cpu_op_uses_torchs_intra_op_threads():
     assert noam_ext.build_info()["cpu_op_parallel"]
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(Path(noam_ext.__file__).resolve().parent != REPO / "noam_ext",

@@ -87,7 +87,7 @@ SCENARIO_TIMEOUT_S = 240            # parent: a scenario's workers are killed af
 
 # (b) Tolerance of FusedAdamW against torch.optim.AdamW(foreach=False). Not bitwise: the
 # moment updates (exp_avg, exp_avg_sq) follow torch's single-tensor path operation for
-# operation and agree bit for bit given the same gradients (tests/test_parity.py), but
+# operation and agree bit for bit given the same gradients (tests/optimizer/test_parity.py), but
 # torch's CPU Tensor.sqrt (MKL VML in the x86 build) is not correctly rounded while
 # noam_ext uses the IEEE square root, so the denominator sqrt(v_hat) + eps, and with it
 # the parameter, can differ by about an ulp of the update in a few percent of the
@@ -803,7 +803,7 @@ def test_low_bytes_stochastic_rounding_of_shards_is_as_documented(run_of):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="worker process of tests/test_distributed.py")
+    parser = argparse.ArgumentParser(description="worker process of tests/distributed/test_distributed.py")
     parser.add_argument("--worker", nargs=3, metavar=("SCENARIO", "RANK", "OUT_DIR"), required=True)
     args = parser.parse_args()
     scenario, rank, out_dir = args.worker

@@ -1,6 +1,6 @@
 """The CUDA kernel on a real GPU. Every test here is skipped, with the reason,
 when no GPU is present (CI has none: there the kernels' own code runs on the host,
-tests/test_cuda_emulation.py). benchmarks/gpu_check.sh runs these on a lent GPU.
+tests/gpu_kernels/test_cuda_emulation.py). benchmarks/gpu_check.sh runs these on a lent GPU.
 
 Tolerances: against our CPU op the kernel must agree bit for bit (same math
 header, IEEE division and sqrt, no contraction: --fmad=false), but for float64
@@ -27,10 +27,12 @@ from noam_ext import (FusedAdamW, Noam, TransformerLRScheduler, WarmupConstant, 
 
 import noam_ext._C
 import op_args
-import test_schedules as schedules
+import schedule_cases as schedules
 from lr_probe import op_lrs
-import test_cuda_emulation as emulation
-import test_parity as parity
+import sibling_tests
+
+emulation = sibling_tests.load("gpu_kernels/test_cuda_emulation.py")   # the host run's layouts
+parity = sibling_tests.load("optimizer/test_parity.py")                # the CPU parity run's model and bounds
 
 pytestmark = pytest.mark.cuda
 DEVICE = "cuda"
@@ -439,7 +441,7 @@ def test_one_captured_step_replays_a_whole_schedule(schedule):
     assert graphed.state_dict()["noam_schedule_step"] == eager.state_dict()["noam_schedule_step"] == 26
 
 
-# ---- issue 16: the first GPU session -----------------------------------------------------------------------
+# ---- alignment, huge tensors, whole-iteration graph capture and its tables, streams, threads, two GPUs ----
 
 @pytest.mark.parametrize("misaligned", ["grads", "params", "exp_avg_sqs", "all at one offset"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -723,7 +725,7 @@ def test_parameters_on_two_gpus_in_one_optimizer():
 
 # ---- storages beyond torch's own, stochastic rounding, strided rows ----------
 
-import test_cuda_emulation_storage as storage_cases  # noqa: E402
+import storage_cases
 
 
 def _to_device(args):

@@ -4,7 +4,7 @@ step: several groups, dtypes, None gradients, clipping active and inactive, norm
 types 2 and inf, and torch.amp.GradScaler.
 
 Tolerances. On the CPU the 2-norm of float32/float64 gradients comes from
-noam_ext::grad_norm (tests/test_grad_norm.py), which sums the squares in float64
+noam_ext::grad_norm (tests/cpu_op/test_grad_norm.py), which sums the squares in float64
 in an order of its own: it agrees with torch's to rounding (rtol 1e-6 in float32,
 1e-12 in float64), not bit for bit. The inf-norm (also the op's) is exact, and
 the other norms and dtypes use torch's own get_total_norm: both agree exactly.
