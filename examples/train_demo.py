@@ -229,7 +229,7 @@ def progress_bar(total: int):
         return TextProgress(total)
     # A fixed-width bar and a short postfix: the line fits 80 columns (about 75 characters).
     return tqdm(total=total, unit="step", bar_format="{percentage:3.0f}%|{bar:16}| {n_fmt}/{total_fmt} "
-                                                     "[{elapsed}<{remaining}] {postfix}")
+                                                     "[{elapsed}<{remaining}]{postfix}")
 
 
 def train(args, vocab: int, device: torch.device, fused_model: nn.Module, torch_model: nn.Module):
@@ -339,8 +339,9 @@ def print_agreement(fused: RunHistory, reference: RunHistory, fused_model: nn.Mo
     # One batch's loss is noisy; the mean over the last steps is the fairer comparison.
     tail = min(FINAL_MEAN_STEPS, len(fused.losses))
     print(f"final loss   fused: {fused.losses[-1]:.6f}   torch: {reference.losses[-1]:.6f}   "
-          f"(mean of the last {tail} steps: {mean(fused.losses[-tail:]):.6f} and "
-          f"{mean(reference.losses[-tail:]):.6f}; lowest possible {floor:.6f})")
+          f"(lowest possible {floor:.6f})")
+    print(f"  mean of the last {tail} steps: fused {mean(fused.losses[-tail:]):.6f}, "
+          f"torch {mean(reference.losses[-tail:]):.6f}")
     lr_gap = max(abs(a - b) for a, b in zip(fused.lrs, reference.lrs))
     print(f"largest |lr difference| over all steps: {lr_gap:.3e}")
     # FusedAdamW's parameters may differ from torch's by an ulp or so per step (torch's sqrt is
@@ -348,8 +349,7 @@ def print_agreement(fused: RunHistory, reference: RunHistory, fused_model: nn.Mo
     # rounding-noise gradients of e.g. attention key biases into full-size steps, and the
     # difference grows from there, as it does between two torch runs 1 ulp apart. So the parity
     # check is the first step's gap; the end is compared by loss and accuracy, not by weights.
-    print(f"parity after one step: largest |parameter difference| {first_step_gap:.1e} (rounding: "
-          "docs/adamw.md, \"Rounding\")")
+    print(f"parity after one step: the weights differ by up to {first_step_gap:.1e} (rounding)")
     print(f"after {len(fused.losses)} steps the weights differ by up to "
           f"{max_param_difference(fused_model, torch_model):.1e}: expected, as training amplifies any\n"
           "  1-ulp difference (two torch runs do the same); compare the losses and accuracies instead")
