@@ -16,6 +16,7 @@ if [[ " $* " == *" --help "* || " $* " == *" -h "* ]] && [[ -x "$VENV/bin/python
   run_demo "$@"
   exit 0
 fi
+export NOAM_EXT_FOR=demo   # env.sh installs the build tools and the demo's, not the test-only packages
 source "$REPO_ROOT/scripts/env.sh"
 cd "$REPO_ROOT"
 if [[ " $* " != *" --device cuda "* && " $* " != *" --device=cuda "* ]]; then

@@ -33,9 +33,15 @@ if ! python -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086  # word splitting intended: NOAM_EXT_TORCH may hold pip options
   python -m pip install --progress-bar off ${NOAM_EXT_TORCH:-torch}
 fi
-say "installing build and test tools (transformers: the tests compare the schedules with its functions; accelerate and lightning: docs/integrations.md is run against them)"
-python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja pytest hypothesis numpy matplotlib tqdm \
-  transformers accelerate lightning
+if [[ "${NOAM_EXT_FOR:-tests}" == "demo" ]]; then
+  # The demo needs the build tools and its plot and progress bar, not the test-only packages.
+  say "installing build tools and the demo's (matplotlib, tqdm)"
+  python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja matplotlib tqdm
+else
+  say "installing build and test tools (transformers: the tests compare the schedules with its functions; accelerate and lightning: docs/integrations.md is run against them)"
+  python -m pip install -q --progress-bar off "setuptools>=64" wheel ninja pytest hypothesis numpy matplotlib tqdm \
+    transformers accelerate lightning
+fi
 
 # CUDA_HOME: the toolkit that the nvcc on PATH belongs to (nvcc may be a wrapper script).
 if [[ -z "${CUDA_HOME:-}" ]] && command -v nvcc >/dev/null 2>&1; then
