@@ -198,9 +198,20 @@ inline TensorRow check_and_make_row(const RowTensors& t, const at::Device& devic
   // The common case first, in few reads: same layout, device, shape and (for a
   // contiguous parameter) contiguous, and the call's dtype for its kind of tensor.
   // Anything else gets the detailed checks.
+  auto same = [](at::IntArrayRef a, at::IntArrayRef b) {   // a loop: shapes are short, memcmp's call is not
+    if (a.size() != b.size()) {
+      return false;
+    }
+    for (size_t d = 0; d < a.size(); ++d) {
+      if (a[d] != b[d]) {
+        return false;
+      }
+    }
+    return true;
+  };
   auto like_param = [&](const at::Tensor& x, at::ScalarType expected) {
     return x.defined() && x.layout() == at::kStrided && x.scalar_type() == expected && x.device() == device &&
-           x.sizes() == sizes && (numel <= 1 || (contiguous ? x.is_contiguous() : x.strides() == p.strides()));
+           same(x.sizes(), sizes) && (numel <= 1 || (contiguous ? x.is_contiguous() : same(x.strides(), p.strides())));
   };
   bool alike = dense;   // every tensor dense with the parameter's strides: one linear walk serves all
   auto check_like_param = [&](const at::Tensor& x, at::ScalarType expected, const char* what, bool written) {
@@ -271,6 +282,17 @@ inline void check_distinct_steps(const std::vector<TensorRow>& rows, const Tenso
     ascending = address(i - 1) < address(i);
   }
   if (ascending) {
+    return;
+  }
+  // The addresses alone first (a reused buffer, no allocation per step); the positions
+  // only when two are equal, to name them.
+  thread_local std::vector<uintptr_t> addresses;
+  addresses.resize(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    addresses[i] = address(i);
+  }
+  std::sort(addresses.begin(), addresses.end());
+  if (std::adjacent_find(addresses.begin(), addresses.end()) == addresses.end()) {
     return;
   }
   std::vector<std::pair<uintptr_t, int64_t>> steps;

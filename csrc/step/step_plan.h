@@ -63,7 +63,8 @@ inline void assign_rounds(Bucket& b) {
   const int64_t n = static_cast<int64_t>(b.params.size());
   b.rounds.assign(n, 0);
   b.num_rounds = 1;
-  std::vector<std::tuple<uintptr_t, uintptr_t, int64_t>> spans;  // [start, end), position
+  thread_local std::vector<std::tuple<uintptr_t, uintptr_t, int64_t>> spans;  // [start, end), position
+  spans.clear();   // a reused buffer: no allocation per step
   spans.reserve(n);
   const int64_t element_size = static_cast<int64_t>(c10::elementSize(b.dtype));
   for (int64_t i = 0; i < n; ++i) {
