@@ -227,6 +227,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         layout["num_schedule_columns"] = static_cast<int>(noam_ext::kNumScheduleColumns);
         layout["schedule_kinds"] = named(noam_ext::kScheduleKindNames);
         layout["decay_shapes"] = shapes;
+        py::dict masters;   // master_weights option -> (its state key, its dtype)
+        for (const auto kind : {noam_ext::MasterKind::kFloat32, noam_ext::MasterKind::kRemainder}) {
+          masters[noam_ext::storage_master_name(kind)] =
+              py::make_tuple(noam_ext::kMasterStateKeys[static_cast<int>(kind)],
+                             kind == noam_ext::MasterKind::kRemainder ? "int16" : "float32");
+        }
+        layout["master_state"] = masters;
         return layout;
       },
       "The op's hyperparameter table: column indices, schedule kinds and decay shapes by name "

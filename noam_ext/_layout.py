@@ -1,6 +1,7 @@
 """The op's hyperparameter table layout, as the C++ defines it (csrc/noam_ext/adamw_math.h,
 schedule_math.h) and noam_ext._C.table_layout() exports it: which column holds what, the
-schedule kinds and the decay shapes, by name. Python builds table rows from this only, so
+schedule kinds and the decay shapes, by name; and the state keys and dtypes of the master
+forms (storage.h). Python builds table rows from this only, so
 the layout is written once.
 
 Read on first use: the schedules' pure functions work without the compiled extension (a

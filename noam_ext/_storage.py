@@ -25,11 +25,15 @@ from dataclasses import dataclass
 import torch
 
 from ._extension import _C
+from ._layout import table_layout
 
 MASTER_WEIGHTS = (None, "float32", "remainder")
 MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
-MASTER_KEYS = {"float32": "master_param", "remainder": "master_remainder"}
-MASTER_DTYPES = {"master_param": torch.float32, "master_remainder": torch.int16}   # state key -> its dtype
+# Where each master form lives in optimizer.state, and its dtype, as the op reads them
+# (csrc/noam_ext/storage.h, kMasterStateKeys).
+_MASTER_STATE = table_layout()["master_state"]
+MASTER_KEYS = {kind: key for kind, (key, _) in _MASTER_STATE.items()}                       # option -> state key
+MASTER_DTYPES = {key: getattr(torch, dtype) for key, dtype in _MASTER_STATE.values()}      # state key -> dtype
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 OPTION_KEYS = ("master_weights", "moment_dtype", "stochastic_rounding", "seed")
 

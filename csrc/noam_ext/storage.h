@@ -27,6 +27,10 @@ enum class MasterKind : int32_t {
   kRemainder = 2,   // an int16 remainder: (bfloat16 parameter, remainder) is the float32 master, exactly
 };
 
+// The optimizer.state key that holds each kind's master (none for kNone), read by
+// FusedAdamW's step (step/torch_objects.h) and exported to Python (_C.table_layout()).
+constexpr const char* kMasterStateKeys[] = {"", "master_param", "master_remainder"};
+
 struct StorageTypes {
   c10::ScalarType param;
   c10::ScalarType grad;

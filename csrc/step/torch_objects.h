@@ -13,6 +13,8 @@
 #include <utility>
 #include <vector>
 
+#include "noam_ext/storage.h"
+
 namespace noam_ext::step {
 
 namespace py = pybind11;
@@ -169,8 +171,9 @@ struct StateEntries {
 
 inline StateEntries read_state_entries(PyObject* state) {
   constexpr int kCount = 6;
-  static const char* const kKeyNames[kCount] = {"step",         "exp_avg",      "exp_avg_sq", "max_exp_avg_sq",
-                                                "master_param", "master_remainder"};
+  static const char* const kKeyNames[kCount] = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                                                kMasterStateKeys[static_cast<int>(MasterKind::kFloat32)],
+                                                kMasterStateKeys[static_cast<int>(MasterKind::kRemainder)]};
   static PyObject* const kKeys[kCount] = {
       PyUnicode_InternFromString(kKeyNames[0]), PyUnicode_InternFromString(kKeyNames[1]),
       PyUnicode_InternFromString(kKeyNames[2]), PyUnicode_InternFromString(kKeyNames[3]),
