@@ -47,6 +47,7 @@ DEMO_SH = "scripts/demo.sh"   # --help installs nothing once an environment hold
 NOT_RUN = {
     "scripts/test.sh": "installs torch and the tools, builds noam_ext (twice where CUDA builds) and runs "
                        "this whole suite, this file included; CI runs it (.ci/run)",
+    ".ci/run": "CI itself: scripts/test.sh on a fresh clone (see scripts/test.sh)",
     "scripts/sanitize.sh": "builds noam_ext with sanitizers and runs the CPU suite under them (about 15 minutes)",
     "benchmarks/gpu_check.sh": "builds noam_ext for a GPU first and has no --help; it is run on a lent GPU",
     "setup.py": "builds the extension",
