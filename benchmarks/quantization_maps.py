@@ -52,13 +52,13 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
 
+from low_bytes_demo import SMOOTHING_WINDOW, machine_info, smoothed  # noqa: E402  (the demo's own)
 from train_demo import (BETAS, EPS, EVAL_BATCH, LABEL_SMOOTHING, MAX_GRAD_NORM, WEIGHT_DECAY,  # noqa: E402
                         Seq2SeqTransformer, accuracy, loss_floor, make_batch)
 
 from noam_ext import ScheduleLR, WarmupConstant, param_groups  # noqa: E402
 
 FINAL_MEAN_STEPS = 50        # final loss: mean of the last 50 steps' losses (as low_bytes_demo)
-SMOOTHING_WINDOW = 51        # centred moving mean for the chart and the largest gap (as low_bytes_demo)
 BLOCKS = (64, 128, 256, 2048)
 OUTLIER_FACTOR = 10.0        # an element's update counts as a blow-up when |update| > this x lr
 
@@ -805,28 +805,6 @@ def encoder_timings(n: int, seed: int, repeats: int = 3) -> dict:
 # =================================================================================================
 # 7. Report
 # =================================================================================================
-
-def smoothed(losses: list[float], window: int = SMOOTHING_WINDOW) -> list[float]:
-    half = window // 2
-    prefix = [0.0]
-    for x in losses:
-        prefix.append(prefix[-1] + x)
-    return [(prefix[min(len(losses), i + half + 1)] - prefix[max(0, i - half)])
-            / (min(len(losses), i + half + 1) - max(0, i - half)) for i in range(len(losses))]
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(), "cpu": cpu,
-            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
-
 
 def training_summary(results: list[RunResult]) -> dict:
     reference = next(r for r in results if r.variant.pair is None)

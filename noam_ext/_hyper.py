@@ -19,7 +19,6 @@ LR, BETA1, BETA2, EPS, WEIGHT_DECAY, MAXIMIZE, SCHEDULE_BLOCK = (
 NUM_HYPER_COLUMNS = table_layout()["num_hyper_columns"]
 
 
-
 def as_float(name: str, value: Any) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -144,17 +143,11 @@ class HyperTable:
     def _unchanged(self, param_groups: list[dict], schedule) -> bool:
         """Whether every group holds the very objects the table was built from (a check of
         identities: a steady step with float hyperparameters pays no more)."""
-        sources = self._plain_sources
-        if sources is None or len(sources) != len(param_groups):
+        before = self._plain_sources
+        if before is None or len(before) != len(param_groups):
             return False
-        lr_key = "initial_lr" if schedule is not None else "lr"
-        for group, (lr, beta1, beta2, eps, weight_decay, maximize) in zip(param_groups, sources):
-            betas = group["betas"]
-            if not (group[lr_key] is lr and group["eps"] is eps and group["weight_decay"] is weight_decay
-                    and group["maximize"] is maximize and len(betas) == 2 and betas[0] is beta1
-                    and betas[1] is beta2):
-                return False
-        return True
+        now = self._sources(param_groups, schedule)
+        return all(len(a) == len(b) and all(x is y for x, y in zip(a, b)) for a, b in zip(now, before))
 
     @staticmethod
     def _build(rows: list[tuple], schedule) -> torch.Tensor:

@@ -94,8 +94,8 @@ class Noam(Schedule):
     _KIND = "noam"
 
     def __post_init__(self):
-        _set(self, "d_model", _positive_steps("d_model", self.d_model))
-        _set(self, "warmup_steps", _positive_steps("warmup_steps", self.warmup_steps))
+        _set(self, "d_model", _steps("d_model", self.d_model, positive=True))
+        _set(self, "warmup_steps", _steps("warmup_steps", self.warmup_steps, positive=True))
 
     def _factor(self, k: float) -> float:
         # The same pow() calls as the op (csrc/noam_ext/schedule_math.h): the same bits on the CPU.
@@ -329,31 +329,21 @@ def _check_step(step) -> int:
     return int(step)
 
 
-def _steps(name: str, value, above: int | None = None, above_name: str = "") -> int:
-    """A whole number of steps in [0, 2**53] (bool is an int, but not a step count);
-    with `above`, larger than it."""
+def _steps(name: str, value, above: int | None = None, above_name: str = "", positive: bool = False) -> int:
+    """A whole number of steps in [0, 2**53] (bool is an int, but not a step count; the op
+    computes in float64, where larger integers are not exact); positive: at least 1; with
+    `above`, larger than it."""
+    kind = "positive" if positive else "non-negative"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{name} must be a {kind} integer, got {value!r} ({type(value).__name__})")
     value = int(value)
-    if value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value}")
+    if value < (1 if positive else 0):
+        raise ValueError(f"{name} must be a {kind} integer, got {value}")
     if value > _MAX_STEPS:
         raise ValueError(f"{name} must be at most 2**53, got {value}")
     if above is not None and value <= above:
         raise ValueError(f"{name} must be larger than {above_name} ({above}), got {value}")
     return value
-
-
-def _positive_steps(name: str, value) -> int:
-    """A positive whole number, at most 2**53 (the op computes in float64, where larger
-    integers are not exact); bool is an int, but True is no d_model."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__})")
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
-    if value > _MAX_STEPS:
-        raise ValueError(f"{name} must be at most 2**53, got {value}")
-    return int(value)
 
 
 def _real(name: str, value) -> float:
