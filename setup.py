@@ -222,6 +222,7 @@ class BuildExtensionPerIsa(cpp_extension.BuildExtension):
 def make_extension():
     with_cuda = should_build_cuda()
     sources = [str(CSRC / "ops.cpp"), str(CSRC / "python_module.cpp"), str(CSRC / "noam_ext" / "storage.cpp"),
+               str(CSRC / "noam_ext" / "quantization.cpp"),
                str(CSRC / "cpu" / "adamw_cpu.cpp"),
                str(CSRC / "cpu" / "cpu_capability.cpp"),
                str(CSRC / "cpu" / "grad_norm_cpu.cpp")]

@@ -38,12 +38,15 @@ TORCH_LIBRARY(noam_ext, m) {
   //                   parameter (default 0; a shard's offset)
   //   stochastic_rounding: round what is stored in bfloat16 stochastically, with bits
   //                   from (stream, the param's step, the element's index) (adamw_math.h)
+  //   moment_absmax:  with uint8 moments (8-bit codes, noam_ext/quantization.h): per param the
+  //                   float32 scales of exp_avg, exp_avg_sq and (amsgrad) max_exp_avg_sq, one
+  //                   per 256-element block, in that order; otherwise empty or None
   m.def(
       "fused_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor(f!) schedule_step, Tensor hyper, "
       "int[] groups, *, bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
-      "bool stochastic_rounding=False) -> ()");
+      "bool stochastic_rounding=False, Tensor(h!)[]? moment_absmax=None) -> ()");
   // The global norm of a list of gradients, as torch.nn.utils.get_total_norm defines
   // it, for FusedAdamW.clip_grad_norm_: norm_type 2.0 (sqrt of the sum of squares,
   // accumulated in float64) or inf (max |g|; a NaN anywhere gives NaN). Gradients of

@@ -20,6 +20,7 @@
 #include "noam_ext/op_checks.h"
 #include "noam_ext/run_rows.h"
 #include "python_bit_tricks.h"
+#include "python_quantization.h"
 #include "step/collect.h"
 #include "step/step_plan.h"
 
@@ -200,6 +201,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The int16 remainders of float32 masters (CPU), as the op splits a master (adamw_math.h).");
   m.def("masters_of_remainders", &noam_ext::python::masters_of_remainders, py::arg("params"),
         py::arg("remainders"), "The float32 masters of bfloat16 parameters and their int16 remainders (CPU).");
+  m.def("quantization_map", &noam_ext::python::quantization_map, py::arg("signed"),
+        "The 256 float32 values of 8-bit moments' map: signed (exp_avg) or unsigned (exp_avg_sq), "
+        "the dynamic maps of bitsandbytes (within 2 ulps; csrc/noam_ext/quantization.h).");
+  m.def("quantize_blocks", &noam_ext::python::quantize_blocks, py::arg("values"), py::arg("signed"),
+        "(codes, scales) of a 1-D float32 CPU tensor, as the op stores 8-bit moments (quantization.h).");
+  m.def("dequantize_blocks", &noam_ext::python::dequantize_blocks, py::arg("codes"), py::arg("scales"),
+        py::arg("signed"), "The float32 moments that 1-D codes and their scales decode to.");
   m.def("rounding_stream", &noam_ext::python::rounding_stream_argument, py::arg("seed"), py::arg("group"),
         py::arg("index"), py::arg("salt") = 0,
         "Stochastic rounding's stream of parameter `index` of param group `group` as the op's int64 argument "
@@ -234,6 +242,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              kind == noam_ext::MasterKind::kRemainder ? "int16" : "float32");
         }
         layout["master_state"] = masters;
+        py::list quantized;   // per moment (exp_avg, exp_avg_sq, max_exp_avg_sq): (its codes' key, its scales')
+        for (const auto& keys : noam_ext::kQuantizedStateKeys) {
+          quantized.append(py::make_tuple(keys[0], keys[1]));
+        }
+        layout["quantized_state"] = quantized;
+        layout["quantized_block"] = static_cast<int>(noam_ext::kQuantBlock);
         return layout;
       },
       "The op's hyperparameter table: column indices, schedule kinds and decay shapes by name "

@@ -9,6 +9,7 @@ from .schedules import (InOpScheduleLR, Noam, Schedule, ScheduleLR, TransformerL
 
 __all__ = [
     "FusedAdamW",
+    "dequantized_state_dict",
     "InOpScheduleLR",
     "param_groups",
     "build_info",
@@ -50,7 +51,7 @@ try:
 except ImportError:
     pass
 
-_COMPILED = {"FusedAdamW": ".optimizer", "build_info": "._extension",
+_COMPILED = {"FusedAdamW": ".optimizer", "dequantized_state_dict": "._checkpoint", "build_info": "._extension",
              "cpu_capability": "._extension"}
 
 

@@ -10,7 +10,11 @@ from typing import Any
 
 import torch
 
-from ._storage import MASTER_DTYPES, MASTER_KEYS, loaded_dtype, local, master_of, options_of, remainder_of
+import math
+
+from ._extension import _C
+from ._storage import (MASTER_DTYPES, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_BLOCK, QUANTIZED_KEYS, dequantize_moment,
+                       loaded_dtype, local, master_of, moment_dtype_for, options_of, quantize_moment, remainder_of)
 
 
 def set_aside_own_dtypes(param_groups: list[dict], group_options: list[dict], state_dict: dict[str, Any]):
@@ -61,6 +65,112 @@ def settle_master(p: torch.Tensor, entry: dict, kind: str | None) -> None:
         del entry[key]
 
 
+# ---- 8-bit moments -----------------------------------------------------------------------
+
+def _moment_form(entry: dict, key: str) -> str | None:
+    """How a state entry holds a moment: "8bit" (its codes and scales), "float" (torch's key), or None."""
+    codes, scales = QUANTIZED_KEYS[key]
+    if codes in entry and scales in entry:
+        return "8bit"
+    return "float" if key in entry else None
+
+
+@torch.no_grad()
+def settle_moments(param_groups: list[dict], state: dict) -> None:
+    """After a load, each parameter's moments are in the form its group asks for, and only
+    that form: 8-bit codes and scales in a moment_dtype="8bit" group (a float checkpoint's
+    quantized by the op's encoder, one rounding), float tensors in any other (8-bit ones
+    decoded, exactly, then cast to the group's moment dtype)."""
+    for group in param_groups:
+        options = options_of(group)
+        for p in group["params"]:
+            entry = state.get(p)
+            if not entry:
+                continue
+            for key in MOMENT_KEYS:
+                codes, scales = QUANTIZED_KEYS[key]
+                has_float, has_codes = key in entry, codes in entry and scales in entry
+                if options.eight_bit:
+                    if not has_codes and has_float:
+                        entry.update(quantize_moment(p, key, entry[key]))
+                    entry.pop(key, None)
+                else:
+                    if not has_float and has_codes:
+                        entry[key] = dequantize_moment(p, key, entry).to(moment_dtype_for(p.dtype, options))
+                    entry.pop(codes, None)
+                    entry.pop(scales, None)
+
+
+def dequantized_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a FusedAdamW state_dict() in torch.optim.AdamW's format: 8-bit moments
+    decoded to float32 exp_avg, exp_avg_sq and max_exp_avg_sq (exactly the values the next
+    step would decode). torch.optim.AdamW.load_state_dict then casts them to each parameter's
+    dtype, as it casts any checkpoint. Entries without 8-bit moments are copied as they are."""
+    state = {}
+    for key, entry in state_dict["state"].items():
+        entry = dict(entry)
+        for moment in MOMENT_KEYS:
+            if _moment_form(entry, moment) == "8bit":
+                codes = entry[QUANTIZED_KEYS[moment][0]]
+                entry[moment] = dequantize_moment(codes, moment, entry)
+                for name in QUANTIZED_KEYS[moment]:
+                    del entry[name]
+        state[key] = entry
+    groups = [{k: v for k, v in g.items() if k != "moment_dtype"} for g in state_dict["param_groups"]]
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
+# bitsandbytes' Optimizer2State keeps, per parameter: state1/state2 (uint8 codes of qmap1/qmap2
+# with one float32 absmax per block in absmax1/absmax2; float32 moments for tensors under its
+# min_8bit_size) and "step" as an int (bitsandbytes/optim/optimizer.py).
+_BNB_KEYS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2")
+
+
+def from_bitsandbytes(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of state_dict with each bitsandbytes 2-state entry (AdamW8bit, Adam8bit; see
+    _BNB_KEYS) in FusedAdamW's 8-bit format. Where the checkpoint's maps are bitsandbytes'
+    dynamic maps (this library's within 2 ulps: csrc/noam_ext/quantization.h) and its block a
+    multiple of 256 (bitsandbytes' 256, or 2048 in older releases; inferred from absmax's
+    length), codes are copied and each absmax repeated over the 256-element blocks it covers:
+    every moment then decodes to bitsandbytes' value within 2 ulps (1.8e-7 relative).
+    Otherwise (other maps or blocks, float32 state of small tensors) the moments are decoded
+    with the checkpoint's own map and kept as float moments, for the load to quantize with
+    this library's encoder (one rounding)."""
+    state = {}
+    for key, entry in state_dict["state"].items():
+        state[key] = _from_bnb_entry(entry) if isinstance(entry, dict) and "state1" in entry else entry
+    return {**state_dict, "state": state}
+
+
+MAP_TOLERANCE = 4e-7   # relative: bitsandbytes' float32 maps differ from ours by at most 1.8e-7
+
+
+def _from_bnb_entry(entry: dict) -> dict:
+    out = {k: v for k, v in entry.items() if k not in _BNB_KEYS}
+    for index, moment in ((1, "exp_avg"), (2, "exp_avg_sq")):
+        values = entry[f"state{index}"]
+        if values.dtype != torch.uint8:   # a small tensor's float32 moment
+            out[moment] = values.float()
+            continue
+        qmap = entry[f"qmap{index}"].detach().cpu().float()
+        absmax = entry[f"absmax{index}"].detach().cpu().float().reshape(-1)
+        n = values.numel()
+        block = next((b for b in (256, 2048, 4096, 1024, 512, 128, 64) if math.ceil(n / b) == absmax.numel()), None)
+        if block is None:
+            raise ValueError(f"bitsandbytes state: {absmax.numel()} absmax values for {n} codes match no block size")
+        ours = _C.quantization_map(moment == "exp_avg")
+        same_map = qmap.shape == ours.shape and bool(
+            ((qmap.double() - ours.double()).abs() <= MAP_TOLERANCE * ours.double().abs()).all())
+        if same_map and block % QUANTIZED_BLOCK == 0:
+            codes_key, scales_key = QUANTIZED_KEYS[moment]
+            out[codes_key] = values.clone()
+            out[scales_key] = absmax.repeat_interleave(block // QUANTIZED_BLOCK)[:math.ceil(n / QUANTIZED_BLOCK)]
+        else:
+            flat = qmap[values.reshape(-1).long().cpu()] * absmax.repeat_interleave(block)[:n]
+            out[moment] = flat.reshape(values.shape)
+    return out
+
+
 def check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None:
     """The checks torch.optim.Optimizer.load_state_dict makes (with its messages), and
     those it leaves to the next step (a missing or misshapen moment), made before
@@ -80,11 +190,16 @@ def check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None
             if not state:
                 continue
             name = f"parameter {j} of param group {g} (shape {tuple(p.shape)})"
-            needed = ["step", "exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if saved.get("amsgrad") else [])
-            for entry in needed:
-                if entry not in state:
+            if "step" not in state:
+                raise ValueError(f"loaded state dict: the state of {name} has no 'step'")
+            moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if saved.get("amsgrad") else [])
+            for entry in moments:
+                form = _moment_form(state, entry)
+                if form is None:
                     raise ValueError(f"loaded state dict: the state of {name} has no '{entry}'")
-            for entry in needed[1:]:
+                if form == "8bit":
+                    _check_quantized(state, entry, p, name)
+                    continue
                 value = state[entry]
                 if not isinstance(value, torch.Tensor) or value.shape != p.shape:
                     shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -99,3 +214,17 @@ def check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None
                              else f"a {type(value).__name__}")
                     raise ValueError(f"loaded state dict: '{entry}' of {name} is {found}; it must be a {dtype} "
                                      "tensor of the parameter's shape")
+
+
+def _check_quantized(state: dict, moment: str, p: torch.Tensor, name: str) -> None:
+    codes_key, scales_key = QUANTIZED_KEYS[moment]
+    codes, scales = state[codes_key], state[scales_key]
+    blocks = math.ceil(p.numel() / QUANTIZED_BLOCK)
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8 or codes.shape != p.shape:
+        found = f"{codes.dtype} of shape {tuple(codes.shape)}" if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise ValueError(f"loaded state dict: '{codes_key}' of {name} is {found}; it must be uint8 codes of the "
+                         "parameter's shape")
+    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point() or tuple(scales.shape) != (blocks,):
+        found = f"{scales.dtype} of shape {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
+        raise ValueError(f"loaded state dict: '{scales_key}' of {name} is {found}; it must be {blocks} float32 "
+                         f"scales (one per {QUANTIZED_BLOCK} elements)")

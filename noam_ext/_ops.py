@@ -11,7 +11,7 @@ import torch
 def _fused_adamw_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step,
                       hyper, groups, *, advance_schedule=True, grad_scale=None, found_inf=None,
                       grad_clip=None, masters=None, rng_streams=(), element_offsets=(),
-                      stochastic_rounding=False) -> None:
+                      stochastic_rounding=False, moment_absmax=None) -> None:
     # In-place on its mutable arguments, returns nothing: nothing to allocate.
     torch._check(len(grads) == len(params), lambda: "fused_adamw_: one gradient per parameter")
     return None

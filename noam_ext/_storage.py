@@ -7,7 +7,10 @@ Group options (defaults of the constructor, or keys of a param group):
                    state["master_param"]) or "remainder" (an int16 remainder per bfloat16
                    parameter, in state["master_remainder"], rebuilding the master exactly)
   moment_dtype:    None (torch's: the parameter's dtype; float32 with master weights),
-                   torch.float32 or torch.bfloat16
+                   torch.float32, torch.bfloat16, or "8bit": block-wise 8-bit codes with a
+                   float32 scale per 256 elements (csrc/noam_ext/quantization.h), kept in
+                   state["exp_avg_codes"], state["exp_avg_absmax"] and likewise for
+                   exp_avg_sq and max_exp_avg_sq (docs/eight_bit_state.md)
   stochastic_rounding: round what the step stores in bfloat16 stochastically
   seed:            stochastic rounding's seed (drawn from torch's generator when None)
 
@@ -28,13 +31,18 @@ from ._extension import _C
 from ._layout import table_layout
 
 MASTER_WEIGHTS = (None, "float32", "remainder")
-MOMENT_DTYPES = (None, torch.float32, torch.bfloat16)
+EIGHT_BIT = "8bit"
+MOMENT_DTYPES = (None, torch.float32, torch.bfloat16, EIGHT_BIT)
 # Where each master form lives in optimizer.state, and its dtype, as the op reads them
 # (csrc/noam_ext/storage.h, kMasterStateKeys).
 _MASTER_STATE = table_layout()["master_state"]
 MASTER_KEYS = {kind: key for kind, (key, _) in _MASTER_STATE.items()}                       # option -> state key
 MASTER_DTYPES = {key: getattr(torch, dtype) for key, dtype in _MASTER_STATE.values()}      # state key -> dtype
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+# 8-bit moments: per moment of MOMENT_KEYS, (its codes' key, its scales' key), as the op reads
+# them (csrc/noam_ext/storage.h, kQuantizedStateKeys); and the elements per scale.
+QUANTIZED_KEYS = dict(zip(MOMENT_KEYS, map(tuple, table_layout()["quantized_state"])))
+QUANTIZED_BLOCK = table_layout()["quantized_block"]
 OPTION_KEYS = ("master_weights", "moment_dtype", "stochastic_rounding", "seed")
 
 
@@ -42,13 +50,17 @@ OPTION_KEYS = ("master_weights", "moment_dtype", "stochastic_rounding", "seed")
 @dataclass(frozen=True)
 class StorageOptions:
     master_weights: str | None = None
-    moment_dtype: torch.dtype | None = None
+    moment_dtype: torch.dtype | str | None = None
     stochastic_rounding: bool = False
     seed: int = 0
 
     @property
     def is_default(self) -> bool:
         return self.master_weights is None and self.moment_dtype is None and not self.stochastic_rounding
+
+    @property
+    def eight_bit(self) -> bool:
+        return self.moment_dtype == EIGHT_BIT
 
 
 def options_of(group: dict) -> StorageOptions:
@@ -60,9 +72,9 @@ def check_options(master_weights, moment_dtype, stochastic_rounding, seed, where
     """The options' own values (before any parameter is looked at)."""
     if master_weights not in MASTER_WEIGHTS:
         raise ValueError(f"Invalid master_weights{where}: {master_weights!r}; use None, 'float32' or 'remainder'")
-    if moment_dtype not in MOMENT_DTYPES:
-        raise ValueError(f"Invalid moment_dtype{where}: {moment_dtype!r}; use None, torch.float32 or "
-                         "torch.bfloat16")
+    if not any(moment_dtype is d or (isinstance(moment_dtype, str) and moment_dtype == d) for d in MOMENT_DTYPES):
+        raise ValueError(f"Invalid moment_dtype{where}: {moment_dtype!r}; use None, torch.float32, "
+                         f"torch.bfloat16 or {EIGHT_BIT!r}")
     if not isinstance(stochastic_rounding, bool):
         raise ValueError(f"Invalid stochastic_rounding{where}: {stochastic_rounding!r} must be True or False")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
@@ -79,9 +91,9 @@ def _supported() -> frozenset:
     return frozenset(_C.supported_storage())
 
 
-def _name(dtype: torch.dtype) -> str:
-    """The op's name of a dtype ("float32", as _C.supported_storage() names them)."""
-    return str(dtype).removeprefix("torch.")
+def _name(dtype: torch.dtype | str) -> str:
+    """The op's name of a dtype ("float32", "8bit", as _C.supported_storage() names them)."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,7 +111,7 @@ def check_param_dtype(p: torch.Tensor, name: str) -> None:
         raise ValueError(f"FusedAdamW: {name} has dtype {p.dtype}; supported: {names}")
 
 
-def moment_dtype_for(param_dtype: torch.dtype, options: StorageOptions) -> torch.dtype:
+def moment_dtype_for(param_dtype: torch.dtype, options: StorageOptions) -> torch.dtype | str:
     if options.moment_dtype is not None:
         return options.moment_dtype
     return torch.float32 if options.master_weights is not None else param_dtype
@@ -120,6 +132,13 @@ def check_param(p: torch.Tensor, options: StorageOptions, name: str) -> None:
     if master == "remainder" and p.dtype != torch.bfloat16:
         raise ValueError(f"FusedAdamW: master_weights='remainder' needs bfloat16 parameters (a float32 master is a "
                          f"bfloat16 value and a 16-bit remainder); {name} is {p.dtype}: use 'float32'")
+    if options.eight_bit:
+        if p.device.type != "cpu":
+            raise ValueError(f"FusedAdamW: {name} is on {p.device}: moment_dtype='8bit' runs on the CPU only so far "
+                             "(the CUDA kernels do not implement it yet)")
+        if local(p) is not p:
+            raise ValueError(f"FusedAdamW: {name} is a DTensor: moment_dtype='8bit' does not support sharded "
+                             "parameters yet")
     # The rest is the op's own check (op_checks.h, storage_problem), asked before any step,
     # with gradients of the parameter's dtype.
     problem = _C.storage_problem(_name(p.dtype), _name(p.dtype), _name(moment_dtype_for(p.dtype, options)),
@@ -142,10 +161,56 @@ def state_for(p: torch.Tensor, amsgrad: bool, options: StorageOptions) -> dict:
     moment = moment_dtype_for(p.dtype, options)
     for key in MOMENT_KEYS:
         if key != "max_exp_avg_sq" or amsgrad:
-            state[key] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
+            if options.eight_bit:
+                state.update(quantized_zeros(p, key))
+            else:
+                state[key] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
     if options.master_weights is not None:
         state[MASTER_KEYS[options.master_weights]] = master_from_param(p, options.master_weights)
     return state
+
+
+# ---- 8-bit moments ----------------------------------------------------------------------
+# Codes are laid out like the parameter (its strides where it is dense); their blocks run
+# over its elements in memory order (shape order for a view with gaps), as the op walks them.
+
+def _in_walk_order(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of a tensor laid out like its parameter, its elements in the op's order."""
+    if t.is_contiguous():
+        return t.view(-1)
+    return t.as_strided((t.numel(),), (1,))   # dense (zeros_like kept the parameter's strides)
+
+
+def quantized_zeros(p: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
+    """A zero moment in 8 bits: every code the map's zero, every scale 0."""
+    codes_key, scales_key = QUANTIZED_KEYS[key]
+    zero_code = 127 if key == "exp_avg" else 0   # the signed map's 0.0 (csrc/noam_ext/dynamic_map.h); the unsigned's
+    codes = torch.full_like(p, zero_code, dtype=torch.uint8, memory_format=torch.preserve_format)
+    scales = torch.zeros(-(-p.numel() // QUANTIZED_BLOCK), dtype=torch.float32, device=p.device)
+    return {codes_key: codes, scales_key: scales}
+
+
+def quantize_moment(p: torch.Tensor, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A moment (a tensor of p's shape) as the op stores it in 8 bits: its codes and scales,
+    made by the op's own encoder (csrc/noam_ext/quantization.h; one rounding)."""
+    codes_key, scales_key = QUANTIZED_KEYS[key]
+    laid_out = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+    laid_out.copy_(value.detach())
+    codes, scales = _C.quantize_blocks(_in_walk_order(laid_out).cpu().contiguous(), key == "exp_avg")
+    out = torch.empty_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
+    _in_walk_order(out).copy_(codes)
+    return {codes_key: out, scales_key: scales.to(p.device)}
+
+
+def dequantize_moment(p: torch.Tensor, key: str, entry: dict) -> torch.Tensor:
+    """The float32 moment (p's shape and strides) that 8-bit codes and scales decode to."""
+    codes_key, scales_key = QUANTIZED_KEYS[key]
+    codes = entry[codes_key]
+    flat = _C.dequantize_blocks(_in_walk_order(codes).cpu().contiguous(),
+                                entry[scales_key].detach().cpu().float().contiguous(), key == "exp_avg")
+    out = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
+    _in_walk_order(out).copy_(flat)
+    return out.to(p.device)
 
 
 def step_on_device(value, device: torch.device) -> torch.Tensor:
@@ -186,10 +251,17 @@ def loaded_dtype(p: torch.Tensor, key: str, options: StorageOptions) -> torch.dt
     parameter's (torch.optim.Optimizer.load_state_dict casts every floating entry to the
     parameter's dtype, which would round float32 moments or masters of a bfloat16
     parameter, and turn remainders into floats): None where the parameter's dtype is right."""
+    if key in MOMENT_KEYS and options.eight_bit:
+        return torch.float32   # quantized from float32 (settle_moments), not from a rounded copy
     if key in MOMENT_KEYS and not options.is_default and not p.is_complex():
         moment = moment_dtype_for(p.dtype, options)
         return moment if moment != p.dtype else None
-    return MASTER_DTYPES.get(key)
+    return _QUANTIZED_DTYPES.get(key) or MASTER_DTYPES.get(key)
+
+
+# 8-bit moments' entries keep their dtypes: uint8 codes, float32 scales.
+_QUANTIZED_DTYPES = {name: dtype for codes, scales in QUANTIZED_KEYS.values()
+                     for name, dtype in ((codes, torch.uint8), (scales, torch.float32))}
 
 
 # ---- stochastic rounding's streams ----------------------------------------------------

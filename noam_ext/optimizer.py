@@ -15,9 +15,11 @@ from ._extension import _C
 from ._hyper import (DeviceHyperTables, HyperTable, check_hyperparameters,
                      check_tensor_hyperparameters, table_row)
 from ._step_wrapper import profile_hook_step
-from ._checkpoint import check_loadable, convert_masters, set_aside_own_dtypes, settle_master
-from ._storage import (MASTER_KEYS, OPTION_KEYS, check_options, check_param, check_param_dtype, draw_seed, local,
-                       master_from_param, options_of, rounding_stream, shard_rounding, state_for, step_on_device)
+from ._checkpoint import (check_loadable, convert_masters, from_bitsandbytes, set_aside_own_dtypes, settle_master,
+                          settle_moments)
+from ._storage import (MASTER_KEYS, MOMENT_KEYS, OPTION_KEYS, QUANTIZED_KEYS, check_options, check_param,
+                       check_param_dtype, draw_seed, local, master_from_param, options_of, rounding_stream,
+                       shard_rounding, state_for, step_on_device)
 from .schedules import Noam, Schedule
 from .schedules.lr_mirror import LrMirror
 
@@ -81,7 +83,7 @@ class FusedAdamW(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  maximize: bool = False, schedule: Schedule | None = None, foreach: bool | None = None,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
-                 master_weights: str | None = None, moment_dtype: torch.dtype | None = None,
+                 master_weights: str | None = None, moment_dtype: torch.dtype | str | None = None,
                  stochastic_rounding: bool = False, seed: int | None = None):
         check_tensor_hyperparameters(lr, betas, foreach, capturable)
         check_hyperparameters(lr, betas, eps, weight_decay)
@@ -242,6 +244,8 @@ class FusedAdamW(Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A bitsandbytes 8-bit checkpoint (AdamW8bit) is read in this library's 8-bit format.
+        state_dict = from_bitsandbytes(state_dict)
         check_loadable(self.param_groups, state_dict)   # everything first: a bad dict changes nothing
         # torch casts every floating state entry to its parameter's dtype: entries the
         # options keep in another dtype (float32 moments or masters of 16-bit parameters,
@@ -264,6 +268,7 @@ class FusedAdamW(Optimizer):
         for p, key, value, dtype in kept:
             self.state[p][key] = value.to(device=p.device, dtype=dtype)
         convert_masters(self.param_groups, self.state)
+        settle_moments(self.param_groups, self.state)
         if self.schedule is not None:
             steps = [float(s["step"]) for s in self.state.values() if isinstance(s, dict) and "step" in s]
             done = state_dict.get(SCHEDULE_STEP_KEY, int(max(steps)) if steps else 0)
@@ -429,7 +434,11 @@ def _traceable_calls(opt: "FusedAdamW") -> tuple[torch.Tensor, dict[tuple, dict[
                 state.update(state_for(p, amsgrad, options))
             if master_key is not None and master_key not in state:
                 state[master_key] = master_from_param(p, options.master_weights)
-            tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"]] + ([state["max_exp_avg_sq"]] if amsgrad else [])
+            moments = MOMENT_KEYS[:3 if amsgrad else 2]
+            if options.eight_bit:   # the codes where the moments go; their scales in moment_absmax
+                tensors = [p, p.grad] + [state[QUANTIZED_KEYS[key][0]] for key in moments]
+            else:
+                tensors = [p, p.grad] + [state[key] for key in moments]
             if p.is_complex():
                 tensors = [torch.view_as_real(t) for t in tensors]
             master = state[master_key] if master_key is not None else None
@@ -437,7 +446,8 @@ def _traceable_calls(opt: "FusedAdamW") -> tuple[torch.Tensor, dict[tuple, dict[
                    options.stochastic_rounding)
             call = calls.setdefault(key, {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [],
                                           "max_exp_avg_sqs": [], "masters": [], "steps": [], "groups": [],
-                                          "rng_streams": [], "element_offsets": [], "where": []})
+                                          "rng_streams": [], "element_offsets": [], "where": [],
+                                          "moment_absmax": []})
             call["params"].append(tensors[0])
             call["grads"].append(tensors[1])
             call["exp_avgs"].append(tensors[2])
@@ -446,6 +456,8 @@ def _traceable_calls(opt: "FusedAdamW") -> tuple[torch.Tensor, dict[tuple, dict[
                 call["max_exp_avg_sqs"].append(tensors[4])
             if master is not None:
                 call["masters"].append(master)
+            if options.eight_bit:
+                call["moment_absmax"] += [state[QUANTIZED_KEYS[key][1]] for key in moments]
             call["steps"].append(state["step"])
             call["groups"].append(index)
             call["where"].append((index, j))
@@ -476,7 +488,7 @@ def _traceable_step(opt: FusedAdamW) -> None:
             call["params"], call["grads"], call["exp_avgs"], call["exp_avg_sqs"], call["max_exp_avg_sqs"],
             call["steps"], counter, hyper, call["groups"],
             masters=call["masters"], rng_streams=call["rng_streams"], element_offsets=call["element_offsets"],
-            stochastic_rounding=stochastic_rounding,
+            stochastic_rounding=stochastic_rounding, moment_absmax=call["moment_absmax"],
             advance_schedule=device not in devices[k + 1:],
             grad_scale=None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32).reshape(1),
             found_inf=None if found_inf is None else found_inf.to(device=device, dtype=torch.float32).reshape(1),

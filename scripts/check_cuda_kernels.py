@@ -40,7 +40,7 @@ SPILL_WARNING = re.compile(r"Registers are spilled to local memory in function '
 REGISTERS_PER_SM = 65536
 THREADS_PER_BLOCK = 256
 STORAGE_H = Path(__file__).resolve().parents[1] / "csrc" / "noam_ext" / "storage.h"
-DTYPE = {"kF64": "double", "kF32": "float", "kBF16": "bfloat16", "kF16": "half"}
+DTYPE = {"kF64": "double", "kF32": "float", "kBF16": "bfloat16", "kF16": "half", "kQuantized": "8bit"}
 MASTER = {"kNone": "", "kFloat32": "+float32 master", "kRemainder": "+remainder"}
 PREPARE = {"f": "float", "d": "double"}
 # update_kernel<int kStorage, bool amsgrad>, prepare_kernel<opmath_t>

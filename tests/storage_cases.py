@@ -10,7 +10,10 @@ import noam_ext
 from op_args import clone as clone_tensors, hyper_table, positional
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STORAGES = [tuple(s) for s in noam_ext._C.supported_storage()]
+# The storages with moments of a torch dtype; 8-bit moments (codes and scales, CPU only so far)
+# have their own tests (low_bytes/test_eight_bit.py).
+STORAGES = [tuple(s) for s in noam_ext._C.supported_storage() if s[2] != "8bit"]
+EIGHT_BIT_STORAGES = [tuple(s) for s in noam_ext._C.supported_storage() if s[2] == "8bit"]
 GRIDS = {"1 SM": dict(multiprocessors=1), "2 SMs": dict(multiprocessors=2), "132 SMs": dict(multiprocessors=132),
          "3x7": dict(num_blocks=3, threads_per_block=7), "5x96": dict(num_blocks=5, threads_per_block=96)}
 CHUNK = 16384

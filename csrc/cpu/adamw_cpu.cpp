@@ -38,8 +38,9 @@ void compute_coefficients(const std::vector<TensorRow>& rows, const double* hype
   }
 }
 
-// Elements of a strided row gathered per tile (work_split.h, StridedLayout).
-constexpr int64_t kStridedTile = 256;
+// Elements of a strided row gathered per tile (work_split.h, StridedLayout): one block of
+// 8-bit moments, so that a tile that starts on a block holds whole blocks.
+constexpr int64_t kStridedTile = kQuantBlock;
 
 template <size_t kBytes>
 void copy_elements(char* to, const char* from, const int64_t* to_offsets, const int64_t* from_offsets,
@@ -53,6 +54,7 @@ void copy_elements(char* to, const char* from, const int64_t* to_offsets, const 
 void copy_elements(size_t bytes, char* to, const char* from, const int64_t* to_offsets, const int64_t* from_offsets,
                    int64_t count) {
   switch (bytes) {
+    case 1: return copy_elements<1>(to, from, to_offsets, from_offsets, count);
     case 2: return copy_elements<2>(to, from, to_offsets, from_offsets, count);
     case 4: return copy_elements<4>(to, from, to_offsets, from_offsets, count);
     default: return copy_elements<8>(to, from, to_offsets, from_offsets, count);
@@ -98,8 +100,12 @@ void update_strided(SegmentKernel kernel, const TensorRow& r, const StridedLayou
       }
     }
     auto tile_of = [&](int t) -> void* { return bases[t] != nullptr ? tiles[t] : nullptr; };
-    const FlatPointers tile{tile_of(kParamTensor),       tile_of(kGradTensor),         tile_of(kExpAvgTensor),
-                            tile_of(kExpAvgSqTensor),    tile_of(kMaxExpAvgSqTensor),  tile_of(kMasterTensor)};
+    // The tile's scales (8-bit moments) start at the block of its element 0 (`start` is a
+    // block's first element then: quantized_range).
+    auto scales_of = [&](int k) { return r.absmax[k] != nullptr ? r.absmax[k] + start / kQuantBlock : nullptr; };
+    const FlatPointers tile{tile_of(kParamTensor),    tile_of(kGradTensor),        tile_of(kExpAvgTensor),
+                            tile_of(kExpAvgSqTensor), tile_of(kMaxExpAvgSqTensor), tile_of(kMasterTensor),
+                            {scales_of(0), scales_of(1), scales_of(2)}};
     // The tile's element 0 is the row's element `start`.
     rounding.index_low_base = index_low_base + static_cast<uint32_t>(start);
     kernel(tile, 0, count, c, maximize, grad_divisor, grad_multiplier, rounding);
@@ -113,9 +119,12 @@ void update_strided(SegmentKernel kernel, const TensorRow& r, const StridedLayou
 
 // Calls f(lo, hi, keys) for the parts of a row's range [lo, hi) whose elements' indices
 // within their whole parameter share the high 32 bits (the keys of stochastic rounding
-// change there); one call with disabled keys without stochastic rounding.
+// change there); one call with disabled keys without stochastic rounding. With 8-bit moments
+// (`block` = kQuantBlock) a part ends at a block's end: the block that holds a 2**32 boundary
+// of a shard that does not start on a block keeps the keys of the part it starts in.
 template <typename F>
-void for_each_rounding_part(const TensorRow& r, int64_t lo, int64_t hi, bool stochastic_rounding, F&& f) {
+void for_each_rounding_part(const TensorRow& r, int64_t lo, int64_t hi, bool stochastic_rounding, int64_t block,
+                            F&& f) {
   if (!stochastic_rounding) {
     f(lo, hi, RoundingKeys{});
     return;
@@ -124,7 +133,8 @@ void for_each_rounding_part(const TensorRow& r, int64_t lo, int64_t hi, bool sto
   while (lo < hi) {
     const uint64_t first = static_cast<uint64_t>(r.element_offset + lo);
     const auto high = static_cast<uint32_t>(first >> 32);
-    const int64_t part_end = std::min<int64_t>(hi, static_cast<int64_t>(((first >> 32) + 1) << 32) - r.element_offset);
+    const int64_t boundary = static_cast<int64_t>(((first >> 32) + 1) << 32) - r.element_offset;
+    const int64_t part_end = std::min<int64_t>(hi, (boundary + block - 1) / block * block);
     RoundingKeys keys;
     keys.enabled = true;
     keys.param_and_exp_avg = rounding_key(r.rng_stream, step, kParamAndExpAvg, high);
@@ -133,6 +143,16 @@ void for_each_rounding_part(const TensorRow& r, int64_t lo, int64_t hi, bool sto
     f(lo, part_end, keys);
     lo = part_end;
   }
+}
+
+// 8-bit moments are encoded a block at a time: of a row's range [lo, hi) (split anywhere by
+// the threads' shares), a thread takes the blocks that start in it, so that every block is
+// updated whole by one thread. Returns false when no block starts in the range.
+inline bool quantized_range(int64_t numel, int64_t& lo, int64_t& hi) {
+  auto block_start_at_or_after = [](int64_t k) { return (k + kQuantBlock - 1) / kQuantBlock * kQuantBlock; };
+  lo = block_start_at_or_after(lo);
+  hi = hi == numel ? numel : std::min(numel, block_start_at_or_after(hi));
+  return lo < hi;
 }
 
 }  // namespace
@@ -170,15 +190,20 @@ void run_rows(const RowsCall& call) {
   const TensorRow* table = call.rows.data();
   const int64_t n = static_cast<int64_t>(call.rows.size());
   const ElementSizes sizes = element_sizes(call.storage);
+  const bool quantized = call.storage.quantized();
 
   // Split the virtual range, not the tensor list, so that one huge tensor and
   // many tiny ones spread over the threads alike.
   at::parallel_for(0, call.total, kGrainSize, [&](int64_t begin, int64_t end) {
     for_each_row_in_range(table, n, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
       const TensorRow& r = table[i];
+      if (quantized && !quantized_range(r.numel, lo, hi)) {
+        return;
+      }
       const bool maximize = hyper[r.group * kNumHyperColumns + kMaximize] != 0.0;
-      const FlatPointers pointers{r.param, r.grad, r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq, r.master};
-      for_each_rounding_part(r, lo, hi, call.stochastic_rounding, [&](int64_t a, int64_t b, const RoundingKeys& keys) {
+      const FlatPointers pointers{r.param,      r.grad,   r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq,
+                                  r.master,     {r.absmax[0], r.absmax[1], r.absmax[2]}};
+      for_each_rounding_part(r, lo, hi, call.stochastic_rounding, quantized ? kQuantBlock : 1, [&](int64_t a, int64_t b, const RoundingKeys& keys) {
         if (r.layout >= 0) {
           update_strided(kernel, r, call.layouts[r.layout], sizes, a, b, coeffs[i], maximize, grad_divisor,
                          grad_multiplier, keys);

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "../noam_ext/adamw_math.h"
+#include "../noam_ext/quantization.h"
 #include "../noam_ext/storage.h"
 
 namespace noam_ext::cpu {
@@ -23,6 +24,10 @@ struct FlatPointers {
   void* exp_avg_sq;
   void* max_exp_avg_sq;
   void* master;
+  // 8-bit moments: the scales of exp_avg, exp_avg_sq and max_exp_avg_sq, [k] for the block
+  // of elements [k * kQuantBlock, (k + 1) * kQuantBlock) from the starts above (null otherwise).
+  // A kernel's `begin` is then a multiple of kQuantBlock, and its `end` one too or the row's end.
+  float* absmax[3];
 };
 
 // Both precisions of one parameter's coefficients: float is used for

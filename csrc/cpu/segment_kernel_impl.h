@@ -354,6 +354,262 @@ void update_mixed(const FlatPointers& b, int64_t begin, int64_t end, const AdamW
   }
 }
 
+// ---- 8-bit moments (quantization.h): codes with a float32 scale per block ------------------
+// Each block of kQuantBlock elements is decoded, updated in float32 and its parameter written
+// vector by vector (the update reads the new moments from registers, never decoded ones), its
+// new moments kept in a small buffer; then its new scales (the largest magnitudes) are taken
+// and the moments encoded to the nearest codes from the buffer.
+
+// F::size() codes as int32 lanes; lanes past `count` get `fill` (the zero code: they decode
+// to 0 and stay 0 through the update).
+inline I load_codes(const uint8_t* p, int64_t count, int32_t fill) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (count >= F::size()) {
+    return I(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (count >= F::size()) {
+    return I(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+#endif
+  __at_align__ int32_t wide[F::size()];
+  for (int64_t k = 0; k < F::size(); ++k) {
+    wide[k] = k < count ? p[k] : fill;
+  }
+  return I::loadu(wide);
+}
+
+// The first `count` (at most F::size()) lanes, each a code in [0, 255], as bytes.
+inline void store_codes(uint8_t* p, const I& codes, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (count >= F::size()) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8(codes));
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (count >= F::size()) {   // packus saturates, which changes nothing in [0, 255]
+    const __m256i c = codes;
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packus_epi16(words, words));
+    return;
+  }
+#endif
+  __at_align__ int32_t wide[F::size()];
+  codes.store(wide);
+  for (int64_t k = 0; k < count && k < F::size(); ++k) {
+    p[k] = static_cast<uint8_t>(wide[k]);
+  }
+}
+
+// table[index] lane by lane, for an 8-entry table (indices 0..7): one permute.
+inline F lookup8(const float (&table)[8], const I& index) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_permutexvar_ps(index, _mm512_castps256_ps512(_mm256_loadu_ps(table)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), index);
+#else
+  __at_align__ int32_t lanes[F::size()];
+  __at_align__ float out[F::size()];
+  index.store(lanes);
+  for (int64_t k = 0; k < F::size(); ++k) {
+    out[k] = table[lanes[k]];
+  }
+  return F::loadu(out);
+#endif
+}
+
+inline F to_float(const I& x) { return at::vec::convert_to_fp_of_same_size<float>(x); }
+inline I truncate_to_int(const F& x) { return at::vec::convert_to_int_of_same_size<float>(x); }
+// 2^L and 0.45 * 2^-L as floats, from L's lanes (0 <= L <= 8), by their exponent bits.
+inline F power_of_two(const I& L) { return from_bits((L + I(127)) * I(1 << 23)); }
+inline F half_step(const I& L) {
+  return from_bits(as_bits(F(kMeanHalfStep)) - L * I(1 << 23));
+}
+// quantization.cpp's decade_value, lane by lane (the same float operations, so the same bits).
+inline F decade_value(const I& d, const I& L, const F& j) {
+  return MathOps<F>::fmadd(j * F(2.0f) + F(1.0f), half_step(L), F(kMeanOffset)) * lookup8(kDecadeScales, d);
+}
+inline F decade_first(int32_t d, int32_t shift) {   // (constants of the encoder; lane-wise like the rest)
+  return decade_value(I(d), I(d + shift), F(0.0f));
+}
+// floor(log2(m)) of m >= 1, from the float's exponent.
+inline I log2_floor(const I& m) { return shift_right_logical(as_bits(to_float(m)), 23) - I(127); }
+
+// F::size() moments of a block decoded: quantization.cpp's map_value times the block's scale.
+inline F decode(bool is_signed, const uint8_t* codes, int64_t count, float scale) {
+  const I code = load_codes(codes, count, is_signed ? kSignedZeroCode : kUnsignedZeroCode);
+  const int32_t shift = is_signed ? 0 : 1;
+  // rank among the positive values (negative codes mirror them), then m = 2^L + j
+  const I negative = is_signed ? (code < I(kSignedZeroCode)) : I(0);
+  const I rank = is_signed ? I::blendv(code - I(128), I(126) - code, negative) : code - I(1);
+  const I m = rank + I(1 + shift);
+  const I L = log2_floor(at::vec::maximum(m, I(1)));
+  const F j = to_float(m) - power_of_two(L);
+  F value = decade_value(L - I(shift), L, j);
+  const I top = rank == I(is_signed ? kSignedTopRank : kUnsignedTopRank);
+  const I zero = code == I(is_signed ? kSignedZeroCode : kUnsignedZeroCode);
+  value = F::blendv(value, F(1.0f), from_bits(top));
+  value = F::blendv(value, F(0.0f), from_bits(zero));
+  if (is_signed) {
+    value = F::blendv(value, F(0.0f) - value, from_bits(negative));
+  }
+  return value * F(scale);
+}
+
+// The codes of a block's n moments x (in `values`) with reciprocal r, into `codes`: lane by
+// lane quantization.cpp's encode_moment (the exact nearest code, ties to the lower code, no
+// -1.0, and the zero rule of the unsigned map).
+inline void encode_block(bool is_signed, const float* values, int64_t n, float reciprocal, uint8_t* codes) {
+  const int32_t shift = is_signed ? 0 : 1;
+  const F r(reciprocal);
+  F firsts[7];
+  for (int32_t e = 0; e < 7; ++e) {
+    firsts[e] = decade_first(e, shift);
+  }
+  for (int64_t v = 0; v * F::size() < n; ++v) {
+    const F x = F::loadu(values + v * F::size());
+    const F y = x * r;
+    const F a = y.abs();
+    I d(0);
+    for (int32_t e = 1; e < 7; ++e) {
+      d = d - as_bits(a >= firsts[e]);   // a true compare is -1
+    }
+    const I L = d + I(shift);
+    const F n_values = power_of_two(L);
+    F u = (a * lookup8(kDecadeInverses, d) - F(kMeanOffset)) * (F(kStepsPerUnit) * n_values) - F(0.5f);
+    u = at::vec::minimum(F::blendv(F(0.0f), u, u > F(0.0f)), n_values - F(1.0f));   // (NaN -> 0)
+    const F j0 = to_float(truncate_to_int(u));
+    const F below = a < firsts[0];   // between 0 and the smallest value
+    F lo = decade_value(d, L, j0);
+    const F next_in_decade = j0 + F(1.0f) < n_values;
+    const I up = d + I(1);
+    F hi = F::blendv(decade_value(up, L + I(1), F(0.0f)), decade_value(d, L, j0 + F(1.0f)), next_in_decade);
+    hi = F::blendv(hi, F(1.0f), from_bits((as_bits(next_in_decade) ^ I(-1)) & (d == I(6))));
+    I rank_lo = truncate_to_int(n_values) - I(1 + shift) + truncate_to_int(j0);
+    lo = F::blendv(lo, F(0.0f), below);
+    hi = F::blendv(hi, firsts[0], below);
+    rank_lo = I::blendv(rank_lo, I(-1), as_bits(below));
+    const F s = lo + hi;
+    const F e = lo - (s - hi);
+    const F w = a * F(2.0f) - s;
+    const F negative = y < F(0.0f);
+    const F pick_hi = F::blendv(w > e, w >= e, negative);
+    const I rank = rank_lo - as_bits(pick_hi);
+    I code;
+    if (is_signed) {
+      const I capped = at::vec::minimum(rank, I(kSignedTopRank - 1));   // there is no -1.0
+      code = I::blendv(rank + I(128), I(126) - capped, as_bits(negative));
+    } else {
+      code = rank + I(1);
+      code = code - (as_bits(x > F(0.0f)) & (code == I(kUnsignedZeroCode)));   // never 0 for a positive moment
+    }
+    store_codes(codes + v * F::size(), code, n - v * F::size());
+  }
+}
+
+// The largest of a block's values, NaN if any is NaN (so that its block decodes to NaN).
+inline float peak_of(const float* values, int64_t n) {
+  F peak(0.0f);
+  for (int64_t j = 0; j < n; j += F::size()) {
+    peak = at::vec::maximum(peak, F::loadu(values + j, static_cast<int>(std::min<int64_t>(F::size(), n - j))).abs());
+  }
+  __at_align__ float lanes[F::size()];
+  peak.store(lanes);
+  float out = 0.0f;
+  for (int64_t k = 0; k < F::size(); ++k) {
+    out = (lanes[k] != lanes[k] || lanes[k] > out) ? lanes[k] : out;
+  }
+  return out;
+}
+
+template <typename P, typename G, MasterKind kMaster, bool amsgrad>
+void update_quantized(const FlatPointers& b, int64_t begin, int64_t end, const AdamWCoefficients<float>& c,
+                      bool maximize, double grad_divisor, double grad_multiplier, const RoundingKeys& rounding) {
+  constexpr bool kRoundParam = std::is_same_v<P, c10::BFloat16> && kMaster == MasterKind::kNone;
+  constexpr int kMoments = amsgrad ? 3 : 2;   // exp_avg, exp_avg_sq, max_exp_avg_sq
+  constexpr bool kSigned[3] = {true, false, false};   // exp_avg's map; exp_avg_sq's and its max's
+  auto* param = static_cast<P*>(b.param);
+  const auto* grad = static_cast<const G*>(b.grad);
+  uint8_t* codes[3] = {static_cast<uint8_t*>(b.exp_avg), static_cast<uint8_t*>(b.exp_avg_sq),
+                       static_cast<uint8_t*>(b.max_exp_avg_sq)};
+  auto* master = static_cast<float*>(b.master);
+  auto* remainder = static_cast<int16_t*>(b.master);
+  const bool unscale = grad_divisor != 1.0;
+  const F divisor(static_cast<float>(grad_divisor));
+  const bool clip = grad_multiplier != 1.0;
+  const F multiplier(static_cast<float>(grad_multiplier));
+  const bool stochastic = rounding.enabled && kRoundParam;
+  static_assert(kQuantBlock % kBlock == 0, "a quantization block is whole vector blocks");
+  __at_align__ float moments[3][kQuantBlock];   // the block's new moments, for its scales and codes
+  for (int64_t start = begin; start < end; start += kQuantBlock) {
+    const int64_t n = std::min<int64_t>(kQuantBlock, end - start);
+    const int64_t block = start / kQuantBlock;
+    float scale[3] = {0.0f, 0.0f, 0.0f};
+    for (int k = 0; k < kMoments; ++k) {
+      scale[k] = b.absmax[k][block];
+    }
+    for (int64_t j = 0; j < n; j += kBlock) {
+      const int64_t i = start + j;
+      const int64_t count = std::min<int64_t>(kBlock, n - j);
+      const int64_t count1 = count - F::size();   // lanes of the second vector (may be <= 0)
+      F p0, p1;
+      if constexpr (kMaster == MasterKind::kFloat32) {
+        std::tie(p0, p1) = load_block(master + i, count);
+      } else if constexpr (kMaster == MasterKind::kRemainder) {
+        const auto [h0, h1] = load_block(param + i, count);
+        const auto [r0, r1] = load_remainders(remainder + i, count);
+        p0 = from_bits(as_bits(h0) + r0);
+        p1 = from_bits(as_bits(h1) + r1);
+      } else {
+        std::tie(p0, p1) = load_block(param + i, count);
+      }
+      auto [g0, g1] = load_block(grad + i, count);
+      F m0 = decode(kSigned[0], codes[0] + i, count, scale[0]);
+      F m1 = decode(kSigned[0], codes[0] + i + F::size(), count1, scale[0]);
+      F v0 = decode(kSigned[1], codes[1] + i, count, scale[1]);
+      F v1 = decode(kSigned[1], codes[1] + i + F::size(), count1, scale[1]);
+      F x0, x1;
+      if constexpr (amsgrad) {
+        x0 = decode(kSigned[2], codes[2] + i, count, scale[2]);
+        x1 = decode(kSigned[2], codes[2] + i + F::size(), count1, scale[2]);
+      }
+      g0 = unscaled_clipped_grad(g0, unscale, divisor, clip, multiplier);
+      g1 = unscaled_clipped_grad(g1, unscale, divisor, clip, multiplier);
+      adamw_update<amsgrad>(p0, g0, m0, v0, &x0, c, maximize);
+      adamw_update<amsgrad>(p1, g1, m1, v1, &x1, c, maximize);
+      if (stochastic) {
+        p0 = stochastic_bfloat16(p0, rounding_bits(rounding.param_and_exp_avg, rounding.index_low_base, i));
+        p1 = stochastic_bfloat16(p1, rounding_bits(rounding.param_and_exp_avg, rounding.index_low_base, i + F::size()));
+      }
+      if constexpr (kMaster == MasterKind::kNone) {
+        store_values(param + i, p0, p1, count, /*bfloat16_already=*/kRoundParam && stochastic);
+      } else {
+        const F q0 = master_to_bfloat16(p0), q1 = master_to_bfloat16(p1);
+        store_exact_bfloat16(param + i, q0, q1, count);
+        if constexpr (kMaster == MasterKind::kFloat32) {
+          store_block(master + i, p0, p1, count);
+        } else {
+          store_remainders(remainder + i, master_remainder(p0, q0), master_remainder(p1, q1), count);
+        }
+      }
+      m0.store(moments[0] + j);
+      m1.store(moments[0] + j + F::size());
+      v0.store(moments[1] + j);
+      v1.store(moments[1] + j + F::size());
+      if constexpr (amsgrad) {
+        x0.store(moments[2] + j);
+        x1.store(moments[2] + j + F::size());
+      }
+    }
+    for (int k = 0; k < kMoments; ++k) {
+      const float peak = peak_of(moments[k], n);
+      encode_block(kSigned[k], moments[k], n, peak == 0.0f ? 0.0f : 1.0f / peak,   // quantization.h, block_reciprocal
+                   codes[k] + start);
+      b.absmax[k][block] = peak;
+    }
+  }
+}
+
 // The loop for kSupportedStorage[index].
 template <int index, bool amsgrad>
 void segment_kernel(const FlatPointers& buffers, int64_t begin, int64_t end, const SegmentCoefficients& coefficients,
@@ -363,7 +619,10 @@ void segment_kernel(const FlatPointers& buffers, int64_t begin, int64_t end, con
   using G = storage_t<s.grad>;
   using M = storage_t<s.moment>;
   constexpr bool plain = s.grad == s.param && s.moment == s.param && s.master == MasterKind::kNone;
-  if constexpr (plain && std::is_same_v<P, double>) {
+  if constexpr (s.quantized()) {
+    update_quantized<P, G, s.master, amsgrad>(buffers, begin, end, coefficients.f32, maximize, grad_divisor,
+                                              grad_multiplier, rounding);
+  } else if constexpr (plain && std::is_same_v<P, double>) {
     update_full_precision<double, amsgrad>(buffers, begin, end, coefficients.f64, maximize, grad_divisor,
                                            grad_multiplier);
   } else if constexpr (plain && std::is_same_v<P, float>) {

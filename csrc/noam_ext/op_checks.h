@@ -45,6 +45,9 @@ struct OpTensors {
   at::IntArrayRef rng_streams = {};       // empty (stream = list index) or one per param
   at::IntArrayRef element_offsets = {};   // empty (all 0) or one per param
   bool stochastic_rounding = false;
+  // 8-bit moments (storage.h, quantized()): per param, the float32 scales of exp_avg and
+  // exp_avg_sq, and of max_exp_avg_sq with amsgrad (2 or 3 per param, in that order); else empty.
+  at::TensorList moment_absmax = {};
 };
 
 // One parameter's tensors within a call.
@@ -56,6 +59,7 @@ struct RowTensors {
   const at::Tensor* max_exp_avg_sq;   // null without amsgrad
   const at::Tensor* master;           // null without a master
   const at::Tensor& step;
+  const at::Tensor* absmax[3] = {nullptr, nullptr, nullptr};   // 8-bit moments' scales (OpTensors)
 };
 
 // The storage types of a call, from its first parameter's tensors (every other
@@ -245,6 +249,23 @@ inline TensorRow check_and_make_row(const RowTensors& t, const at::Device& devic
   if (t.master != nullptr) {
     check_like_param(*t.master, master_dtype(types.master), "master", true);
   }
+  if (types.quantized()) {
+    // One float32 scale per block of kQuantBlock elements, contiguous, for each 8-bit moment.
+    const char* const names[3] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
+    const int count = t.max_exp_avg_sq != nullptr ? 3 : 2;
+    for (int k = 0; k < count; ++k) {
+      const at::Tensor* a = t.absmax[k];
+      TORCH_CHECK(a != nullptr && a->defined() && a->scalar_type() == at::kFloat && a->device() == device &&
+                      a->dim() == 1 && a->numel() == quantized_blocks(numel) && a->is_contiguous(),
+                  "fused_adamw_: the 8-bit ", names[k], " of ", name_of(i), " needs its scales (", names[k],
+                  "_absmax) as a contiguous float32 tensor of ", quantized_blocks(numel), " elements (one per ",
+                  kQuantBlock, "-element block) on ", device,
+                  a == nullptr || !a->defined() ? std::string(", got none")
+                                                : ", got " + std::string(c10::toString(a->scalar_type())) +
+                                                      " of shape " + c10::str(a->sizes()) + " on " +
+                                                      c10::str(a->device()));
+    }
+  }
   const at::Tensor& step = t.step;
   TORCH_CHECK(step.defined() && step.scalar_type() == at::kFloat && step.numel() == 1 && step.device() == device,
               "fused_adamw_: the step of ", name_of(i), " must be a one-element float32 tensor on ", device);
@@ -258,6 +279,9 @@ inline TensorRow check_and_make_row(const RowTensors& t, const at::Device& devic
   r.exp_avg_sq = t.exp_avg_sq.data_ptr();
   r.max_exp_avg_sq = t.max_exp_avg_sq != nullptr ? t.max_exp_avg_sq->data_ptr() : nullptr;
   r.master = t.master != nullptr ? t.master->data_ptr() : nullptr;
+  for (int k = 0; k < 3; ++k) {
+    r.absmax[k] = types.quantized() && t.absmax[k] != nullptr ? t.absmax[k]->data_ptr<float>() : nullptr;
+  }
   r.step = step.data_ptr<float>();
   r.group = static_cast<int32_t>(group);
   r.layout = -1;
@@ -336,16 +360,26 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
   TORCH_CHECK(t.element_offsets.empty() || static_cast<int64_t>(t.element_offsets.size()) == n,
               "fused_adamw_: element_offsets must be empty or have one offset per param, got ",
               t.element_offsets.size(), " for ", n, " params");
+  const int64_t scales_per_param = amsgrad ? 3 : 2;
   std::vector<TensorRow> rows(n);
   int64_t end = 0;
   types = n > 0 ? storage_of(t.params[0], t.grads[0], t.exp_avgs[0],
                                                 t.masters.empty() ? nullptr : &t.masters[0], name_of(0))
                                    : StorageTypes{at::kFloat, at::kFloat, at::kFloat, MasterKind::kNone};
   check_storage(types, t.stochastic_rounding, "fused_adamw_: " + (n > 0 ? name_of(0) : std::string("the call")));
+  TORCH_CHECK(static_cast<int64_t>(t.moment_absmax.size()) == (types.quantized() ? n * scales_per_param : 0),
+              "fused_adamw_: moment_absmax must have ",
+              types.quantized() ? "one scale tensor per 8-bit moment of each param (" + std::to_string(scales_per_param) +
+                                      " per param, " + std::to_string(n * scales_per_param) + " in all)"
+                                : std::string("nothing unless the moments are 8-bit"),
+              ", got ", t.moment_absmax.size());
   for (int64_t i = 0; i < n; ++i) {
-    const RowTensors row{t.params[i], t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i],
-                         amsgrad ? &t.max_exp_avg_sqs[i] : nullptr, t.masters.empty() ? nullptr : &t.masters[i],
-                         t.state_steps[i]};
+    RowTensors row{t.params[i], t.grads[i], t.exp_avgs[i], t.exp_avg_sqs[i],
+                   amsgrad ? &t.max_exp_avg_sqs[i] : nullptr, t.masters.empty() ? nullptr : &t.masters[i],
+                   t.state_steps[i]};
+    for (int64_t k = 0; k < (types.quantized() ? scales_per_param : 0); ++k) {
+      row.absmax[k] = &t.moment_absmax[i * scales_per_param + k];
+    }
     rows[i] = check_and_make_row(row, device, types, groups[i], n_groups, i, name_of, layouts);
     rows[i].rng_stream = t.rng_streams.empty() ? static_cast<uint64_t>(i) : static_cast<uint64_t>(t.rng_streams[i]);
     rows[i].element_offset = t.element_offsets.empty() ? 0 : t.element_offsets[i];

@@ -22,6 +22,7 @@ struct LowByteArgs {
   at::IntArrayRef rng_streams;
   at::IntArrayRef element_offsets;
   bool stochastic_rounding = false;
+  at::TensorList moment_absmax = {};   // 8-bit moments' scales (op_checks.h, OpTensors)
 };
 
 // `run` is called with the checked call: a device's run_rows, or the host
@@ -39,7 +40,7 @@ void checked_fused_adamw(at::TensorList params, at::TensorList grads, at::Tensor
   StorageTypes types{};
   const std::vector<TensorRow> rows = build_tensor_rows(
       {params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, low_byte.masters, low_byte.rng_streams,
-       low_byte.element_offsets, low_byte.stochastic_rounding},
+       low_byte.element_offsets, low_byte.stochastic_rounding, low_byte.moment_absmax},
       schedule_step.device(), hyper.size(0), groups, total, layouts, types);
   check_no_shared_memory(rows, layouts, params.empty() ? 1 : params[0].element_size());
   check_scaler_tensors(grad_scale, found_inf, schedule_step.device(), grad_clip);
@@ -55,10 +56,13 @@ void fused_adamw_op(at::TensorList params, at::TensorList grads, at::TensorList 
                     const at::Tensor& hyper, at::IntArrayRef groups, bool advance_schedule,
                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                     const std::optional<at::Tensor>& grad_clip, std::optional<at::TensorList> masters,
-                    at::IntArrayRef rng_streams, at::IntArrayRef element_offsets, bool stochastic_rounding) {
+                    at::IntArrayRef rng_streams, at::IntArrayRef element_offsets, bool stochastic_rounding,
+                    std::optional<at::TensorList> moment_absmax) {
   checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper, groups,
                       advance_schedule, grad_scale, found_inf, grad_clip,
-                      {masters.value_or(at::TensorList{}), rng_streams, element_offsets, stochastic_rounding}, run);
+                      {masters.value_or(at::TensorList{}), rng_streams, element_offsets, stochastic_rounding,
+                       moment_absmax.value_or(at::TensorList{})},
+                      run);
 }
 
 }  // namespace noam_ext

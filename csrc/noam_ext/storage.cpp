@@ -15,7 +15,7 @@ const char* master_kind_name(MasterKind k) {
 
 std::string describe(const StorageTypes& s) {
   return std::string("parameter ") + c10::toString(s.param) + ", gradient " + c10::toString(s.grad) + ", moments " +
-         c10::toString(s.moment) + ", " + master_kind_name(s.master);
+         (s.quantized() ? "8-bit" : c10::toString(s.moment)) + ", " + master_kind_name(s.master);
 }
 
 std::string supported_storage_list() {
@@ -41,7 +41,7 @@ size_t storage_index(const StorageTypes& s) {
 
 namespace {
 constexpr c10::ScalarType kNamedDtypes[] = {c10::ScalarType::Double, c10::ScalarType::Float,
-                                            c10::ScalarType::BFloat16, c10::ScalarType::Half};
+                                            c10::ScalarType::BFloat16, c10::ScalarType::Half, kQuantized};
 constexpr MasterKind kNamedMasters[] = {MasterKind::kNone, MasterKind::kFloat32, MasterKind::kRemainder};
 }  // namespace
 
@@ -51,6 +51,7 @@ const char* storage_dtype_name(c10::ScalarType t) {
     case c10::ScalarType::Float: return "float32";
     case c10::ScalarType::BFloat16: return "bfloat16";
     case c10::ScalarType::Half: return "float16";
+    case kQuantized: return "8bit";
     default: return c10::toString(t);
   }
 }
@@ -71,7 +72,7 @@ StorageTypes storage_named(const std::string& param, const std::string& grad, co
         return t;
       }
     }
-    TORCH_CHECK(false, "unknown storage dtype name '", name, "': use float64, float32, bfloat16 or float16");
+    TORCH_CHECK(false, "unknown storage dtype name '", name, "': use float64, float32, bfloat16, float16 or 8bit");
   };
   for (const MasterKind k : kNamedMasters) {
     if (master == storage_master_name(k)) {

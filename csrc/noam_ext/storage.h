@@ -7,6 +7,10 @@
 // each is a compiled instantiation of the CPU loops and the CUDA kernel, so the
 // list is kept to what training runs use. A call outside it is refused with the
 // list. See docs/adamw.md, "Fewer bytes per parameter".
+//
+// Moments of dtype uint8 (kQuantized) are 8-bit codes with a float32 scale per block of
+// kQuantBlock elements (FusedAdamW's moment_dtype="8bit": quantization.h);
+// the op takes the scales in its moment_absmax argument.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -18,6 +22,8 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+
+#include "quantization.h"
 
 namespace noam_ext {
 
@@ -42,6 +48,8 @@ struct StorageTypes {
   }
   // torch's own storage: every tensor in the parameter's dtype, no master.
   constexpr bool is_plain() const { return grad == param && moment == param && master == MasterKind::kNone; }
+  // Whether the moments are block-wise 8-bit codes (quantization.h).
+  constexpr bool quantized() const { return moment == c10::ScalarType::Byte; }
   // Whether any value the step writes is stored in bfloat16 (what stochastic rounding rounds).
   constexpr bool stores_bfloat16() const {
     return (param == c10::ScalarType::BFloat16 && master == MasterKind::kNone) ||
@@ -53,6 +61,7 @@ constexpr auto kF64 = c10::ScalarType::Double;
 constexpr auto kF32 = c10::ScalarType::Float;
 constexpr auto kBF16 = c10::ScalarType::BFloat16;
 constexpr auto kF16 = c10::ScalarType::Half;
+constexpr auto kQuantized = c10::ScalarType::Byte;   // 8-bit moment codes
 
 // The supported combinations. The first four are torch's own (every tensor in the
 // parameter's dtype); the rest are the low-byte options of FusedAdamW.
@@ -72,7 +81,26 @@ constexpr StorageTypes kSupportedStorage[] = {
     {kBF16, kBF16, kBF16, MasterKind::kRemainder},
     // float16 parameters with a float32 master
     {kF16, kF16, kF32, MasterKind::kFloat32},
+    // 8-bit moments (CPU only so far: the CUDA op refuses them, csrc/cuda/storage_units.cuh):
+    // float32 parameters (float32 or bfloat16 gradients), bfloat16 parameters (their own
+    // master, with stochastic rounding, or with a float32 master or its remainder)
+    {kF32, kF32, kQuantized, MasterKind::kNone},
+    {kF32, kBF16, kQuantized, MasterKind::kNone},
+    {kBF16, kBF16, kQuantized, MasterKind::kNone},
+    {kBF16, kBF16, kQuantized, MasterKind::kFloat32},
+    {kBF16, kBF16, kQuantized, MasterKind::kRemainder},
 };
+
+// The state keys of 8-bit moments (FusedAdamW's moment_dtype="8bit"), per moment: its codes
+// (uint8, the parameter's shape) and its scales (float32, one per block), in the order
+// exp_avg, exp_avg_sq, max_exp_avg_sq. Read by FusedAdamW's step (step/torch_objects.h) and
+// exported to Python (_C.table_layout()["quantized_state"]).
+constexpr const char* kQuantizedStateKeys[3][2] = {{"exp_avg_codes", "exp_avg_absmax"},
+                                                   {"exp_avg_sq_codes", "exp_avg_sq_absmax"},
+                                                   {"max_exp_avg_sq_codes", "max_exp_avg_sq_absmax"}};
+
+// The number of blocks (and so of scales) of a moment of `numel` elements.
+constexpr int64_t quantized_blocks(int64_t numel) { return (numel + kQuantBlock - 1) / kQuantBlock; }
 
 constexpr bool is_supported_storage(const StorageTypes& s) {
   for (const StorageTypes& t : kSupportedStorage) {
@@ -94,7 +122,7 @@ std::string supported_storage_list();
 [[noreturn]] void refuse_storage(const StorageTypes& s);
 size_t storage_index(const StorageTypes& s);
 // The names Python gives storages (noam_ext._C.supported_storage()): dtypes "float64",
-// "float32", "bfloat16", "float16"; masters "none", "float32", "remainder".
+// "float32", "bfloat16", "float16", and "8bit" for quantized moments; masters "none", "float32", "remainder".
 const char* storage_dtype_name(c10::ScalarType t);
 const char* storage_master_name(MasterKind k);
 StorageTypes storage_named(const std::string& param, const std::string& grad, const std::string& moment,
@@ -104,8 +132,10 @@ StorageTypes storage_named(const std::string& param, const std::string& grad, co
 template <c10::ScalarType S>
 using storage_t = std::conditional_t<
     S == c10::ScalarType::Double, double,
-    std::conditional_t<S == c10::ScalarType::Float, float,
-                       std::conditional_t<S == c10::ScalarType::BFloat16, c10::BFloat16, c10::Half>>>;
+    std::conditional_t<
+        S == c10::ScalarType::Float, float,
+        std::conditional_t<S == c10::ScalarType::BFloat16, c10::BFloat16,
+                           std::conditional_t<S == c10::ScalarType::Byte, uint8_t, c10::Half>>>>;
 
 // The dtype of a master tensor of this kind.
 inline c10::ScalarType master_dtype(MasterKind k) {

@@ -32,6 +32,9 @@ struct TensorRow {
   void* exp_avg_sq;
   void* max_exp_avg_sq;    // null without amsgrad
   void* master;            // float32 master or int16 remainder (storage.h), or null
+  float* absmax[3];        // 8-bit moments (storage.h, quantized()): the float32 scales of exp_avg,
+                           // exp_avg_sq and max_exp_avg_sq (null without amsgrad), one per block
+                           // of kQuantBlock elements of the row; all null otherwise
   float* step;             // torch's state["step"] (float32, one element, on the device)
   uint64_t rng_stream;     // stochastic rounding: the parameter's stream (adamw_math.h, rounding_key)
   int64_t element_offset;  // stochastic rounding: the index of element 0 within the whole parameter

@@ -23,6 +23,7 @@ struct GroupView {
   Py_ssize_t size = 0;
   bool amsgrad = false;
   MasterKind master = MasterKind::kNone;   // group["master_weights"]: None, "float32", "remainder"
+  bool quantized = false;                  // group["moment_dtype"] == "8bit": 8-bit moments in the state
   bool stochastic_rounding = false;        // group["stochastic_rounding"]
   uint64_t seed = 0;                       // group["seed"], stochastic rounding's seed
 };
@@ -79,6 +80,10 @@ inline GroupView read_group(PyObject* group, int64_t g) {
   }
   view.amsgrad = truth == 1;
   view.master = group_master(group, g);
+  static PyObject* const kMomentDtype = PyUnicode_InternFromString("moment_dtype");
+  PyObject* moment_dtype = dict_item(group, kMomentDtype);
+  view.quantized = moment_dtype != nullptr && PyUnicode_Check(moment_dtype) &&
+                   PyUnicode_CompareWithASCIIString(moment_dtype, "8bit") == 0;
   view.stochastic_rounding = group_flag(group, kStochasticRounding);
   if (view.stochastic_rounding) {
     PyObject* seed = dict_item(group, kSeed);
@@ -135,21 +140,36 @@ struct StateView {
   bool has_master = true;
 };
 
-inline StateView read_state(const ParamView& p, PyObject* state, bool amsgrad, MasterKind master) {
+inline StateView read_state(const ParamView& p, PyObject* state, const GroupView& group) {
   StateView s;
   s.entries = read_state_entries(state);
   auto require = [&](PyObject* entry, const char* key) {
     if (entry == nullptr) {
       // torch.optim.AdamW fails the same way (a KeyError on the missing entry).
-      throw py::key_error("FusedAdamW: the optimizer state of " + p.name() + " has no '" + key + "'");
+      throw py::key_error("FusedAdamW: the optimizer state of " + p.name() + " has no '" + key + "'" +
+                          (group.quantized ? " (its param group has moment_dtype='8bit'; load_state_dict converts "
+                                             "other moments)"
+                                           : ""));
     }
   };
   require(s.entries.step, "step");
+  const int moments = group.amsgrad ? 3 : 2;
+  if (group.quantized) {
+    for (int k = 0; k < moments; ++k) {
+      require(s.entries.quantized[k][0], kQuantizedStateKeys[k][0]);
+      require(s.entries.quantized[k][1], kQuantizedStateKeys[k][1]);
+    }
+    // The step reads the codes where the moments are (their dtype, uint8, tells the op).
+    s.entries.exp_avg = s.entries.quantized[0][0];
+    s.entries.exp_avg_sq = s.entries.quantized[1][0];
+    s.entries.max_exp_avg_sq = s.entries.quantized[2][0];
+  }
   require(s.entries.exp_avg, "exp_avg");
   require(s.entries.exp_avg_sq, "exp_avg_sq");
-  if (amsgrad) {
+  if (group.amsgrad) {
     require(s.entries.max_exp_avg_sq, "max_exp_avg_sq");
   }
+  const MasterKind master = group.master;
   if (master != MasterKind::kNone) {
     s.master = master == MasterKind::kFloat32 ? s.entries.master_param : s.entries.master_remainder;
     s.has_master = s.master != nullptr;
@@ -256,13 +276,20 @@ inline void plan_param(StepPlan& plan, BucketIndex& bucket_of, const ParamView& 
   if (master != nullptr) {
     b.masters.push_back(*master);   // a real tensor: a complex parameter has no master (FusedAdamW refuses it)
   }
+  const int scales = group.quantized ? (amsgrad ? 3 : 2) : 0;   // real tensors: FusedAdamW refuses complex ones
+  for (int k = 0; k < scales; ++k) {
+    b.moment_absmax.push_back(local_tensor(s.entries.quantized[k][1], kQuantizedStateKeys[k][1]));
+  }
   b.steps.push_back(THPVariable_Unpack(s.entries.step));
   b.where.emplace_back(p.group, p.index);
   const size_t i = b.params.size() - 1;
   const auto name_of = [&](int64_t) { return p.name(); };
-  const RowTensors tensors{b.params[i], b.grads[i], b.exp_avgs[i], b.exp_avg_sqs[i],
-                           amsgrad ? &b.max_exp_avg_sqs[i] : nullptr, master != nullptr ? &b.masters[i] : nullptr,
-                           b.steps[i]};
+  RowTensors tensors{b.params[i], b.grads[i], b.exp_avgs[i], b.exp_avg_sqs[i],
+                     amsgrad ? &b.max_exp_avg_sqs[i] : nullptr, master != nullptr ? &b.masters[i] : nullptr,
+                     b.steps[i]};
+  for (int k = 0; k < scales; ++k) {
+    tensors.absmax[k] = &b.moment_absmax[i * scales + k];
+  }
   TensorRow row = check_and_make_row(tensors, b.device, b.storage, b.rows[i], plan.num_groups,
                                      static_cast<int64_t>(i), name_of, b.single_call_layouts);
   if (group.stochastic_rounding) {
@@ -309,7 +336,7 @@ inline std::unique_ptr<StepPlan> collect(py::list param_groups, py::dict state, 
         plan->unplanned_devices.push_back(p.param->device());
         continue;
       }
-      const StateView s = read_state(p, st, group.amsgrad, group.master);
+      const StateView s = read_state(p, st, group);
       if (!s.ready || !s.has_master || !shard) {   // all reported: one preparation mends them all
         if (!s.ready) {
           plan->misplaced_steps.emplace_back(g, j);

@@ -31,13 +31,15 @@ struct Bucket {
   bool amsgrad = false;
   bool stochastic_rounding = false;
   BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps;
+  BorrowedTensors moment_absmax;      // 8-bit moments: 2 (3 with amsgrad) scale tensors per param
   std::vector<int64_t> rng_streams, element_offsets;   // per param, with stochastic rounding
   std::vector<int64_t> rows;          // per param: its param group (its row of the hyper table)
   std::vector<std::pair<int64_t, int64_t>> where;   // per param: (group, index in group)
   std::vector<int32_t> rounds;        // per param: which of the bucket's calls updates it
   int32_t num_rounds = 1;
   void reserve_more(size_t n) {
-    for (BorrowedTensors* list : {&params, &grads, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs, &masters, &steps}) {
+    for (BorrowedTensors* list : {&params, &grads, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs, &masters, &steps,
+                                  &moment_absmax}) {
       list->reserve(list->size() + n);
     }
     rows.reserve(rows.size() + n);
@@ -117,7 +119,7 @@ inline void assign_rounds(Bucket& b) {
 }
 
 struct CallLists {
-  BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps;
+  BorrowedTensors params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, moment_absmax;
   std::vector<int64_t> rng_streams, element_offsets;
   std::vector<int64_t> rows;
   std::vector<std::pair<int64_t, int64_t>> where;
@@ -138,6 +140,12 @@ inline CallLists round_lists(const Bucket& b, int32_t round) {
     }
     if (b.storage.master != MasterKind::kNone) {
       c.masters.push_back(b.masters[i]);
+    }
+    if (b.storage.quantized()) {
+      const size_t scales = b.amsgrad ? 3 : 2;
+      for (size_t k = 0; k < scales; ++k) {
+        c.moment_absmax.push_back(b.moment_absmax[i * scales + k]);
+      }
     }
     if (b.stochastic_rounding) {
       c.rng_streams.push_back(b.rng_streams[i]);
@@ -223,7 +231,7 @@ class StepPlan {
         StorageTypes types{};
         b.call_rows.push_back(build_tensor_rows({c.params, c.grads, c.exp_avgs, c.exp_avg_sqs, c.max_exp_avg_sqs,
                                                  c.steps, c.masters, c.rng_streams, c.element_offsets,
-                                                 b.stochastic_rounding},
+                                                 b.stochastic_rounding, c.moment_absmax},
                                                 b.device, n_rows, c.rows, b.call_totals[round],
                                                 b.call_layouts[round], types, name_of));
       }

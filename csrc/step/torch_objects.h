@@ -167,20 +167,30 @@ struct StateEntries {
   PyObject* max_exp_avg_sq = nullptr;
   PyObject* master_param = nullptr;       // float32 master weights (FusedAdamW's master_weights="float32")
   PyObject* master_remainder = nullptr;   // int16 remainders (master_weights="remainder")
+  // 8-bit moments (moment_dtype="8bit"): [moment][0] its codes, [moment][1] its scales, for
+  // exp_avg, exp_avg_sq and max_exp_avg_sq (storage.h, kQuantizedStateKeys).
+  PyObject* quantized[3][2] = {{nullptr, nullptr}, {nullptr, nullptr}, {nullptr, nullptr}};
 };
 
 inline StateEntries read_state_entries(PyObject* state) {
-  constexpr int kCount = 6;
-  static const char* const kKeyNames[kCount] = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
-                                                kMasterStateKeys[static_cast<int>(MasterKind::kFloat32)],
-                                                kMasterStateKeys[static_cast<int>(MasterKind::kRemainder)]};
-  static PyObject* const kKeys[kCount] = {
-      PyUnicode_InternFromString(kKeyNames[0]), PyUnicode_InternFromString(kKeyNames[1]),
-      PyUnicode_InternFromString(kKeyNames[2]), PyUnicode_InternFromString(kKeyNames[3]),
-      PyUnicode_InternFromString(kKeyNames[4]), PyUnicode_InternFromString(kKeyNames[5])};
+  constexpr int kCount = 12;
+  static const char* const kKeyNames[kCount] = {
+      "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+      kMasterStateKeys[static_cast<int>(MasterKind::kFloat32)], kMasterStateKeys[static_cast<int>(MasterKind::kRemainder)],
+      kQuantizedStateKeys[0][0], kQuantizedStateKeys[0][1], kQuantizedStateKeys[1][0], kQuantizedStateKeys[1][1],
+      kQuantizedStateKeys[2][0], kQuantizedStateKeys[2][1]};
+  static PyObject* const* const kKeys = [] {
+    static PyObject* keys[kCount];
+    for (int k = 0; k < kCount; ++k) {
+      keys[k] = PyUnicode_InternFromString(kKeyNames[k]);
+    }
+    return keys;
+  }();
   StateEntries out;
-  PyObject** slots[kCount] = {&out.step,           &out.exp_avg,      &out.exp_avg_sq,
-                              &out.max_exp_avg_sq, &out.master_param, &out.master_remainder};
+  PyObject** slots[kCount] = {&out.step,           &out.exp_avg,           &out.exp_avg_sq,
+                              &out.max_exp_avg_sq, &out.master_param,      &out.master_remainder,
+                              &out.quantized[0][0], &out.quantized[0][1],  &out.quantized[1][0],
+                              &out.quantized[1][1], &out.quantized[2][0],  &out.quantized[2][1]};
   Py_ssize_t pos = 0;
   PyObject *key = nullptr, *value = nullptr;
   while (PyDict_Next(state, &pos, &key, &value)) {

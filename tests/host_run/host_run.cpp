@@ -39,8 +39,12 @@ StepLaunches step_launches(const StorageTypes& storage, bool amsgrad, int64_t nu
   StepLaunches out;
   dispatch_storage(storage, [&](auto index) {
     constexpr int kStorage = decltype(index)::value;
-    out = amsgrad ? step_launches_for<kStorage, true>(num_rows, total, multiprocessors, strided_rows)
+    if constexpr (kSupportedStorage[kStorage].quantized()) {
+      TORCH_CHECK(false, "host_run fused_adamw_: 8-bit moments are not in the CUDA kernels yet");
+    } else {
+      out = amsgrad ? step_launches_for<kStorage, true>(num_rows, total, multiprocessors, strided_rows)
                   : step_launches_for<kStorage, false>(num_rows, total, multiprocessors, strided_rows);
+    }
   });
   return out;
 }
@@ -152,7 +156,7 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
                               const std::optional<at::Tensor>& found_inf,
                               const std::optional<at::Tensor>& grad_clip, std::optional<at::TensorList> masters,
                               at::IntArrayRef rng_streams, at::IntArrayRef element_offsets,
-                              bool stochastic_rounding) {
+                              bool stochastic_rounding, std::optional<at::TensorList> moment_absmax) {
   TORCH_CHECK(multiprocessors >= 1, "host_run fused_adamw_: multiprocessors must be at least 1");
   TORCH_CHECK(!num_blocks || *num_blocks >= 1, "host_run fused_adamw_: num_blocks must be at least 1");
   TORCH_CHECK(threads_per_block >= 1 && threads_per_block <= kThreadsPerBlock,
@@ -164,7 +168,8 @@ void emulate_cuda_fused_adamw(at::TensorList params, at::TensorList grads, at::T
                                wrong_launch_from(std::string(wrong_launch))};
   checked_fused_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, schedule_step, hyper,
                       groups, advance_schedule, grad_scale, found_inf, grad_clip,
-                      {masters.value_or(at::TensorList{}), rng_streams, element_offsets, stochastic_rounding},
+                      {masters.value_or(at::TensorList{}), rng_streams, element_offsets, stochastic_rounding,
+                       moment_absmax.value_or(at::TensorList{})},
                       [&](const RowsCall& call) {
                         run_rows_on_host(call, options, stats ? stats->data_ptr<int64_t>() : nullptr);
                       });
@@ -204,7 +209,7 @@ TORCH_LIBRARY(noam_ext_host_run, m) {
       "int threads_per_block=256, int[] only_blocks=[], str wrong_launch=\"\", Tensor(h!)? stats=None, "
       "bool advance_schedule=True, Tensor? grad_scale=None, Tensor? found_inf=None, "
       "Tensor? grad_clip=None, Tensor(g!)[]? masters=None, int[] rng_streams=[], int[] element_offsets=[], "
-      "bool stochastic_rounding=False) -> ()");
+      "bool stochastic_rounding=False, Tensor(i!)[]? moment_absmax=None) -> ()");
   // The row walk alone (work_split.h) for tensors of the given sizes over the
   // virtual range [begin, end): (row, lo, hi) triples, flattened. Lets tests check
   // 64-bit offsets past 2**31 elements without allocating such tensors.

@@ -9,15 +9,15 @@ import pytest
 import noam_ext
 
 TOP_LEVEL = [
-    "FusedAdamW", "InOpScheduleLR", "param_groups", "build_info", "cpu_capability",
+    "FusedAdamW", "dequantized_state_dict", "InOpScheduleLR", "param_groups", "build_info", "cpu_capability",
     "Schedule", "Noam", "WarmupConstant", "WarmupLinear", "WarmupCosine", "WarmupStableDecay", "WarmupInverseSqrt",
     "noam_lr", "noam_peak_lr", "warmup_constant_lr", "warmup_linear_lr", "warmup_cosine_lr", "wsd_lr",
     "warmup_inverse_sqrt_lr",
     "TransformerLRScheduler", "ScheduleLR", "WarmupConstantLR", "WarmupLinearLR", "WarmupCosineLR",
     "WarmupStableDecayLR", "WarmupInverseSqrtLR",
 ]
-SCHEDULES = [name for name in TOP_LEVEL if name not in ("FusedAdamW", "param_groups", "build_info",
-                                                          "cpu_capability")] + ["DECAY_SHAPES"]
+SCHEDULES = [name for name in TOP_LEVEL if name not in ("FusedAdamW", "dequantized_state_dict", "param_groups",
+                                                          "build_info", "cpu_capability")] + ["DECAY_SHAPES"]
 ELSEWHERE = {"noam_ext.optimizer": ["FusedAdamW", "Noam"], "noam_ext.param_groups": ["param_groups"]}
 
 
