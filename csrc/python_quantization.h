@@ -41,9 +41,9 @@ inline std::tuple<at::Tensor, at::Tensor> quantize_blocks(const at::Tensor& valu
       const float a = std::abs(x[i]);
       peak = (a != a || a > peak) ? a : peak;
     }
-    const float r = block_reciprocal(peak);
+    const BlockScale scale = block_scale(peak);
     for (int64_t i = start; i < end; ++i) {
-      out[i] = static_cast<uint8_t>(encode_moment(is_signed, x[i], r));
+      out[i] = static_cast<uint8_t>(encode_moment(is_signed, x[i] * scale.prescale, scale.reciprocal));
     }
     peak_out[start / kQuantBlock] = peak;
   }

@@ -37,6 +37,7 @@ import datetime
 import hashlib
 import json
 import os
+import importlib.util
 import platform
 import shlex
 import sys
@@ -68,8 +69,9 @@ class Variant:
     label: str               # what the figure and the table call it
     dtype: torch.dtype       # the model's (and so the gradients') dtype
     bytes_per_element: int   # read + written per element and step (docs/adamw.md, "Fewer bytes per parameter")
-    fused_options: dict | None   # FusedAdamW options; None: a torch.optim.AdamW
+    fused_options: dict | None   # FusedAdamW options; None: a torch.optim.AdamW (or a peer's)
     torch_fused: bool = False    # for a torch.optim.AdamW: fused=True (else the for-loop)
+    peer: str | None = None      # another library's 8-bit AdamW: "torchao" or "bitsandbytes" (optional)
 
 
 VARIANTS = (
@@ -83,6 +85,13 @@ VARIANTS = (
     Variant("bf16_remainder", "bf16 + int16 remainder", torch.bfloat16, 26, {"master_weights": "remainder"}),
     Variant("bf16_remainder_bf16_moments", "bf16 + int16 remainder, bf16 moments", torch.bfloat16, 18,
             {"master_weights": "remainder", "moment_dtype": torch.bfloat16}),
+    # 8-bit moments (codes with a float32 scale per 256 elements: + 0.06 bytes per element)
+    Variant("fp32_8bit", "float32, FusedAdamW 8-bit moments", torch.float32, 16, {"moment_dtype": "8bit"}),
+    Variant("bf16_stochastic_8bit", "bf16, stochastic rounding, 8-bit moments", torch.bfloat16, 10,
+            {"stochastic_rounding": True, "moment_dtype": "8bit"}),
+    Variant("fp32_torchao_8bit", "float32, torchao AdamW8bit (reference)", torch.float32, 16, None, peer="torchao"),
+    Variant("fp32_bnb_8bit", "float32, bitsandbytes AdamW8bit (reference)", torch.float32, 16, None,
+            peer="bitsandbytes"),
 )
 VARIANT_KEYS = tuple(v.key for v in VARIANTS)
 
@@ -99,6 +108,21 @@ class RunResult:
 
 
 # ---- setup --------------------------------------------------------------------------------------
+
+def unavailable(variant: Variant) -> str | None:
+    """Why a variant cannot run here (a peer library that is not installed), or None."""
+    if variant.peer is not None and importlib.util.find_spec(variant.peer) is None:
+        return f"{variant.peer} is not installed (pip install {variant.peer})"
+    return None
+
+
+def peer_optimizer(variant: Variant, groups, args):
+    if variant.peer == "torchao":
+        from torchao.optim import AdamW8bit
+    else:
+        from bitsandbytes.optim import AdamW8bit
+    return AdamW8bit(groups, lr=args.lr, betas=BETAS, eps=EPS)
+
 
 def make_schedule(args) -> Schedule:
     if args.schedule == "cosine":
@@ -136,6 +160,9 @@ def weights_digest(model: nn.Module) -> str:
 def make_optimizer(variant: Variant, model: nn.Module, args, schedule: Schedule):
     """(optimizer, torch LR scheduler or None); FusedAdamW computes the schedule in the op."""
     groups = param_groups(model, weight_decay=WEIGHT_DECAY)
+    if variant.peer is not None:
+        optimizer = peer_optimizer(variant, groups, args)
+        return optimizer, ScheduleLR(optimizer, schedule)
     if variant.fused_options is None:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=BETAS, eps=EPS, fused=variant.torch_fused or None,
                                       foreach=False)
@@ -165,7 +192,7 @@ def train_variant(variant: Variant, args, state, schedule: Schedule, device: tor
     losses, lrs = [], []
     for step in range(1, args.steps + 1):
         batch = make_batch(args.batch_size, args.seq_len, args.vocab, generator, device)
-        lrs.append(optimizer.param_groups[0]["lr"])   # the lr this step uses
+        lrs.append(float(optimizer.param_groups[0]["lr"]))   # the lr this step uses (torchao keeps a tensor)
         optimizer.zero_grad()
         loss = loss_on_batch(model, *batch)
         loss.backward()
@@ -222,7 +249,8 @@ def summary(result: RunResult) -> dict:
     return {
         "label": result.variant.label,
         "dtype": str(result.variant.dtype).removeprefix("torch."),
-        "optimizer": ("torch.optim.AdamW" + ("(fused=True)" if result.variant.torch_fused else "(foreach=False)")
+        "optimizer": (f"{result.variant.peer}'s AdamW8bit" if result.variant.peer is not None else
+                      "torch.optim.AdamW" + ("(fused=True)" if result.variant.torch_fused else "(foreach=False)")
                       if result.variant.fused_options is None else
                       "FusedAdamW(" + ", ".join(f"{k}={v!r}" for k, v in result.variant.fused_options.items()) + ")"),
         "bytes_per_element": result.variant.bytes_per_element,
@@ -416,6 +444,10 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     variants = [v for v in VARIANTS if v.key in args.variants]
+    for v in variants:
+        if unavailable(v):
+            print(f"{v.key}: skipped: {unavailable(v)}")
+    variants = [v for v in variants if not unavailable(v)]
     print(f"{len(variants)} variants, {settings_line(args)}; on {device}")
     state = initial_state(args)
     schedule = make_schedule(args)

@@ -124,6 +124,7 @@ def dequantized_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 # with one float32 absmax per block in absmax1/absmax2; float32 moments for tensors under its
 # min_8bit_size) and "step" as an int (bitsandbytes/optim/optimizer.py).
 _BNB_KEYS = ("state1", "state2", "qmap1", "qmap2", "absmax1", "absmax2")
+_BNB_NON_BLOCKWISE = ("max1", "max2", "new_max1", "new_max2")   # its block_wise=False form
 
 
 def from_bitsandbytes(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -136,28 +137,40 @@ def from_bitsandbytes(state_dict: dict[str, Any]) -> dict[str, Any]:
     Otherwise (other maps or blocks, float32 state of small tensors) the moments are decoded
     with the checkpoint's own map and kept as float moments, for the load to quantize with
     this library's encoder (one rounding)."""
+    if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+        return state_dict   # not a state dict: check_loadable says so
     state = {}
     for key, entry in state_dict["state"].items():
-        state[key] = _from_bnb_entry(entry) if isinstance(entry, dict) and "state1" in entry else entry
+        state[key] = _from_bnb_entry(key, entry) if isinstance(entry, dict) and "state1" in entry else entry
     return {**state_dict, "state": state}
 
 
 MAP_TOLERANCE = 4e-7   # relative: bitsandbytes' float32 maps differ from ours by at most 1.8e-7
 
 
-def _from_bnb_entry(entry: dict) -> dict:
-    out = {k: v for k, v in entry.items() if k not in _BNB_KEYS}
+def _from_bnb_entry(key, entry: dict) -> dict:
+    out = {k: v for k, v in entry.items() if k not in _BNB_KEYS + _BNB_NON_BLOCKWISE}
     for index, moment in ((1, "exp_avg"), (2, "exp_avg_sq")):
         values = entry[f"state{index}"]
+        if not isinstance(values, torch.Tensor):
+            raise ValueError(f"loaded state dict: bitsandbytes' 'state{index}' of the parameter saved as {key!r} is "
+                             f"a {type(values).__name__}, not a tensor")
         if values.dtype != torch.uint8:   # a small tensor's float32 moment
             out[moment] = values.float()
             continue
-        qmap = entry[f"qmap{index}"].detach().cpu().float()
-        absmax = entry[f"absmax{index}"].detach().cpu().float().reshape(-1)
         n = values.numel()
-        block = next((b for b in (256, 2048, 4096, 1024, 512, 128, 64) if math.ceil(n / b) == absmax.numel()), None)
+        # block-wise: one absmax per block; otherwise one max for the whole tensor
+        absmax = entry.get(f"absmax{index}", entry.get(f"max{index}"))
+        if not isinstance(absmax, torch.Tensor) or not isinstance(entry.get(f"qmap{index}"), torch.Tensor):
+            raise ValueError(f"loaded state dict: bitsandbytes' 8-bit 'state{index}' of the parameter saved as {key!r} "
+                             f"has no 'qmap{index}' and 'absmax{index}' (or 'max{index}') tensors")
+        qmap = entry[f"qmap{index}"].detach().cpu().float()
+        absmax = absmax.detach().cpu().float().reshape(-1)
+        sizes = (256, 2048, 4096, 1024, 512, 128, 64) if f"absmax{index}" in entry else (max(n, 1),)
+        block = next((b for b in sizes if math.ceil(n / b) == absmax.numel()), None)
         if block is None:
-            raise ValueError(f"bitsandbytes state: {absmax.numel()} absmax values for {n} codes match no block size")
+            raise ValueError(f"loaded state dict: bitsandbytes' state of the parameter saved as {key!r} has "
+                             f"{absmax.numel()} absmax values for {n} codes, which match no block size")
         ours = _C.quantization_map(moment == "exp_avg")
         same_map = qmap.shape == ours.shape and bool(
             ((qmap.double() - ours.double()).abs() <= MAP_TOLERANCE * ours.double().abs()).all())

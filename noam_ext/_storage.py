@@ -171,46 +171,74 @@ def state_for(p: torch.Tensor, amsgrad: bool, options: StorageOptions) -> dict:
 
 
 # ---- 8-bit moments ----------------------------------------------------------------------
-# Codes are laid out like the parameter (its strides where it is dense); their blocks run
-# over its elements in memory order (shape order for a view with gaps), as the op walks them.
+# Blocks of 256 run over a parameter's elements in the op's order (csrc/noam_ext/op_checks.h,
+# make_strided_layout): its memory order when it is dense, its shape's order when it has gaps,
+# whatever the state tensors' own strides.
 
-def _in_walk_order(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view of a tensor laid out like its parameter, its elements in the op's order."""
-    if t.is_contiguous():
-        return t.view(-1)
-    return t.as_strided((t.numel(),), (1,))   # dense (zeros_like kept the parameter's strides)
+def _dense(p: torch.Tensor) -> bool:
+    """Whether p's elements fill a run of memory without gaps or overlaps (ATen's
+    is_non_overlapping_and_dense, which the op asks)."""
+    if p.is_contiguous():
+        return True
+    expected = 1
+    for d in sorted((d for d in range(p.dim()) if p.shape[d] != 1), key=lambda d: p.stride(d)):
+        if p.stride(d) != expected:
+            return False
+        expected *= p.shape[d]
+    return True
+
+
+def _codes_format(p: torch.Tensor) -> torch.memory_format:
+    """Codes are laid out like a dense parameter, and contiguous (its shape's order, the op's
+    walk) for one with gaps."""
+    return torch.preserve_format if _dense(p) else torch.contiguous_format
+
+
+def _walk_order(p: torch.Tensor) -> list[int]:
+    """p's dimensions in the order the op walks its elements (outermost first)."""
+    dims = list(range(p.dim()))
+    if p.is_contiguous() or not _dense(p):
+        return dims
+    return sorted(dims, key=lambda d: -p.stride(d))   # stable, as the op's std::stable_sort
+
+
+def _flat_in_walk_order(t: torch.Tensor, order: list[int]) -> torch.Tensor:
+    return t.permute(order).reshape(-1)
+
+
+def _from_walk_order(flat: torch.Tensor, like: torch.Tensor, order: list[int], dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty_like(like, dtype=dtype, memory_format=_codes_format(like))
+    out.permute(order).copy_(flat.reshape([like.shape[d] for d in order]))
+    return out
 
 
 def quantized_zeros(p: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
     """A zero moment in 8 bits: every code the map's zero, every scale 0."""
     codes_key, scales_key = QUANTIZED_KEYS[key]
-    zero_code = 127 if key == "exp_avg" else 0   # the signed map's 0.0 (csrc/noam_ext/dynamic_map.h); the unsigned's
-    codes = torch.full_like(p, zero_code, dtype=torch.uint8, memory_format=torch.preserve_format)
+    zero_code = 127 if key == "exp_avg" else 0   # the signed map's 0.0, the unsigned map's (quantization.h)
+    codes = torch.full_like(p, zero_code, dtype=torch.uint8, memory_format=_codes_format(p))
     scales = torch.zeros(-(-p.numel() // QUANTIZED_BLOCK), dtype=torch.float32, device=p.device)
     return {codes_key: codes, scales_key: scales}
 
 
 def quantize_moment(p: torch.Tensor, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A moment (a tensor of p's shape) as the op stores it in 8 bits: its codes and scales,
-    made by the op's own encoder (csrc/noam_ext/quantization.h; one rounding)."""
+    """A moment (a tensor of p's shape) as the op stores it in 8 bits: its codes (laid out like
+    p) and scales, made by the op's own encoder (csrc/noam_ext/quantization.h; one rounding)."""
     codes_key, scales_key = QUANTIZED_KEYS[key]
-    laid_out = torch.empty_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-    laid_out.copy_(value.detach())
-    codes, scales = _C.quantize_blocks(_in_walk_order(laid_out).cpu().contiguous(), key == "exp_avg")
-    out = torch.empty_like(p, dtype=torch.uint8, memory_format=torch.preserve_format)
-    _in_walk_order(out).copy_(codes)
-    return {codes_key: out, scales_key: scales.to(p.device)}
+    order = _walk_order(p)
+    flat = _flat_in_walk_order(value.detach().to(device="cpu", dtype=torch.float32), order).contiguous()
+    codes, scales = _C.quantize_blocks(flat, key == "exp_avg")
+    return {codes_key: _from_walk_order(codes, p, order, torch.uint8).to(p.device), scales_key: scales.to(p.device)}
 
 
 def dequantize_moment(p: torch.Tensor, key: str, entry: dict) -> torch.Tensor:
-    """The float32 moment (p's shape and strides) that 8-bit codes and scales decode to."""
+    """The float32 moment (laid out like p) that 8-bit codes and scales decode to: exactly the
+    values the op's next step decodes."""
     codes_key, scales_key = QUANTIZED_KEYS[key]
-    codes = entry[codes_key]
-    flat = _C.dequantize_blocks(_in_walk_order(codes).cpu().contiguous(),
-                                entry[scales_key].detach().cpu().float().contiguous(), key == "exp_avg")
-    out = torch.empty_like(codes, dtype=torch.float32, memory_format=torch.preserve_format)
-    _in_walk_order(out).copy_(flat)
-    return out.to(p.device)
+    order = _walk_order(p)
+    codes = _flat_in_walk_order(entry[codes_key].detach().cpu(), order).contiguous()
+    flat = _C.dequantize_blocks(codes, entry[scales_key].detach().cpu().float().contiguous(), key == "exp_avg")
+    return _from_walk_order(flat, p.detach().cpu(), order, torch.float32).to(p.device)
 
 
 def step_on_device(value, device: torch.device) -> torch.Tensor:

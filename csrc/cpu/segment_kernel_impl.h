@@ -445,7 +445,9 @@ inline F decode(bool is_signed, const uint8_t* codes, int64_t count, float scale
   const I m = rank + I(1 + shift);
   const I L = log2_floor(at::vec::maximum(m, I(1)));
   const F j = to_float(m) - power_of_two(L);
-  F value = decade_value(L - I(shift), L, j);
+  // (The zero code's lanes compute a value that is then replaced; their decade is clamped to 0
+  // so that the table lookup stays in it.)
+  F value = decade_value(at::vec::maximum(L - I(shift), I(0)), L, j);
   const I top = rank == I(is_signed ? kSignedTopRank : kUnsignedTopRank);
   const I zero = code == I(is_signed ? kSignedZeroCode : kUnsignedZeroCode);
   value = F::blendv(value, F(1.0f), from_bits(top));
@@ -603,8 +605,13 @@ void update_quantized(const FlatPointers& b, int64_t begin, int64_t end, const A
     }
     for (int k = 0; k < kMoments; ++k) {
       const float peak = peak_of(moments[k], n);
-      encode_block(kSigned[k], moments[k], n, peak == 0.0f ? 0.0f : 1.0f / peak,   // quantization.h, block_reciprocal
-                   codes[k] + start);
+      const BlockScale scale = block_scale(peak);
+      if (scale.prescale != 1.0f) {   // a subnormal absmax (rare): scale the moments first, exactly
+        for (int64_t j = 0; j < n; ++j) {
+          moments[k][j] *= scale.prescale;
+        }
+      }
+      encode_block(kSigned[k], moments[k], n, scale.reciprocal, codes[k] + start);
       b.absmax[k][block] = peak;
     }
   }

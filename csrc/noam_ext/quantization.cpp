@@ -33,6 +33,16 @@ float rank_value(bool is_signed, int32_t rank) {
 
 }  // namespace
 
+BlockScale block_scale(float absmax) {
+  constexpr float kSubnormalPrescale = 18446744073709551616.0f;   // 2^64
+  constexpr float kSmallestNormal = 1.17549435e-38f;
+  if (absmax == 0.0f) {
+    return {1.0f, 0.0f};
+  }
+  const float prescale = absmax < kSmallestNormal ? kSubnormalPrescale : 1.0f;
+  return {prescale, 1.0f / (absmax * prescale)};
+}
+
 float map_value(bool is_signed, int32_t code) {
   if (is_signed) {
     if (code == kSignedZeroCode) {

@@ -53,8 +53,18 @@ constexpr float kStepsPerUnit = 1.0f / 0.9f;
 float map_value(bool is_signed, int32_t code);
 int32_t encode_moment(bool is_signed, float x, float r);
 
-// r of a block: 1 / absmax, 0 for an empty (all-zero) block. A NaN absmax gives NaN (its
-// block decodes to NaN: a NaN moment stays NaN, as in torch, here for its whole block).
-inline float block_reciprocal(float absmax) { return absmax == 0.0f ? 0.0f : 1.0f / absmax; }
+// How a block's moments are scaled before encoding: y = (x * prescale) * reciprocal, where
+// reciprocal = 1 / (absmax * prescale), 0 for an empty (all-zero) block. prescale is 1, or 2^64
+// for a block whose absmax is subnormal (1 / absmax would overflow to inf): a power of two, so
+// the scaled moments are exact. A NaN absmax gives NaN (its block decodes to NaN: a NaN moment
+// stays NaN, as in torch, here for its whole block); an infinite one gives 0 (the block's finite
+// moments then decode to NaN: 0 * inf).
+struct BlockScale {
+  float prescale;
+  float reciprocal;
+};
+// (Out of line, like the rest of this header's functions: one copy, with the baseline flags, for
+// every translation unit, whatever instruction set it is compiled for.)
+BlockScale block_scale(float absmax);
 
 }  // namespace noam_ext

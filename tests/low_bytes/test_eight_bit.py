@@ -27,7 +27,11 @@ What must hold, and with which tolerance:
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,6 +118,73 @@ def test_encoder_is_the_exact_nearest_code(signed):
         if not signed:   # the zero rule: a positive value never gets the zero code
             expected = torch.where((values > 0) & (expected == 0), torch.ones_like(expected), expected)
         assert torch.equal(codes.long(), expected), (values[codes.long() != expected][:5],)
+
+
+VECTOR_SCRIPT = r"""
+import json, sys, torch, noam_ext
+from noam_ext._extension import _C
+values = torch.tensor(json.loads(sys.stdin.read()))
+# betas (0, 0): the step stores exp_avg = g and exp_avg_sq = g * g exactly as computed, so the op's
+# own (vector) encoder meets these values; lr 0 keeps the parameter.
+p = torch.nn.Parameter(torch.zeros(values.numel()))
+p.grad = values.clone()
+opt = noam_ext.FusedAdamW([p], lr=0.0, betas=(0.0, 0.0), weight_decay=0.0, moment_dtype="8bit")
+opt.step()
+state = opt.state[p]
+out = {k: state[k].tolist() for k in ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")}
+out["capability"] = noam_ext.cpu_capability()
+print(json.dumps(out))
+"""
+
+
+def vector_inputs() -> torch.Tensor:
+    """Blocks of 256 whose first element sets the scale to 1 (exactly as encoded: y = g), then
+    map values, midpoints and their float32 neighbours, values just past 1, -0.0, NaN, tiny and
+    subnormal values; a block of subnormal values (a subnormal scale); a block of zeros."""
+    pieces = []
+    for signed in (True, False):
+        qmap = _C.quantization_map(signed).double()
+        mids = ((qmap[1:] + qmap[:-1]) / 2).float()
+        for base in (qmap.float(), mids):
+            for x in (base, torch.nextafter(base, torch.tensor(2.0)), torch.nextafter(base, torch.tensor(-2.0))):
+                pieces.append(x)
+    values = torch.cat(pieces)
+    values = torch.cat([values, torch.tensor([1.0000001, -1.0000001, -0.0, 0.0, 1e-30, -1e-38, 1e-45])])
+    blocks = [torch.cat([torch.tensor([1.0]), chunk]) for chunk in torch.split(values, 255)]
+    blocks.append(torch.tensor([3e-39, -1e-39, 1e-45, 0.0] * 64))   # a subnormal block scale
+    blocks.append(torch.zeros(256))
+    blocks.append(torch.tensor([1.0, float("nan"), 0.5]))           # NaN: the block decodes to NaN
+    return torch.cat(blocks)
+
+
+def test_every_instruction_set_encodes_as_the_reference():
+    """The op's vector encoder (every instruction set this build compiled) against the host
+    reference (_C.quantize_blocks) on adversarial moments: the same codes and scales, bit for bit."""
+    g = vector_inputs()
+    expected = {}
+    for signed, key, x in ((True, "exp_avg", g), (False, "exp_avg_sq", g * g)):
+        codes, scales = _C.quantize_blocks(x.contiguous(), signed)
+        expected[key + "_codes"], expected[key + "_absmax"] = codes.tolist(), scales
+    ran = []
+    for capability in noam_ext.build_info()["cpu_capabilities_compiled"]:
+        env = dict(os.environ, NOAM_EXT_CPU_CAPABILITY=capability)
+        run = subprocess.run([sys.executable, "-c", VECTOR_SCRIPT], input=json.dumps(g.tolist()), env=env,
+                             capture_output=True, text=True, check=True)
+        got = json.loads(run.stdout)
+        ran.append(got["capability"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert got[key + "_codes"] == expected[key + "_codes"], (capability, key)
+            torch.testing.assert_close(torch.tensor(got[key + "_absmax"]), expected[key + "_absmax"], rtol=0,
+                                       atol=0, equal_nan=True)
+    assert "default" in ran
+
+
+def test_a_subnormal_block_scale_keeps_its_values():
+    x = torch.tensor([3e-39, -1e-39, 2e-39, 0.0] * 64)
+    codes, scales = _C.quantize_blocks(x, True)
+    decoded = _C.dequantize_blocks(codes, scales, True)
+    assert decoded[0] == x[0] and torch.all(decoded[3::4] == 0)
+    torch.testing.assert_close(decoded, x, rtol=0.02, atol=0)
 
 
 def test_positive_second_moments_never_decode_to_zero():
@@ -288,6 +359,21 @@ def transposed(params):
 def test_parameters_laid_out_unlike_their_shape():
     # Transposed (dense, not contiguous): blocks run over memory order, as the op walks it.
     run_pair({}, transform=transposed)
+
+
+def with_gaps(params):
+    """Views with gaps (every other element of a wider tensor), walked in their shape's order."""
+    return [torch.nn.Parameter(torch.stack([p.detach(), p.detach()], dim=-1)[..., 0]) for p in params]
+
+
+def test_parameters_with_gaps():
+    run_pair({"amsgrad": True}, transform=with_gaps, sizes=[(300,), (17, 33), (5,)])
+    p = with_gaps([torch.nn.Parameter(torch.randn(4, 70))])[0]
+    assert not p.is_contiguous()
+    opt = FusedAdamW([p], moment_dtype="8bit")
+    p.grad = torch.randn(4, 70)
+    opt.step()
+    assert opt.state[p]["exp_avg_codes"].is_contiguous()   # codes of a parameter with gaps: its shape's order
 
 
 def test_grad_scaler_skips_and_unscales():
@@ -571,13 +657,39 @@ def test_misshapen_checkpoint_changes_nothing():
         assert torch.equal(opt.state[params[0]][key], value)
 
 
-def test_op_refuses_missing_scales_before_writing():
+@pytest.mark.parametrize("scales, message", [
+    (None, "moment_absmax must have one scale tensor per 8-bit moment"),
+    ([torch.zeros(2), torch.zeros(1)], "needs its scales .exp_avg_sq_absmax. as a contiguous float32 tensor of 2"),
+    ([torch.zeros(2), torch.zeros(2, dtype=torch.float64)], "got Double"),
+])
+def test_op_refuses_missing_or_misshapen_scales_before_writing(scales, message):
     p = torch.randn(300)
     before = p.clone()
     hyper = torch.zeros(1, _C.table_layout()["num_hyper_columns"], dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="needs its scales"):
+    with pytest.raises(RuntimeError, match=message):
         torch.ops.noam_ext.fused_adamw_([p], [torch.randn(300)], [torch.zeros(300, dtype=torch.uint8)],
                                         [torch.zeros(300, dtype=torch.uint8)], [],
                                         [torch.zeros((), dtype=torch.float32)], torch.zeros(1, dtype=torch.int64),
-                                        hyper, [0], moment_absmax=[torch.zeros(2), torch.zeros(1)])
+                                        hyper, [0], moment_absmax=scales)
     assert torch.equal(p, before)
+
+
+def test_bitsandbytes_non_blockwise_and_malformed_entries():
+    generator = torch.Generator().manual_seed(1)
+    p = torch.nn.Parameter(torch.randn(600, generator=generator))
+    signed, unsigned = bnb_maps()
+    codes = torch.randint(0, 256, (600,), generator=generator, dtype=torch.uint8)
+    entry = {"step": 3, "state1": codes, "state2": codes.clone(), "qmap1": signed, "qmap2": unsigned,
+             "max1": torch.tensor([0.5]), "max2": torch.tensor([0.25]), "new_max1": torch.tensor([0.5]),
+             "new_max2": torch.tensor([0.25])}
+    group = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "params": [0]}
+    opt = FusedAdamW([p], moment_dtype="8bit")
+    opt.load_state_dict({"state": {0: entry}, "param_groups": [group]})
+    decoded = signed[codes.long()] * 0.5   # one max for the whole tensor: decoded, then quantized
+    expected = quantize_moment(p, "exp_avg", decoded)
+    assert torch.equal(opt.state[p]["exp_avg_codes"], expected["exp_avg_codes"])
+    bad = {k: v for k, v in entry.items() if k not in ("max1", "max2")}
+    fresh = FusedAdamW([torch.nn.Parameter(torch.randn(600))], moment_dtype="8bit")
+    with pytest.raises(ValueError, match="saved as 0 has no 'qmap1' and 'absmax1'"):
+        fresh.load_state_dict({"state": {0: bad}, "param_groups": [group]})
+    assert not fresh.state

@@ -311,3 +311,33 @@ def test_compute_floor_prints_every_low_byte_variant_with_its_bytes():
     for name, cells in rows.items():
         assert int(cells[1]) == LOW_BYTES[name]
         assert float(cells[2]) > 0
+
+
+EIGHT_BIT = Path(__file__).resolve().parents[2] / "benchmarks" / "eight_bit_step.py"
+
+
+def test_eight_bit_benchmark_times_every_candidate_or_says_why_not(tmp_path):
+    run = subprocess.run([sys.executable, str(EIGHT_BIT), "--quick", "--iterations", "1", "--warmup", "0",
+                          "--floor-elements", "4096", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    payload = json.loads((tmp_path / "eight_bit_step.json").read_text())
+    assert len(payload["layouts"]) == 2
+    for layout in payload["layouts"]:
+        rows = {r["name"]: r for r in layout["rows"]}
+        # ours and torch's always run; an optional peer runs or its row says why not
+        for name in ("FusedAdamW float32, 8-bit moments", "FusedAdamW bf16 + SR, 8-bit moments",
+                     "torch fused float32", "torch fused bfloat16"):
+            assert "skipped" not in rows[name], rows[name]
+            assert rows[name]["median_ms"] > 0
+        for row in rows.values():
+            assert "skipped" in row or row["median_ms"] > 0
+            assert "skipped" not in row or row["skipped"]
+        # the 8-bit state really is 8-bit: 2 bytes of codes and 8 bytes of scales per 256 elements
+        for name in ("FusedAdamW float32, 8-bit moments", "FusedAdamW bf16 + SR, 8-bit moments"):
+            assert rows[name]["state_bytes_per_param"] == pytest.approx(2 + 8 / 256, abs=0.01)
+            assert rows[name]["bar"].startswith(">= 0.7x")
+        assert rows["torch fused float32"]["state_bytes_per_param"] == 8.0
+        assert rows["torch fused float32"]["vs_fused_f32"] == 1.0
+    assert "| FusedAdamW float32, 8-bit moments |" in (tmp_path / "eight_bit_step.md").read_text()
+    assert [f["name"] for f in payload["compute_floor"]][1] == "FusedAdamW float32, 8-bit moments"

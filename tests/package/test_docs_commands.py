@@ -40,6 +40,7 @@ RUN_WITH_HELP = {
     "examples/low_bytes_demo.py": "argparse",
     "benchmarks/bench_step.py": "argparse",
     "benchmarks/compute_floor.py": "argparse",
+    "benchmarks/eight_bit_step.py": "argparse; the 8-bit rows of benchmarks/RESULTS.md",
     "benchmarks/quantization_maps.py": "argparse; the 8-bit map study of docs/eight_bit_state.md",
     "scripts/check_cuda_kernels.py": "argparse (without --help it would compile every .cu)",
     "scripts/audit_symbols.py": "argparse",
