@@ -249,7 +249,7 @@ def summary(result: RunResult) -> dict:
     return {
         "label": result.variant.label,
         "dtype": str(result.variant.dtype).removeprefix("torch."),
-        "optimizer": (f"{result.variant.peer}'s AdamW8bit" if result.variant.peer is not None else
+        "optimizer": (f"{result.variant.peer}.optim.AdamW8bit" if result.variant.peer is not None else
                       "torch.optim.AdamW" + ("(fused=True)" if result.variant.torch_fused else "(foreach=False)")
                       if result.variant.fused_options is None else
                       "FusedAdamW(" + ", ".join(f"{k}={v!r}" for k, v in result.variant.fused_options.items()) + ")"),
@@ -347,6 +347,10 @@ STYLES = {
     "bf16_master": dict(color="tab:blue", linestyle="-", linewidth=2.2),
     "bf16_remainder": dict(color="tab:purple", linestyle=":", linewidth=2.0),
     "bf16_remainder_bf16_moments": dict(color="tab:brown", linestyle="-.", linewidth=1.4),
+    "fp32_8bit": dict(color="tab:cyan", linestyle="-", linewidth=1.8),
+    "bf16_stochastic_8bit": dict(color="tab:olive", linestyle="-", linewidth=1.4),
+    "fp32_torchao_8bit": dict(color="tab:pink", linestyle=":", linewidth=1.6),
+    "fp32_bnb_8bit": dict(color="tab:gray", linestyle="-.", linewidth=1.6),
 }
 
 
