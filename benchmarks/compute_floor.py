@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Callable
 
 import torch
 
@@ -22,10 +23,18 @@ from benchlib.low_bytes import VARIANTS, Variant, assign_grad   # bench_step.py'
 
 
 def seconds_per_step(variant: Variant, elements: int, repeats: int) -> float:
+    return best_seconds_per_step(lambda params: noam_ext.FusedAdamW(params, lr=1e-3, **variant.options()),
+                                 variant.param, variant.grad, elements, repeats)
+
+
+def best_seconds_per_step(make: Callable[[list], torch.optim.Optimizer], param_dtype: torch.dtype,
+                          grad_dtype: torch.dtype, elements: int, repeats: int) -> float:
+    """The best time of one step of make([p]) on one parameter of `elements` values, over
+    `repeats` timed runs of many steps (also benchmarks/eight_bit_step.py's floor)."""
     generator = torch.Generator().manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(elements, generator=generator).to(variant.param))
-    assign_grad(p, torch.randn(elements, generator=generator).to(variant.grad))
-    optimizer = noam_ext.FusedAdamW([p], lr=1e-3, **variant.options())
+    p = torch.nn.Parameter(torch.randn(elements, generator=generator).to(param_dtype))
+    assign_grad(p, torch.randn(elements, generator=generator).to(grad_dtype))
+    optimizer = make([p])
     steps = max(20, int(2e8 / elements))
     for _ in range(20):
         optimizer.step()

@@ -31,7 +31,6 @@ import gc
 import json
 import statistics
 import sys
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ import noam_ext
 from benchlib.report import machine_info
 from benchlib.step import ceiling_buffers, ceiling_pass, transformer_shapes
 from benchlib.timer import quartiles, time_interleaved
+from compute_floor import best_seconds_per_step   # (benchmarks/compute_floor.py)
 
 F32, BF16 = torch.float32, torch.bfloat16
 FUSED_F32, FUSED_BF16 = "torch fused float32", "torch fused bfloat16"
@@ -225,20 +225,7 @@ def compute_floor(elements: int, repeats: int) -> list[dict]:
     """Each 8-bit variant (and float32 for scale) on one in-cache parameter: best ns/element."""
     out = []
     for c in CANDIDATES[:3]:
-        generator = torch.Generator().manual_seed(0)
-        p = torch.nn.Parameter(torch.randn(elements, generator=generator).to(c.param))
-        p.grad = torch.randn(elements, generator=generator).to(c.param)
-        optimizer = c.make([p])
-        steps = max(20, int(2e8 / elements))
-        for _ in range(10):
-            optimizer.step()
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for _ in range(steps):
-                optimizer.step()
-            best = min(best, (time.perf_counter() - start) / steps)
-        ns = best / elements * 1e9
+        ns = best_seconds_per_step(c.make, c.param, c.param, elements, repeats) / elements * 1e9
         out.append({"name": c.name, "ns_per_element": ns, "bytes_per_element": c.bytes_per_element,
                     "most_it_can_stream_gbps": c.bytes_per_element / ns})
     return out

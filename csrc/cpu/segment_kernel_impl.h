@@ -266,6 +266,43 @@ inline I master_remainder(const F& master, const F& rounded) {
   return r ^ (r & as_bits(master.isnan()));
 }
 
+// The float32 value of a block of parameters: the parameter itself, its float32 master, or
+// (join_master) the bfloat16's bits in the high half plus the signed remainder.
+template <typename P, MasterKind kMaster>
+inline std::pair<F, F> load_parameters(const P* param, const void* master, int64_t i, int64_t count) {
+  if constexpr (kMaster == MasterKind::kFloat32) {
+    return load_block(static_cast<const float*>(master) + i, count);
+  } else if constexpr (kMaster == MasterKind::kRemainder) {
+    const auto [h0, h1] = load_block(param + i, count);
+    const auto [r0, r1] = load_remainders(static_cast<const int16_t*>(master) + i, count);
+    return {from_bits(as_bits(h0) + r0), from_bits(as_bits(h1) + r1)};
+  } else {
+    return load_block(param + i, count);
+  }
+}
+
+// A block's updated parameters stored: the parameter itself (`bfloat16_already` after
+// stochastic rounding), or the master and the parameter it rounds to (float16: to nearest
+// even; bfloat16: to nearest, ties away, with the remainder that undoes it).
+template <typename P, MasterKind kMaster>
+inline void store_parameters(P* param, void* master, int64_t i, const F& p0, const F& p1, int64_t count,
+                             bool bfloat16_already) {
+  if constexpr (kMaster == MasterKind::kNone) {
+    store_values(param + i, p0, p1, count, bfloat16_already);
+  } else if constexpr (std::is_same_v<P, c10::Half>) {
+    store_block(static_cast<float*>(master) + i, p0, p1, count);
+    store_block(param + i, p0, p1, count);   // float16: the master rounded to nearest even
+  } else {
+    const F q0 = master_to_bfloat16(p0), q1 = master_to_bfloat16(p1);
+    store_exact_bfloat16(param + i, q0, q1, count);   // q is a bfloat16 value
+    if constexpr (kMaster == MasterKind::kFloat32) {
+      store_block(static_cast<float*>(master) + i, p0, p1, count);
+    } else {
+      store_remainders(static_cast<int16_t*>(master) + i, master_remainder(p0, q0), master_remainder(p1, q1), count);
+    }
+  }
+}
+
 template <typename P, typename G, typename M, MasterKind kMaster, bool amsgrad>
 void update_mixed(const FlatPointers& b, int64_t begin, int64_t end, const AdamWCoefficients<float>& c,
                   bool maximize, double grad_divisor, double grad_multiplier, const RoundingKeys& rounding) {
@@ -278,8 +315,6 @@ void update_mixed(const FlatPointers& b, int64_t begin, int64_t end, const AdamW
   auto* exp_avg = static_cast<M*>(b.exp_avg);
   auto* exp_avg_sq = static_cast<M*>(b.exp_avg_sq);
   auto* max_exp_avg_sq = static_cast<M*>(b.max_exp_avg_sq);
-  auto* master = static_cast<float*>(b.master);
-  auto* remainder = static_cast<int16_t*>(b.master);
   const bool unscale = grad_divisor != 1.0;
   const F divisor(static_cast<float>(grad_divisor));
   const bool clip = grad_multiplier != 1.0;
@@ -287,18 +322,7 @@ void update_mixed(const FlatPointers& b, int64_t begin, int64_t end, const AdamW
   const bool stochastic = rounding.enabled && (kRoundParam || kRoundMoments);
   for (int64_t i = begin; i < end; i += kBlock) {
     const int64_t count = std::min<int64_t>(kBlock, end - i);
-    F p0, p1;
-    if constexpr (kMaster == MasterKind::kFloat32) {
-      std::tie(p0, p1) = load_block(master + i, count);
-    } else if constexpr (kMaster == MasterKind::kRemainder) {
-      // join_master: the bfloat16's bits in the high half plus the signed remainder.
-      const auto [h0, h1] = load_block(param + i, count);
-      const auto [r0, r1] = load_remainders(remainder + i, count);
-      p0 = from_bits(as_bits(h0) + r0);
-      p1 = from_bits(as_bits(h1) + r1);
-    } else {
-      std::tie(p0, p1) = load_block(param + i, count);
-    }
+    auto [p0, p1] = load_parameters<P, kMaster>(param, b.master, i, count);
     auto [g0, g1] = load_block(grad + i, count);
     auto [m0, m1] = load_block(exp_avg + i, count);
     auto [v0, v1] = load_block(exp_avg_sq + i, count);
@@ -331,20 +355,7 @@ void update_mixed(const FlatPointers& b, int64_t begin, int64_t end, const AdamW
         }
       }
     }
-    if constexpr (kMaster == MasterKind::kNone) {
-      store_values(param + i, p0, p1, count, /*bfloat16_already=*/kRoundParam && stochastic);
-    } else if constexpr (std::is_same_v<P, c10::Half>) {
-      store_block(master + i, p0, p1, count);
-      store_block(param + i, p0, p1, count);   // float16: the master rounded to nearest even
-    } else {
-      const F q0 = master_to_bfloat16(p0), q1 = master_to_bfloat16(p1);
-      store_exact_bfloat16(param + i, q0, q1, count);   // q is a bfloat16 value
-      if constexpr (kMaster == MasterKind::kFloat32) {
-        store_block(master + i, p0, p1, count);
-      } else {
-        store_remainders(remainder + i, master_remainder(p0, q0), master_remainder(p1, q1), count);
-      }
-    }
+    store_parameters<P, kMaster>(param, b.master, i, p0, p1, count, /*bfloat16_already=*/kRoundParam && stochastic);
     const bool moments_rounded = kRoundMoments && stochastic;   // bfloat16 values already
     store_values(exp_avg + i, m0, m1, count, moments_rounded);
     store_values(exp_avg_sq + i, v0, v1, count, moments_rounded);
@@ -534,8 +545,6 @@ void update_quantized(const FlatPointers& b, int64_t begin, int64_t end, const A
   const auto* grad = static_cast<const G*>(b.grad);
   uint8_t* codes[3] = {static_cast<uint8_t*>(b.exp_avg), static_cast<uint8_t*>(b.exp_avg_sq),
                        static_cast<uint8_t*>(b.max_exp_avg_sq)};
-  auto* master = static_cast<float*>(b.master);
-  auto* remainder = static_cast<int16_t*>(b.master);
   const bool unscale = grad_divisor != 1.0;
   const F divisor(static_cast<float>(grad_divisor));
   const bool clip = grad_multiplier != 1.0;
@@ -554,17 +563,7 @@ void update_quantized(const FlatPointers& b, int64_t begin, int64_t end, const A
       const int64_t i = start + j;
       const int64_t count = std::min<int64_t>(kBlock, n - j);
       const int64_t count1 = count - F::size();   // lanes of the second vector (may be <= 0)
-      F p0, p1;
-      if constexpr (kMaster == MasterKind::kFloat32) {
-        std::tie(p0, p1) = load_block(master + i, count);
-      } else if constexpr (kMaster == MasterKind::kRemainder) {
-        const auto [h0, h1] = load_block(param + i, count);
-        const auto [r0, r1] = load_remainders(remainder + i, count);
-        p0 = from_bits(as_bits(h0) + r0);
-        p1 = from_bits(as_bits(h1) + r1);
-      } else {
-        std::tie(p0, p1) = load_block(param + i, count);
-      }
+      auto [p0, p1] = load_parameters<P, kMaster>(param, b.master, i, count);
       auto [g0, g1] = load_block(grad + i, count);
       F m0 = decode(kSigned[0], codes[0] + i, count, scale[0]);
       F m1 = decode(kSigned[0], codes[0] + i + F::size(), count1, scale[0]);
@@ -583,17 +582,7 @@ void update_quantized(const FlatPointers& b, int64_t begin, int64_t end, const A
         p0 = stochastic_bfloat16(p0, rounding_bits(rounding.param_and_exp_avg, rounding.index_low_base, i));
         p1 = stochastic_bfloat16(p1, rounding_bits(rounding.param_and_exp_avg, rounding.index_low_base, i + F::size()));
       }
-      if constexpr (kMaster == MasterKind::kNone) {
-        store_values(param + i, p0, p1, count, /*bfloat16_already=*/kRoundParam && stochastic);
-      } else {
-        const F q0 = master_to_bfloat16(p0), q1 = master_to_bfloat16(p1);
-        store_exact_bfloat16(param + i, q0, q1, count);
-        if constexpr (kMaster == MasterKind::kFloat32) {
-          store_block(master + i, p0, p1, count);
-        } else {
-          store_remainders(remainder + i, master_remainder(p0, q0), master_remainder(p1, q1), count);
-        }
-      }
+      store_parameters<P, kMaster>(param, b.master, i, p0, p1, count, /*bfloat16_already=*/kRoundParam && stochastic);
       m0.store(moments[0] + j);
       m1.store(moments[0] + j + F::size());
       v0.store(moments[1] + j);
