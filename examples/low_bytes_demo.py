@@ -393,7 +393,8 @@ def plot(payload: dict, path: Path) -> bool:
     for ax in axes[0]:
         ax.grid(True, alpha=0.3, which="both")
     a = payload["args"]
-    fig.suptitle(f"Sequence reversal with bfloat16 parameters: {a['steps']} steps, lr {a['lr']:g} "
+    dtypes = sorted({entry["dtype"] for key, entry in variants.items() if key != "fp32_torch"})
+    fig.suptitle(f"Sequence reversal with {' and '.join(dtypes)} parameters: {a['steps']} steps, lr {a['lr']:g} "
                  f"({a['schedule']}, warmup {a['warmup']}), batch {a['batch_size']}, seed {a['seed']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
