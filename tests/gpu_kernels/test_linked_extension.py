@@ -43,10 +43,12 @@ def needs_cuda_build():
 def test_every_launch_is_the_cu_files_own_kernel_stub():
     needs_cuda_build()
     pointers = _C.cuda_launch_pointers()
-    storages = len(_C.supported_storage())
-    assert len(pointers) == storages * 2 * len(LAUNCHES)
+    # every storage but 8-bit moments, which the CUDA op refuses (no kernel yet: storage_units.cuh)
+    storages = [k for k, s in enumerate(_C.supported_storage()) if s[2] != "8bit"]
+    assert len(storages) < len(_C.supported_storage())
+    assert len(pointers) == len(storages) * 2 * len(LAUNCHES)
     seen = {(storage, amsgrad, launch) for storage, amsgrad, launch, _, _ in pointers}
-    assert seen == {(s, a, launch) for s in range(storages) for a in (False, True) for launch in LAUNCHES}
+    assert seen == {(s, a, launch) for s in storages for a in (False, True) for launch in LAUNCHES}
     wrong = [(storage, amsgrad, launch, hex(launched), hex(stub))
              for storage, amsgrad, launch, launched, stub in pointers if launched != stub or launched == 0]
     assert not wrong, f"run_rows would launch functions other than nvcc's kernel stubs: {wrong}"
