@@ -308,13 +308,17 @@ LOW_BYTES_OPTIONS = {
 }
 LOW_BYTES_WRAPPERS = ["ddp", "fsdp2"]
 # 8-bit moments do not take DTensor parameters yet (FusedAdamW refuses them, naming the
-# parameter): they run in one process and under DDP, whose parameters are plain tensors.
+# parameter): they run in one process, under DDP, and (float32 parameters) under ZeRO
+# (ZeroRedundancyOptimizer over DDP: each rank steps whole parameters of its own, then broadcasts
+# them; stochastic rounding is left out there: each rank's optimizer numbers its parameters
+# anew, and the rounding streams follow a parameter's place in its optimizer).
 UNSHARDED_ONLY = {"8bit", "8bit-bf16-stochastic-rounding"}
 # The single-process runs first: they are the reference of the sharded ones.
 LOW_BYTES_RUNS = ([(wrapper, option) for wrapper in ["single"] + LOW_BYTES_WRAPPERS for option in LOW_BYTES_OPTIONS
                    if not (wrapper == "fsdp2" and option in UNSHARDED_ONLY)]
+                  + [("zero", "8bit")]
                   + [("tensor_parallel", "stochastic-rounding"), ("shard_rounding", "stochastic-rounding")])
-LOW_BYTES_TIMEOUT_S = 500           # 24 runs
+LOW_BYTES_TIMEOUT_S = 520           # 25 runs
 
 
 def runs_of(scenario: str) -> list[tuple[str, str]]:
@@ -370,10 +374,17 @@ def train_low_bytes(wrapper: str, option: str, rank: int) -> dict:
         fully_shard(model, mesh=mesh)
     elif wrapper == "tensor_parallel":
         _tensor_parallel(model)
+    elif wrapper == "zero":
+        wrapped = DDP(model)
     elif wrapper != "single":
         raise ValueError(wrapper)
     names = {id(p): name for name, p in model.named_parameters()}
-    opt = noam_ext.FusedAdamW(list(wrapped.parameters()), **CONSTANT_LR, **options)
+    if wrapper == "zero":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        opt = ZeroRedundancyOptimizer(list(wrapped.parameters()), optimizer_class=noam_ext.FusedAdamW,
+                                      parameters_as_bucket_view=False, **CONSTANT_LR, **options)
+    else:
+        opt = noam_ext.FusedAdamW(list(wrapped.parameters()), **CONSTANT_LR, **options)
     x, y = make_batch(0)
     x = x.to(param_dtype)
     losses = []
@@ -719,9 +730,10 @@ def _skip_without(wrapper: str) -> None:
             pytest.skip(f"this torch ({torch.__version__}) lacks the tensor-parallel API: {e}")
 
 
-@pytest.mark.parametrize("wrapper, option", [(w, o) for w, o in LOW_BYTES_RUNS if w in LOW_BYTES_WRAPPERS])
+@pytest.mark.parametrize("wrapper, option",
+                         [(w, o) for w, o in LOW_BYTES_RUNS if w in LOW_BYTES_WRAPPERS + ["zero"]])
 def test_low_bytes_sharded_run_is_the_single_process_run(run_of, wrapper, option):
-    """Under DDP and FSDP2, each option leaves the same full parameters on both ranks, bit for
+    """Under DDP and FSDP2 (and ZeRO for 8-bit moments), each option leaves the same full parameters on both ranks, bit for
     bit those of the single-process run of the unsharded model: masters and moments sharded
     with their parameters, and stochastic rounding under FSDP2 drawing for each element of a
     shard the bits of its index in the whole parameter (every rank trains on the same batch,
