@@ -208,6 +208,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(codes, scales) of a 1-D float32 CPU tensor, as the op stores 8-bit moments (quantization.h).");
   m.def("dequantize_blocks", &noam_ext::python::dequantize_blocks, py::arg("codes"), py::arg("scales"),
         py::arg("signed"), "The float32 moments that 1-D codes and their scales decode to.");
+  m.def(
+      "walk_order",
+      [](std::vector<int64_t> sizes, std::vector<int64_t> strides) {
+        // A tensor of no storage with the parameter's layout, for the op's own rule.
+        const at::Tensor layout = at::empty_strided(sizes, strides, at::TensorOptions().device(at::kMeta));
+        const bool in_memory_order = noam_ext::walked_in_memory_order(layout);
+        const auto order = noam_ext::walk_order(layout, in_memory_order);
+        std::vector<int64_t> out{in_memory_order ? 1 : 0};
+        out.insert(out.end(), order.begin(), order.end());
+        return out;
+      },
+      py::arg("sizes"), py::arg("strides"),
+      "[1 if in its memory order else 0, then its dimensions outermost first]: how the op walks the "
+      "elements of a parameter of these sizes and strides (csrc/noam_ext/op_checks.h), which 8-bit "
+      "moments' blocks follow.");
   m.def("rounding_stream", &noam_ext::python::rounding_stream_argument, py::arg("seed"), py::arg("group"),
         py::arg("index"), py::arg("salt") = 0,
         "Stochastic rounding's stream of parameter `index` of param group `group` as the op's int64 argument "
@@ -242,9 +257,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              kind == noam_ext::MasterKind::kRemainder ? "int16" : "float32");
         }
         layout["master_state"] = masters;
-        py::list quantized;   // per moment (exp_avg, exp_avg_sq, max_exp_avg_sq): (its codes' key, its scales')
-        for (const auto& keys : noam_ext::kQuantizedStateKeys) {
-          quantized.append(py::make_tuple(keys[0], keys[1]));
+        // per moment (exp_avg, exp_avg_sq, max_exp_avg_sq): its codes' key, its scales', whether its
+        // map is the signed one, and the code of 0.0 in that map
+        py::list quantized;
+        for (int k = 0; k < 3; ++k) {
+          const bool is_signed = noam_ext::kQuantizedSigned[k];
+          quantized.append(py::make_tuple(noam_ext::kQuantizedStateKeys[k][0], noam_ext::kQuantizedStateKeys[k][1],
+                                          is_signed,
+                                          is_signed ? noam_ext::kSignedZeroCode : noam_ext::kUnsignedZeroCode));
         }
         layout["quantized_state"] = quantized;
         layout["quantized_block"] = static_cast<int>(noam_ext::kQuantBlock);

@@ -6,7 +6,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <cstring>
+#include <cmath>
 #include <tuple>
 
 #include "noam_ext/quantization.h"

@@ -13,7 +13,8 @@ import torch
 import math
 
 from ._extension import _C
-from ._storage import (MASTER_DTYPES, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_BLOCK, QUANTIZED_KEYS, dequantize_moment,
+from ._storage import (MASTER_DTYPES, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_BLOCK, QUANTIZED_KEYS, QUANTIZED_SIGNED,
+                       dequantize_moment,
                        loaded_dtype, local, master_of, moment_dtype_for, options_of, quantize_moment, remainder_of)
 
 
@@ -171,7 +172,7 @@ def _from_bnb_entry(key, entry: dict) -> dict:
         if block is None:
             raise ValueError(f"loaded state dict: bitsandbytes' state of the parameter saved as {key!r} has "
                              f"{absmax.numel()} absmax values for {n} codes, which match no block size")
-        ours = _C.quantization_map(moment == "exp_avg")
+        ours = _C.quantization_map(QUANTIZED_SIGNED[moment])
         same_map = qmap.shape == ours.shape and bool(
             ((qmap.double() - ours.double()).abs() <= MAP_TOLERANCE * ours.double().abs()).all())
         if same_map and block % QUANTIZED_BLOCK == 0:

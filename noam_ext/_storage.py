@@ -40,8 +40,12 @@ MASTER_KEYS = {kind: key for kind, (key, _) in _MASTER_STATE.items()}           
 MASTER_DTYPES = {key: getattr(torch, dtype) for key, dtype in _MASTER_STATE.values()}      # state key -> dtype
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 # 8-bit moments: per moment of MOMENT_KEYS, (its codes' key, its scales' key), as the op reads
-# them (csrc/noam_ext/storage.h, kQuantizedStateKeys); and the elements per scale.
-QUANTIZED_KEYS = dict(zip(MOMENT_KEYS, map(tuple, table_layout()["quantized_state"])))
+# them (csrc/noam_ext/storage.h, kQuantizedStateKeys), and its map; and the elements per scale.
+_QUANTIZED_STATE = dict(zip(MOMENT_KEYS, table_layout()["quantized_state"]))
+QUANTIZED_KEYS = {key: (codes, scales) for key, (codes, scales, _, _) in _QUANTIZED_STATE.items()}
+# Whether each moment's map is the signed one, and the code of 0.0 in it.
+QUANTIZED_SIGNED = {key: signed for key, (_, _, signed, _) in _QUANTIZED_STATE.items()}
+_ZERO_CODE = {key: zero for key, (_, _, _, zero) in _QUANTIZED_STATE.items()}
 QUANTIZED_BLOCK = table_layout()["quantized_block"]
 OPTION_KEYS = ("master_weights", "moment_dtype", "stochastic_rounding", "seed")
 
@@ -171,35 +175,28 @@ def state_for(p: torch.Tensor, amsgrad: bool, options: StorageOptions) -> dict:
 
 
 # ---- 8-bit moments ----------------------------------------------------------------------
-# Blocks of 256 run over a parameter's elements in the op's order (csrc/noam_ext/op_checks.h,
-# make_strided_layout): its memory order when it is dense, its shape's order when it has gaps,
-# whatever the state tensors' own strides.
+# Blocks of 256 run over a parameter's elements in the op's order (_C.walk_order: its memory
+# order when it is dense, its shape's order when it has gaps), whatever the state tensors' own
+# strides.
 
-def _dense(p: torch.Tensor) -> bool:
-    """Whether p's elements fill a run of memory without gaps or overlaps (ATen's
-    is_non_overlapping_and_dense, which the op asks)."""
-    if p.is_contiguous():
-        return True
-    expected = 1
-    for d in sorted((d for d in range(p.dim()) if p.shape[d] != 1), key=lambda d: p.stride(d)):
-        if p.stride(d) != expected:
-            return False
-        expected *= p.shape[d]
-    return True
+@torch.compiler.assume_constant_result
+def _op_walk(sizes: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+    """(1 if in memory order else 0, then the dimensions outermost first): the op's own rule
+    (_C.walk_order); a constant to torch.compile, which creates state while tracing."""
+    return tuple(_C.walk_order(list(sizes), list(strides)))
 
 
 def _codes_format(p: torch.Tensor) -> torch.memory_format:
-    """Codes are laid out like a dense parameter, and contiguous (its shape's order, the op's
-    walk) for one with gaps."""
-    return torch.preserve_format if _dense(p) else torch.contiguous_format
+    """Codes are laid out like a parameter the op walks in its memory order (a dense one), and
+    contiguous (its shape's order, the op's walk) for one with gaps: either way their own
+    memory order is the op's walk."""
+    in_memory_order = _op_walk(tuple(p.shape), tuple(p.stride()))[0]
+    return torch.preserve_format if in_memory_order else torch.contiguous_format
 
 
 def _walk_order(p: torch.Tensor) -> list[int]:
     """p's dimensions in the order the op walks its elements (outermost first)."""
-    dims = list(range(p.dim()))
-    if p.is_contiguous() or not _dense(p):
-        return dims
-    return sorted(dims, key=lambda d: -p.stride(d))   # stable, as the op's std::stable_sort
+    return list(_op_walk(tuple(p.shape), tuple(p.stride()))[1:])
 
 
 def _flat_in_walk_order(t: torch.Tensor, order: list[int]) -> torch.Tensor:
@@ -215,8 +212,7 @@ def _from_walk_order(flat: torch.Tensor, like: torch.Tensor, order: list[int], d
 def quantized_zeros(p: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
     """A zero moment in 8 bits: every code the map's zero, every scale 0."""
     codes_key, scales_key = QUANTIZED_KEYS[key]
-    zero_code = 127 if key == "exp_avg" else 0   # the signed map's 0.0, the unsigned map's (quantization.h)
-    codes = torch.full_like(p, zero_code, dtype=torch.uint8, memory_format=_codes_format(p))
+    codes = torch.full_like(p, _ZERO_CODE[key], dtype=torch.uint8, memory_format=_codes_format(p))
     scales = torch.zeros(-(-p.numel() // QUANTIZED_BLOCK), dtype=torch.float32, device=p.device)
     return {codes_key: codes, scales_key: scales}
 
@@ -227,7 +223,7 @@ def quantize_moment(p: torch.Tensor, key: str, value: torch.Tensor) -> dict[str,
     codes_key, scales_key = QUANTIZED_KEYS[key]
     order = _walk_order(p)
     flat = _flat_in_walk_order(value.detach().to(device="cpu", dtype=torch.float32), order).contiguous()
-    codes, scales = _C.quantize_blocks(flat, key == "exp_avg")
+    codes, scales = _C.quantize_blocks(flat, QUANTIZED_SIGNED[key])
     return {codes_key: _from_walk_order(codes, p, order, torch.uint8).to(p.device), scales_key: scales.to(p.device)}
 
 
@@ -237,7 +233,7 @@ def dequantize_moment(p: torch.Tensor, key: str, entry: dict) -> torch.Tensor:
     codes_key, scales_key = QUANTIZED_KEYS[key]
     order = _walk_order(p)
     codes = _flat_in_walk_order(entry[codes_key].detach().cpu(), order).contiguous()
-    flat = _C.dequantize_blocks(codes, entry[scales_key].detach().cpu().float().contiguous(), key == "exp_avg")
+    flat = _C.dequantize_blocks(codes, entry[scales_key].detach().cpu().float().contiguous(), QUANTIZED_SIGNED[key])
     return _from_walk_order(flat, p.detach().cpu(), order, torch.float32).to(p.device)
 
 

@@ -201,9 +201,11 @@ void run_rows(const RowsCall& call) {
         return;
       }
       const bool maximize = hyper[r.group * kNumHyperColumns + kMaximize] != 0.0;
-      const FlatPointers pointers{r.param,      r.grad,   r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq,
-                                  r.master,     {r.absmax[0], r.absmax[1], r.absmax[2]}};
-      for_each_rounding_part(r, lo, hi, call.stochastic_rounding, quantized ? kQuantBlock : 1, [&](int64_t a, int64_t b, const RoundingKeys& keys) {
+      const FlatPointers pointers{r.param,  r.grad,   r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq,
+                                  r.master, {r.absmax[0], r.absmax[1], r.absmax[2]}};
+      const int64_t part_multiple = quantized ? kQuantBlock : 1;
+      for_each_rounding_part(r, lo, hi, call.stochastic_rounding, part_multiple, [&](int64_t a, int64_t b,
+                                                                                    const RoundingKeys& keys) {
         if (r.layout >= 0) {
           update_strided(kernel, r, call.layouts[r.layout], sizes, a, b, coeffs[i], maximize, grad_divisor,
                          grad_multiplier, keys);

@@ -440,9 +440,6 @@ inline F half_step(const I& L) {
 inline F decade_value(const I& d, const I& L, const F& j) {
   return MathOps<F>::fmadd(j * F(2.0f) + F(1.0f), half_step(L), F(kMeanOffset)) * lookup8(kDecadeScales, d);
 }
-inline F decade_first(int32_t d, int32_t shift) {   // (constants of the encoder; lane-wise like the rest)
-  return decade_value(I(d), I(d + shift), F(0.0f));
-}
 // floor(log2(m)) of m >= 1, from the float's exponent.
 inline I log2_floor(const I& m) { return shift_right_logical(as_bits(to_float(m)), 23) - I(127); }
 
@@ -472,35 +469,41 @@ inline F decode(bool is_signed, const uint8_t* codes, int64_t count, float scale
 // The codes of a block's n moments x (in `values`) with reciprocal r, into `codes`: lane by
 // lane quantization.cpp's encode_moment (the exact nearest code, ties to the lower code, no
 // -1.0, and the zero rule of the unsigned map).
-inline void encode_block(bool is_signed, const float* values, int64_t n, float reciprocal, uint8_t* codes) {
+// `firsts` is quantization.cpp's decade_first_value for d = 0..7, made once (DecadeFirsts).
+struct DecadeFirsts {
+  float value[8];
+  explicit DecadeFirsts(bool is_signed) {
+    for (int32_t d = 0; d < 8; ++d) {
+      value[d] = decade_first_value(is_signed, d);
+    }
+  }
+};
+
+inline void encode_block(bool is_signed, const DecadeFirsts& firsts, const float* values, int64_t n,
+                         float reciprocal, uint8_t* codes) {
   const int32_t shift = is_signed ? 0 : 1;
   const F r(reciprocal);
-  F firsts[7];
-  for (int32_t e = 0; e < 7; ++e) {
-    firsts[e] = decade_first(e, shift);
-  }
   for (int64_t v = 0; v * F::size() < n; ++v) {
     const F x = F::loadu(values + v * F::size());
     const F y = x * r;
     const F a = y.abs();
     I d(0);
     for (int32_t e = 1; e < 7; ++e) {
-      d = d - as_bits(a >= firsts[e]);   // a true compare is -1
+      d = d - as_bits(a >= F(firsts.value[e]));   // a true compare is -1
     }
     const I L = d + I(shift);
     const F n_values = power_of_two(L);
     F u = (a * lookup8(kDecadeInverses, d) - F(kMeanOffset)) * (F(kStepsPerUnit) * n_values) - F(0.5f);
     u = at::vec::minimum(F::blendv(F(0.0f), u, u > F(0.0f)), n_values - F(1.0f));   // (NaN -> 0)
     const F j0 = to_float(truncate_to_int(u));
-    const F below = a < firsts[0];   // between 0 and the smallest value
+    const F below = a < F(firsts.value[0]);   // between 0 and the smallest value
     F lo = decade_value(d, L, j0);
+    // the upper neighbour: the next value of the decade, or past its last the next decade's first
     const F next_in_decade = j0 + F(1.0f) < n_values;
-    const I up = d + I(1);
-    F hi = F::blendv(decade_value(up, L + I(1), F(0.0f)), decade_value(d, L, j0 + F(1.0f)), next_in_decade);
-    hi = F::blendv(hi, F(1.0f), from_bits((as_bits(next_in_decade) ^ I(-1)) & (d == I(6))));
+    F hi = F::blendv(lookup8(firsts.value, d + I(1)), decade_value(d, L, j0 + F(1.0f)), next_in_decade);
     I rank_lo = truncate_to_int(n_values) - I(1 + shift) + truncate_to_int(j0);
     lo = F::blendv(lo, F(0.0f), below);
-    hi = F::blendv(hi, firsts[0], below);
+    hi = F::blendv(hi, F(firsts.value[0]), below);
     rank_lo = I::blendv(rank_lo, I(-1), as_bits(below));
     const F s = lo + hi;
     const F e = lo - (s - hi);
@@ -540,7 +543,8 @@ void update_quantized(const FlatPointers& b, int64_t begin, int64_t end, const A
                       bool maximize, double grad_divisor, double grad_multiplier, const RoundingKeys& rounding) {
   constexpr bool kRoundParam = std::is_same_v<P, c10::BFloat16> && kMaster == MasterKind::kNone;
   constexpr int kMoments = amsgrad ? 3 : 2;   // exp_avg, exp_avg_sq, max_exp_avg_sq
-  constexpr bool kSigned[3] = {true, false, false};   // exp_avg's map; exp_avg_sq's and its max's
+  constexpr const bool (&kSigned)[3] = kQuantizedSigned;   // exp_avg's map; exp_avg_sq's and its max's
+  static const DecadeFirsts firsts[2] = {DecadeFirsts(false), DecadeFirsts(true)};   // by kSigned
   auto* param = static_cast<P*>(b.param);
   const auto* grad = static_cast<const G*>(b.grad);
   uint8_t* codes[3] = {static_cast<uint8_t*>(b.exp_avg), static_cast<uint8_t*>(b.exp_avg_sq),
@@ -600,7 +604,7 @@ void update_quantized(const FlatPointers& b, int64_t begin, int64_t end, const A
           moments[k][j] *= scale.prescale;
         }
       }
-      encode_block(kSigned[k], moments[k], n, scale.reciprocal, codes[k] + start);
+      encode_block(kSigned[k], firsts[kSigned[k] ? 1 : 0], moments[k], n, scale.reciprocal, codes[k] + start);
       b.absmax[k][block] = peak;
     }
   }

@@ -118,18 +118,27 @@ inline void check_call_arguments(const at::Tensor& schedule_step, const at::Tens
 // row whose tensors are all laid out alike: stochastic rounding keys its bits on k, and a
 // gradient laid out unlike its parameter must not change them. A parameter with gaps is
 // walked in its shape's order.
+// The dimensions of `t`, outermost first, in the order a walk of its memory takes them: by
+// their strides, largest first (a stable sort), or in its shape's order when not by memory.
+inline c10::SmallVector<size_t, kMaxStridedDims> walk_order(const at::Tensor& t, bool in_memory_order) {
+  c10::SmallVector<size_t, kMaxStridedDims> order(static_cast<size_t>(t.dim()));   // no allocation per step
+  std::iota(order.begin(), order.end(), size_t{0});
+  if (in_memory_order) {
+    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+      return t.stride(static_cast<int64_t>(a)) > t.stride(static_cast<int64_t>(b));
+    });
+  }
+  return order;
+}
+
+// Whether the op walks a parameter in its memory order (it is dense) rather than its shape's.
+inline bool walked_in_memory_order(const at::Tensor& p) { return p.is_contiguous() || p.is_non_overlapping_and_dense(); }
+
 inline StridedLayout make_strided_layout(at::IntArrayRef sizes, const at::Tensor* const (&tensors)[kRowTensors],
                                          const std::string& name, bool in_parameter_memory_order) {
   StridedLayout layout{};
   int64_t ndim = 0;
-  c10::SmallVector<size_t, kMaxStridedDims> order(sizes.size());   // no allocation per step
-  std::iota(order.begin(), order.end(), size_t{0});
-  if (in_parameter_memory_order) {
-    const at::Tensor& param = *tensors[0];
-    std::stable_sort(order.begin(), order.end(),
-                     [&](size_t a, size_t b) { return param.stride(static_cast<int64_t>(a)) >
-                                                      param.stride(static_cast<int64_t>(b)); });
-  }
+  const c10::SmallVector<size_t, kMaxStridedDims> order = walk_order(*tensors[0], in_parameter_memory_order);
   for (const size_t d : order) {
     if (sizes[d] == 1) {
       continue;
@@ -189,7 +198,7 @@ inline TensorRow check_and_make_row(const RowTensors& t, const at::Device& devic
   const bool contiguous = p.is_contiguous();
   // A view with gaps (torch.randn(10, 5, 2)[..., 0]) is updated through a strided
   // layout; one whose elements share memory (expand) cannot be written in place.
-  const bool dense = contiguous || p.is_non_overlapping_and_dense();
+  const bool dense = walked_in_memory_order(p);
   auto check_writable = [&](const at::Tensor& x, const char* what) {
     TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, "fused_adamw_: ", what, name_of(i),
                 " has elements that share memory (an expanded tensor?); it cannot be updated in place");

@@ -5,7 +5,6 @@
 #include "quantization.h"
 
 #include <cmath>
-#include <cstdlib>
 
 namespace noam_ext {
 namespace {
@@ -32,6 +31,10 @@ float rank_value(bool is_signed, int32_t rank) {
 }
 
 }  // namespace
+
+float decade_first_value(bool is_signed, int32_t d) {
+  return d == 7 ? 1.0f : decade_value(d, d + level_shift(is_signed), 0);
+}
 
 BlockScale block_scale(float absmax) {
   constexpr float kSubnormalPrescale = 18446744073709551616.0f;   // 2^64
@@ -60,7 +63,7 @@ int32_t encode_moment(bool is_signed, float x, float r) {
   const int32_t shift = level_shift(is_signed);
   int32_t d = 0;
   for (int32_t e = 1; e < 7; ++e) {
-    d += a >= decade_value(e, e + shift, 0) ? 1 : 0;
+    d += a >= decade_first_value(is_signed, e) ? 1 : 0;
   }
   const int32_t L = d + shift;
   const float n = std::ldexp(1.0f, L);
@@ -70,14 +73,14 @@ int32_t encode_moment(bool is_signed, float x, float r) {
   const auto j0 = static_cast<int32_t>(u);
   float lo, hi;
   int32_t rank_lo;
-  if (a < decade_value(0, shift, 0)) {   // below the smallest value: between 0 and it
+  if (a < decade_first_value(is_signed, 0)) {   // below the smallest value: between 0 and it
     lo = 0.0f;
-    hi = decade_value(0, shift, 0);
+    hi = decade_first_value(is_signed, 0);
     rank_lo = -1;
   } else {
     lo = decade_value(d, L, j0);
     rank_lo = (1 << L) - 1 - shift + j0;
-    hi = j0 + 1 < (1 << L) ? decade_value(d, L, j0 + 1) : d == 6 ? 1.0f : decade_value(d + 1, L + 1, 0);
+    hi = j0 + 1 < (1 << L) ? decade_value(d, L, j0 + 1) : decade_first_value(is_signed, d + 1);
   }
   // y above the exact midpoint of lo and hi (negative y: at or above, so that a tie goes
   // to the larger magnitude, the lower code).

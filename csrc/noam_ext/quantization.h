@@ -52,6 +52,9 @@ constexpr float kStepsPerUnit = 1.0f / 0.9f;
 // reciprocal r (host reference: quantization.cpp; the kernels compute the same bits).
 float map_value(bool is_signed, int32_t code);
 int32_t encode_moment(bool is_signed, float x, float r);
+// The first value of decade d (0..6) per unit of scale, and for d = 7 the value after decade 6's
+// last: 1.0. (The encoder's decade comparisons, and its upper neighbour across a decade's end.)
+float decade_first_value(bool is_signed, int32_t d);
 
 // How a block's moments are scaled before encoding: y = (x * prescale) * reciprocal, where
 // reciprocal = 1 / (absmax * prescale), 0 for an empty (all-zero) block. prescale is 1, or 2^64

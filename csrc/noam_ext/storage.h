@@ -98,6 +98,9 @@ constexpr StorageTypes kSupportedStorage[] = {
 constexpr const char* kQuantizedStateKeys[3][2] = {{"exp_avg_codes", "exp_avg_absmax"},
                                                    {"exp_avg_sq_codes", "exp_avg_sq_absmax"},
                                                    {"max_exp_avg_sq_codes", "max_exp_avg_sq_absmax"}};
+// Which map each moment's codes index (quantization.h): the signed one for exp_avg, the
+// unsigned one for the second moments.
+constexpr bool kQuantizedSigned[3] = {true, false, false};
 
 // The number of blocks (and so of scales) of a moment of `numel` elements.
 constexpr int64_t quantized_blocks(int64_t numel) { return (numel + kQuantBlock - 1) / kQuantBlock; }
