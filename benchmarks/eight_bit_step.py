@@ -17,7 +17,9 @@ state bytes per parameter (every tensor of optimizer.state except step, over the
 and the peak memory a step allocates beyond what it holds (the process's resident high-water
 mark after one step, reset before it, less the resident size before it: an upper bound).
 Then the compute floor of the 8-bit variants: one parameter small enough to stay in cache,
-stepped many times (as benchmarks/compute_floor.py does for the other storages).
+stepped many times (as benchmarks/compute_floor.py does for the other storages). And what a user
+pays per training iteration: every candidate trains its own copy of the same TransformerEncoder
+(forward, backward, step; interleaved the same way), beside the forward and backward alone.
 
     python benchmarks/eight_bit_step.py [--quick] [--iterations N] [--out DIR]
 
@@ -39,6 +41,7 @@ from typing import Callable
 import torch
 
 import noam_ext
+from benchlib.iteration import encoder
 from benchlib.report import machine_info
 from benchlib.step import ceiling_buffers, ceiling_pass, transformer_shapes
 from benchlib.timer import quartiles, time_interleaved
@@ -221,6 +224,82 @@ def run_layout(name: str, shapes, args) -> dict:
     return {"layout": name, "elements": n, "tensors": len(shapes), "rows": rows, "ceiling_16B_gbps": ceiling_gbps}
 
 
+NO_STEP = "forward + backward only"
+
+
+class TrainingCopy:
+    """A candidate's own copy of the model (in its parameter dtype) and optimizer; run() is one
+    training iteration: zero the gradients, forward, MSE loss, backward, step."""
+
+    def __init__(self, name: str, model: torch.nn.Module, dtype: torch.dtype, make, x, y):
+        self.name, self.model = name, model.to(dtype)
+        self.x, self.y = x.to(dtype), y.to(dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.optimizer = make(list(self.model.parameters())) if make is not None else None
+
+    def run(self) -> None:
+        self.model.zero_grad()
+        torch.nn.functional.mse_loss(self.model(self.x), self.y).backward()
+        if self.optimizer is not None:
+            self.optimizer.step()
+
+
+def run_iteration(args) -> dict:
+    """Every candidate training its own copy of one TransformerEncoder, interleaved; and the
+    forward and backward alone (float32 and bfloat16) for the step's share."""
+    import copy
+
+    d, nhead, ff, layers, batch, seq = (128, 4, 512, 2, 4, 16) if args.quick else (512, 8, 2048, 4, 2, 32)
+    torch.manual_seed(0)
+    base = encoder(d, nhead, ff, layers)
+    base.train(False)   # no dropout: every copy computes the same thing
+    x = torch.randn(batch, seq, d)
+    with torch.no_grad():
+        y = torch.randn_like(base(x))
+    n = sum(p.numel() for p in base.parameters())
+    name = f"TransformerEncoder {layers} x (d={d}, heads={nhead}, ff={ff}), {n / 1e6:.1f}M parameters, " \
+           f"batch {batch} x {seq} tokens"
+    print(f"[iteration] {name}", file=sys.stderr, flush=True)
+    copies, skipped = [], {}
+    for c in CANDIDATES:
+        try:
+            copies.append(TrainingCopy(c.name, copy.deepcopy(base), c.param, c.make, x, y))
+            copies[-1].run()   # state allocated (and anything compiled)
+        except Exception as error:  # noqa: BLE001  (an optional peer missing or failing)
+            line = (str(error).strip().splitlines() or [repr(error)])[0]
+            skipped[c.name] = f"{type(error).__name__}: {line}"
+            if copies and copies[-1].name == c.name:
+                copies.pop()
+            print(f"    {c.name}: skipped ({skipped[c.name]})", file=sys.stderr, flush=True)
+    for dtype in (F32, BF16):
+        copies.append(TrainingCopy(f"{NO_STEP}, {str(dtype).removeprefix('torch.')}", copy.deepcopy(base), dtype,
+                                   None, x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        times = time_interleaved(copies, lambda t: t.run(), args.warmup, args.iterations)
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    rows = []
+    for c in CANDIDATES:
+        if c.name not in medians:
+            rows.append({"name": c.name, "skipped": skipped.get(c.name, "not run")})
+            continue
+        q = quartiles(times[c.name])
+        alone = medians[f"{NO_STEP}, {str(c.param).removeprefix('torch.')}"]
+        rows.append({"name": c.name, "param": str(c.param).removeprefix("torch."), "median_ms": q.median_s * 1e3,
+                     "iqr_ms": q.iqr_s * 1e3,
+                     "vs_fused_f32": medians.get(FUSED_F32, float("nan")) / medians[c.name],
+                     "vs_fused_bf16": medians.get(FUSED_BF16, float("nan")) / medians[c.name],
+                     "step_share": max(0.0, 1 - alone / medians[c.name])})
+        print(f"    {c.name:<40} {q.median_s * 1e3:9.2f} ms per iteration  {rows[-1]['vs_fused_f32']:6.3f}x "
+              "torch fused f32's", file=sys.stderr, flush=True)
+    for dtype in ("float32", "bfloat16"):
+        q = quartiles(times[f"{NO_STEP}, {dtype}"])
+        rows.append({"name": f"{NO_STEP}, {dtype}", "param": dtype, "median_ms": q.median_s * 1e3,
+                     "iqr_ms": q.iqr_s * 1e3})
+    return {"model": name, "parameters": n, "rows": rows}
+
+
 def compute_floor(elements: int, repeats: int) -> list[dict]:
     """Each 8-bit variant (and float32 for scale) on one in-cache parameter: best ns/element."""
     out = []
@@ -231,7 +310,24 @@ def compute_floor(elements: int, repeats: int) -> list[dict]:
     return out
 
 
-def markdown(info: dict, layouts_run: list[dict], floor: list[dict]) -> str:
+def iteration_markdown(iteration: dict) -> list[str]:
+    lines = [f"### One training iteration: {iteration['model']}", "",
+             "Each candidate trains its own copy (zero_grad, forward, MSE loss, backward, step), interleaved. "
+             "Step share: 1 - (forward + backward alone) / iteration, in the parameters' dtype.", "",
+             "| optimizer | params | ms per iteration (median) | IQR | vs torch fused f32 | vs torch fused bf16 | "
+             "step share |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in iteration["rows"]:
+        if "skipped" in r:
+            lines.append(f"| {r['name']} | | skipped: {r['skipped']} | | | | |")
+        elif "vs_fused_f32" not in r:
+            lines.append(f"| {r['name']} | {r['param']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | | | |")
+        else:
+            lines.append(f"| {r['name']} | {r['param']} | {r['median_ms']:.2f} | {r['iqr_ms']:.2f} | "
+                         f"{r['vs_fused_f32']:.3f}x | {r['vs_fused_bf16']:.3f}x | {100 * r['step_share']:.0f}% |")
+    return lines + [""]
+
+
+def markdown(info: dict, layouts_run: list[dict], floor: list[dict], iteration: dict | None = None) -> str:
     lines = [f"8-bit optimizer state, one step on the CPU ({info.get('cpu', '')}, {info['threads']} threads, "
              f"torch {info['torch']}, {info['date']})", ""]
     for layout in layouts_run:
@@ -255,6 +351,8 @@ def markdown(info: dict, layouts_run: list[dict], floor: list[dict]) -> str:
               "| variant | bytes/element | ns/element in cache | the most it can stream |", "|---|---:|---:|---:|"]
     lines += [f"| {f['name']} | {f['bytes_per_element']:.2f} | {f['ns_per_element']:.3f} | "
               f"{f['most_it_can_stream_gbps']:.1f} GB/s |" for f in floor]
+    if iteration is not None:
+        lines += [""] + iteration_markdown(iteration)
     return "\n".join(lines) + "\n"
 
 
@@ -292,10 +390,11 @@ def main(argv=None) -> dict:
     info = machine_info("cpu")
     layouts_run = [run_layout(name, shapes, args) for name, shapes in layouts(args.quick)]
     floor = compute_floor(args.floor_elements, 2 if args.quick else 5)
-    text = markdown(info, layouts_run, floor)
+    iteration = run_iteration(args)
+    text = markdown(info, layouts_run, floor, iteration)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "layouts": layouts_run, "compute_floor": floor}
+    payload = {"machine": info, "layouts": layouts_run, "compute_floor": floor, "iteration": iteration}
     (args.out / "eight_bit_step.json").write_text(json.dumps(payload, indent=2, default=str))
     (args.out / "eight_bit_step.md").write_text(text)
     if plot(layouts_run, args.out / "eight_bit_step.png"):

@@ -165,6 +165,18 @@ for dtype in (torch.float32, torch.bfloat16):
             p.grad = torch.randn_like(p)
         odd_grad_param.grad = torch.randn(3002, device="cuda", dtype=dtype)[1:]
         opt.step()
+# 8-bit moments: whole and tail blocks, a parameter one element into its buffer (the element
+# path), a transposed one (the strided kernel), amsgrad; bfloat16 with stochastic rounding.
+for dtype, options in ((torch.float32, {}), (torch.bfloat16, dict(stochastic_rounding=True))):
+    base = torch.randn(20000, device="cuda", dtype=dtype)
+    params = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype)) for n in (1, 255, 257, 4097, 16385, 40000)]
+    params += [torch.nn.Parameter(base[1:3001]), torch.nn.Parameter(torch.randn(300, 7, device="cuda", dtype=dtype).t())]
+    groups = [{"params": params[:4]}, {"params": params[4:], "amsgrad": True}]
+    opt = noam_ext.FusedAdamW(groups, lr=1.0, schedule=noam_ext.Noam(64, 10), moment_dtype="8bit", **options)
+    for step in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
 from noam_ext._hyper import BETA1, BETA2, EPS, LR, NUM_HYPER_COLUMNS
 hyper = torch.zeros(2, NUM_HYPER_COLUMNS, dtype=torch.float64)   # no schedule, no weight decay
 hyper[:, LR], hyper[:, BETA1], hyper[:, BETA2], hyper[:, EPS] = 1e-3, 0.9, 0.999, 1e-8

@@ -137,9 +137,8 @@ def check_param(p: torch.Tensor, options: StorageOptions, name: str) -> None:
         raise ValueError(f"FusedAdamW: master_weights='remainder' needs bfloat16 parameters (a float32 master is a "
                          f"bfloat16 value and a 16-bit remainder); {name} is {p.dtype}: use 'float32'")
     if options.eight_bit:
-        if p.device.type != "cpu":
-            raise ValueError(f"FusedAdamW: {name} is on {p.device}: moment_dtype='8bit' runs on the CPU only so far "
-                             "(the CUDA kernels do not implement it yet)")
+        if p.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"FusedAdamW: {name} is on {p.device}: moment_dtype='8bit' runs on CPUs and CUDA GPUs")
         if local(p) is not p:
             raise ValueError(f"FusedAdamW: {name} is a DTensor: moment_dtype='8bit' does not support sharded "
                              "parameters yet")

@@ -18,7 +18,8 @@ fails when:
   - (with EXTENSION_SO and a cuobjdump: $CUDA_HOME/bin or the one triton ships) an
     update kernel stores to global memory in pieces other than 16 bytes: every
     vector store must be one STG.E.128; the element path of misaligned tensors
-    uses generic stores (ST.E*), and the one 64-bit STG is the schedule counter.
+    uses generic stores (ST.E*), and the one 64-bit STG is the schedule counter
+    (with 8-bit moments, a lane's 8 codes of a moment are one STG.E.64 too).
 Without a BUILD_LOG it compiles every csrc/cuda/*.cu itself (nvcc from CUDA_HOME or PATH,
 for sm_90, the kernels' flags of setup.py) and checks what ptxas says of them.
 Exit status 0 when there is nothing to check (a CPU-only build log). The whole ptxas table
@@ -75,6 +76,8 @@ def min_blocks(storage: str, amsgrad: bool) -> int | None:
     min_blocks_per_sm in launch_policy.cuh decides it."""
     if storage.startswith("double"):
         return None
+    if "/8bit" in storage:   # a lane holds 8 elements of every moment (kQuantizedBlocksPerSm)
+        return 2
     if storage.startswith("half/") and "master" in storage:
         return 3
     return 3 if amsgrad else 4
@@ -137,10 +140,17 @@ def global_stores(sass: str) -> dict[tuple[str, str, bool, str], Counter]:
 
 def store_failures(stores: dict[tuple[str, str, bool], Counter]) -> list[str]:
     """Update kernels whose global stores are not all 16-byte vectors (but the one
-    64-bit store of the schedule counter)."""
+    64-bit store of the schedule counter, and with 8-bit moments the 8-byte stores of a
+    lane's codes)."""
     failures = []
     for (arch, storage, amsgrad), counts in sorted(stores.items()):
         split = {k: v for k, v in counts.items() if k not in ("STG.E.128", "STG.E.64")}
+        if "/8bit" in storage:
+            if counts["STG.E.128"] == 0 or counts["STG.E.64"] < 2 or split:
+                failures.append(f"{arch} update {storage}{' amsgrad' if amsgrad else ''}: global stores "
+                                f"{dict(counts)}; expected STG.E.128 (parameters), STG.E.64 (codes and the "
+                                "schedule counter) and nothing else")
+            continue
         if counts["STG.E.128"] == 0 or counts["STG.E.64"] > 1 or split:
             failures.append(f"{arch} update {storage}{' amsgrad' if amsgrad else ''}: global stores {dict(counts)}; "
                             "expected only STG.E.128 and one STG.E.64 (the schedule counter)")
@@ -243,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             failures += store_problems
             if not store_problems:
                 print(f"  SASS: every global store of the {len(stores)} update kernels is one 16-byte STG.E.128, "
-                      "except the schedule counter's one 64-bit STG.E.64")
+                      "except the schedule counter's one 64-bit STG.E.64 (and 8-bit moments' codes, 8 bytes a "
+                      "lane: STG.E.64)")
     for failure in failures:
         print(f"ERROR: {failure}", file=sys.stderr)
     return 1 if failures else 0

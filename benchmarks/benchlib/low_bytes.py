@@ -35,7 +35,10 @@ MEMORY_MARGIN = 1.25            # what a layout may use of the memory available,
 class Variant:
     """One way of storing what a step reads and writes. `master`: None, "float32" or
     "remainder" (FusedAdamW's master_weights); `moment`: the moments' dtype (None: the
-    optimizer's default, the parameter's dtype, or float32 with a master)."""
+    optimizer's default, the parameter's dtype, or float32 with a master), or "8bit" (uint8
+    codes with a float32 scale per 256 elements). `ceiling_target`: whether the issue's
+    90%-of-the-ceiling target applies on the CPU (not to 8-bit moments, whose CPU step is
+    bound by its arithmetic: benchmarks/eight_bit_step.py measures it against its floor)."""
     name: str
     param: torch.dtype
     grad: torch.dtype
@@ -44,9 +47,16 @@ class Variant:
     stochastic: bool = False
     torch_peer: bool = False                # torch.optim.AdamW(fused=True), not ours
     speedup_target: float | None = None     # torch fused float32's time over this one's, at least
+    ceiling_target: bool = True
+
+    @property
+    def eight_bit(self) -> bool:
+        return self.moment == "8bit"
 
     @property
     def moment_dtype(self) -> torch.dtype:
+        if self.eight_bit:
+            return torch.uint8
         if self.moment is not None:
             return self.moment
         return F32 if self.master is not None else self.param
@@ -63,10 +73,16 @@ class Variant:
         return param + g + 4 * m + master
 
     @property
-    def resident_bytes(self) -> int:
-        """Bytes held per element: parameter, gradient, two moments and the master."""
+    def scale_bytes_per_element(self) -> float:
+        """8-bit moments: the float32 scale of each moment's block of 256, read and written
+        (4 x 4 B per 256 elements), beside bytes_per_element; 0 otherwise."""
+        return 4 * 4 / 256 if self.eight_bit else 0.0
+
+    @property
+    def resident_bytes(self) -> float:
+        """Bytes held per element: parameter, gradient, two moments (and their scales) and the master."""
         p, g, m = (torch.empty((), dtype=d).element_size() for d in (self.param, self.grad, self.moment_dtype))
-        return p + g + 2 * m + {None: 0, "float32": 4, "remainder": 2}[self.master]
+        return p + g + 2 * m + self.scale_bytes_per_element / 2 + {None: 0, "float32": 4, "remainder": 2}[self.master]
 
     def options(self) -> dict:
         """FusedAdamW's keyword arguments for this storage (none for torch's own)."""
@@ -90,6 +106,9 @@ VARIANTS = (
             speedup_target=1.4),
     Variant("noam_ext bf16, round to nearest", BF16, BF16, speedup_target=1.7),
     Variant("noam_ext bf16, stochastic rounding", BF16, BF16, stochastic=True, speedup_target=1.7),
+    Variant("noam_ext float32, 8-bit moments", F32, F32, moment="8bit", ceiling_target=False),
+    Variant("noam_ext bf16, stochastic rounding, 8-bit moments", BF16, BF16, moment="8bit", stochastic=True,
+            ceiling_target=False),
     Variant(FUSED_F32, F32, F32, torch_peer=True),
     Variant(FUSED_BF16, BF16, BF16, torch_peer=True),
 )
@@ -156,8 +175,9 @@ def stored_dtypes(variant: Variant, optimizer: torch.optim.Optimizer, p: torch.T
     variant (an option the optimizer ignored would make the byte count wrong)."""
     state = optimizer.state[p]
     master = state.get("master_param", state.get("master_remainder"))
-    return {"param": p.dtype, "grad": p.grad.dtype, "exp_avg": state["exp_avg"].dtype,
-            "exp_avg_sq": state["exp_avg_sq"].dtype, "master": None if master is None else master.dtype}
+    exp_avg, exp_avg_sq = (state.get(key, state.get(f"{key}_codes")) for key in ("exp_avg", "exp_avg_sq"))
+    return {"param": p.dtype, "grad": p.grad.dtype, "exp_avg": exp_avg.dtype,
+            "exp_avg_sq": exp_avg_sq.dtype, "master": None if master is None else master.dtype}
 
 
 def expected_dtypes(variant: Variant) -> dict:
@@ -242,7 +262,8 @@ class LowBytesResult:
         return [v for v in self.variants if v.name in self.timings]
 
     def gbps(self, name: str) -> float:
-        return self.variant(name).bytes_per_element * self.params / self.timings[name].median_s / 1e9
+        v = self.variant(name)
+        return (v.bytes_per_element + v.scale_bytes_per_element) * self.params / self.timings[name].median_s / 1e9
 
     def ceiling_gbps(self, nbytes: int) -> float:
         return nbytes * self.params / self.timings[ceiling_name(nbytes)].median_s / 1e9
@@ -281,7 +302,7 @@ class LowBytesResult:
             return []
         applies = self.targets_apply() is None
         found = [{"target": f">= {CEILING_TARGET:.0%} of the ceiling at {variant.bytes_per_element} B",
-                  "threshold": CEILING_TARGET, "value": self.fraction_of_ceiling(name)}]
+                  "threshold": CEILING_TARGET, "value": self.fraction_of_ceiling(name)}] if variant.ceiling_target else []
         if variant.speedup_target is not None:
             found.append({"target": f">= {variant.speedup_target}x the step time of {FUSED_F32}",
                           "threshold": variant.speedup_target, "value": self.ratio(FUSED_F32, name)})

@@ -247,7 +247,8 @@ def low_bytes_markdown(info: dict, results: list[LowBytesResult]) -> str:
               "the gradients assigned once and left in place, bfloat16 for bfloat16 parameters (and in the 'bf16 "
               "grads' variant), float32 otherwise. Bytes per element: what one step reads and writes (parameter "
               "read and written, only written when a float32 master holds its value; gradient read; both moments "
-              "and the master, float32 or int16 remainder, read and written). GB/s: those bytes x elements / "
+              "and the master, float32 or int16 remainder, read and written; 8-bit moments: their codes, and "
+              "their scales' 16/256 B more count in GB/s). GB/s: those bytes x elements / "
               f"median time. The ceiling for each byte count is {ceiling} over as many bytes, timed in the same "
               "rounds. Ratios: the peer's median over the variant's (> 1: the variant is faster)."]
     measured = [r for r in results if r.layout_skipped is None]
@@ -269,7 +270,8 @@ def low_bytes_payload(results: list[LowBytesResult]) -> list[dict]:
     for r in results:
         variants = {}
         for v in r.variants:
-            row = {"bytes_per_element": v.bytes_per_element, "param": str(v.param), "grad": str(v.grad),
+            row = {"bytes_per_element": v.bytes_per_element, "scale_bytes_per_element": v.scale_bytes_per_element,
+                   "param": str(v.param), "grad": str(v.grad),
                    "moment": str(v.moment_dtype), "master": v.master, "stochastic_rounding": v.stochastic,
                    "torch_peer": v.torch_peer, "skipped": r.skipped.get(v.name)}
             if v.name in r.timings:

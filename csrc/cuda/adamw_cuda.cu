@@ -397,19 +397,11 @@ void hold_for_captured_graph_op(at::TensorList tensors) {
 // The launches of a call: those of its storage's unit (storage_units.cuh). Worked out
 // before the first launch: nothing may throw between the two.
 using StorageLaunches = StepLaunches (*)(bool, int64_t, int64_t, int64_t, bool);
-StepLaunches refuse_cpu_only_storage(bool, int64_t, int64_t, int64_t, bool) {
-  TORCH_CHECK(false, "fused_adamw_: 8-bit moments (moment_dtype='8bit') run on the CPU only; the CUDA kernels "
-              "do not implement them yet");
-}
 #define NOAM_EXT_UNIT_ENTRY(k) &launches_of_storage_##k,
-#define NOAM_EXT_REFUSED_ENTRY(k) &refuse_cpu_only_storage,
-constexpr StorageLaunches kStorageLaunches[] = {NOAM_EXT_FOR_EACH_STORAGE(NOAM_EXT_UNIT_ENTRY)
-                                                    NOAM_EXT_FOR_EACH_CPU_ONLY_STORAGE(NOAM_EXT_REFUSED_ENTRY)};
+constexpr StorageLaunches kStorageLaunches[] = {NOAM_EXT_FOR_EACH_STORAGE(NOAM_EXT_UNIT_ENTRY)};
 #undef NOAM_EXT_UNIT_ENTRY
-#undef NOAM_EXT_REFUSED_ENTRY
 static_assert(std::size(kStorageLaunches) == std::size(kSupportedStorage),
-              "storage_units.cuh's NOAM_EXT_FOR_EACH_STORAGE and NOAM_EXT_FOR_EACH_CPU_ONLY_STORAGE must list "
-              "every storage of storage.h");
+              "storage_units.cuh's NOAM_EXT_FOR_EACH_STORAGE must list every storage of storage.h");
 
 StepLaunches storage_launches(const StorageTypes& storage, bool amsgrad, int64_t num_rows, int64_t total,
                               int64_t multiprocessors, bool strided_rows) {

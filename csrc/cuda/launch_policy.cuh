@@ -32,7 +32,11 @@ struct StorageTraits {
   static constexpr StorageTypes kTypes = kSupportedStorage[kStorage];
   using param_t = storage_t<kTypes.param>;
   using grad_t = storage_t<kTypes.grad>;
-  using moment_t = storage_t<kTypes.moment>;
+  // 8-bit moments (quantized_walk.cuh) are stored as uint8 codes and held as floats between
+  // decoding and encoding: moment_t is what the update reads and writes, code_t what is stored.
+  static constexpr bool kQuantized = kTypes.quantized();
+  using code_t = storage_t<kTypes.moment>;
+  using moment_t = std::conditional_t<kQuantized, float, code_t>;
   static constexpr MasterKind kMaster = kTypes.master;
   using master_t = std::conditional_t<kMaster == MasterKind::kRemainder, int16_t, float>;
   using opmath_t = std::conditional_t<std::is_same_v<param_t, double>, double, float>;
@@ -41,11 +45,17 @@ struct StorageTraits {
   static constexpr bool kReadsParam = kMaster != MasterKind::kFloat32;
   static constexpr bool kCanRound = kTypes.stores_bfloat16();
   static constexpr int kNarrowest = static_cast<int>(
-      std::min({sizeof(param_t), sizeof(grad_t), sizeof(moment_t),
+      std::min({sizeof(param_t), sizeof(grad_t), sizeof(code_t),
                 kMaster == MasterKind::kNone ? sizeof(double) : sizeof(master_t)}));
   // Elements per step: one 16-byte vector of the narrowest tensor.
   static constexpr int kWidth = kVecBytes / kNarrowest;
 };
+
+// 8-bit moments (quantized_walk.cuh): a lane holds 8 elements of every moment as floats
+// between the update and the encoding (a block's scale needs all of them first), 24 with
+// amsgrad, besides its 8 parameters, gradients and masters while it updates them: 2 resident
+// blocks (128 registers a thread; at 3, 80 registers, ptxas spilled 64-212 bytes, sm_90).
+constexpr int kQuantizedBlocksPerSm = 2;
 
 // Resident blocks of kThreadsPerBlock threads per SM that the update kernel is
 // compiled for (__launch_bounds__; CI fails the build on any register spill):
@@ -65,6 +75,9 @@ struct StorageTraits {
 template <int kStorage, bool amsgrad>
 constexpr int min_blocks_per_sm() {
   using S = StorageTraits<kStorage>;
+  if constexpr (S::kQuantized) {
+    return kQuantizedBlocksPerSm;
+  }
   if constexpr (std::is_same_v<typename S::param_t, c10::Half> && S::kMaster != MasterKind::kNone) {
     return 3;
   }

@@ -46,6 +46,7 @@
 #include "call_args.cuh"
 #include "element_update.cuh"
 #include "launch_policy.cuh"
+#include "quantized_walk.cuh"
 
 namespace noam_ext::cuda_plan {
 inline namespace NOAM_EXT_KERNELS_COPY {
@@ -171,7 +172,7 @@ C10_HOST_DEVICE inline PartAssignment assign_part(int64_t lo, int64_t hi, int64_
 // exec.num_threads(), and exec.for_my_threads(f), which calls f(thread) for the
 // calling CUDA thread, or for every emulated one in turn.
 template <int kStorage, bool amsgrad, bool kStridedRows, typename Exec>
-C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
+C10_HOST_DEVICE void run_element_block(const KernelArgs& a, const Exec& exec) {
   using opmath_t = typename StorageTraits<kStorage>::opmath_t;
   if (step_skipped(a)) {
     return;  // GradScaler skipped this step: nothing changes
@@ -219,6 +220,17 @@ C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
         });
       }
     });
+  }
+}
+
+// The block's update: 8-bit moments a 256-element block per warp (quantized_walk.cuh),
+// every other storage element-wise as above.
+template <int kStorage, bool amsgrad, bool kStridedRows, typename Exec>
+C10_HOST_DEVICE void run_block(const KernelArgs& a, const Exec& exec) {
+  if constexpr (StorageTraits<kStorage>::kQuantized) {
+    run_quantized_block<kStorage, amsgrad, kStridedRows>(a, exec);
+  } else {
+    run_element_block<kStorage, amsgrad, kStridedRows>(a, exec);
   }
 }
 

@@ -18,10 +18,8 @@ inline namespace NOAM_EXT_KERNELS_COPY {
 
 // The storages, by index into kSupportedStorage: one unit defines each (the static_assert
 // in adamw_cuda.cu holds this list to storage.h's).
-#define NOAM_EXT_FOR_EACH_STORAGE(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-// The storages no CUDA kernel implements yet (8-bit moments: storage.h): a call is refused
-// before anything is launched (adamw_cuda.cu, refuse_cpu_only_storage).
-#define NOAM_EXT_FOR_EACH_CPU_ONLY_STORAGE(X) X(12) X(13) X(14) X(15) X(16)
+#define NOAM_EXT_FOR_EACH_STORAGE(X) \
+  X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16)
 
 // The launches of one call of storage k (step_launches_for), and for tests every kernel of
 // storage k as its unit names it, beside what step_launches_for returns.

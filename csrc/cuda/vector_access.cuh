@@ -58,6 +58,17 @@ __device__ C10_ALWAYS_INLINE void st_global_v4(void* p, const uint4& raw) {
                "r"(raw.w)
                : "memory");
 }
+
+// 8 bytes at once: a lane's codes of one 8-bit moment (quantized_walk.cuh), as above.
+__device__ C10_ALWAYS_INLINE uint2 ld_global_v2(const void* p) {
+  uint2 raw;
+  asm("ld.global.v2.b32 {%0, %1}, [%2];" : "=r"(raw.x), "=r"(raw.y) : "l"(p) : "memory");
+  return raw;
+}
+
+__device__ C10_ALWAYS_INLINE void st_global_v2(void* p, const uint2& raw) {
+  asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(raw.x), "r"(raw.y) : "memory");
+}
 #endif
 
 template <typename scalar_t>
@@ -81,6 +92,35 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void store_vec(scalar_t* p, const Vec<scalar_t
   st_global_v4(p, raw);
 #else
   static_assert(sizeof(scalar_t) == 0, "16-byte vectors exist only in code for the GPU");
+#endif
+}
+
+// Eight 8-bit codes, loaded and stored as one 8-byte access (quantized_walk.cuh).
+struct alignas(8) Codes8 {
+  uint8_t v[8];
+  C10_HOST_DEVICE C10_ALWAYS_INLINE uint8_t& operator[](int k) { return v[k]; }
+};
+
+template <typename T = uint8_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE Codes8 load_codes8(const T* p) {
+#if defined(NOAM_EXT_DEVICE_CODE)
+  const uint2 raw = ld_global_v2(p);
+  Codes8 out;
+  memcpy(&out, &raw, sizeof(out));
+  return out;
+#else
+  static_assert(sizeof(T) == 0, "8-byte code vectors exist only in code for the GPU");
+#endif
+}
+
+template <typename T = uint8_t>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void store_codes8(T* p, const Codes8& value) {
+#if defined(NOAM_EXT_DEVICE_CODE)
+  uint2 raw;
+  memcpy(&raw, &value, sizeof(raw));
+  st_global_v2(p, raw);
+#else
+  static_assert(sizeof(T) == 0, "8-byte code vectors exist only in code for the GPU");
 #endif
 }
 

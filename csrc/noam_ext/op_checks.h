@@ -97,6 +97,14 @@ inline void check_storage(const StorageTypes& types, bool stochastic_rounding, c
   TORCH_CHECK(problem.empty(), who, " ", problem);
 }
 
+// Where a call's rows start in its virtual index space (work_split.h): with 8-bit moments at
+// multiples of a block, so that the CUDA kernels' chunks, which start at multiples of
+// kMinChunkElements, cut rows only between blocks (csrc/cuda/quantized_walk.cuh).
+constexpr int64_t row_alignment(const StorageTypes& types) {
+  return types.quantized() ? kQuantBlock : kRowAlignElements;
+}
+static_assert(kQuantBlock % kRowAlignElements == 0, "a block is whole row alignments");
+
 // The call-wide arguments: the schedule counter and the hyperparameter table.
 inline void check_call_arguments(const at::Tensor& schedule_step, const at::Tensor& hyper) {
   TORCH_CHECK(schedule_step.scalar_type() == at::kLong && schedule_step.numel() == 1,
@@ -393,7 +401,7 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
     rows[i].rng_stream = t.rng_streams.empty() ? static_cast<uint64_t>(i) : static_cast<uint64_t>(t.rng_streams[i]);
     rows[i].element_offset = t.element_offsets.empty() ? 0 : t.element_offsets[i];
     TORCH_CHECK(rows[i].element_offset >= 0, "fused_adamw_: element_offsets[", i, "] is negative");
-    rows[i].offset = next_row_offset(end);
+    rows[i].offset = next_row_offset(end, row_alignment(types));
     end = rows[i].offset + rows[i].numel;
   }
   total = end;

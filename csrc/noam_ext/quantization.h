@@ -24,9 +24,10 @@
 // y is above their midpoint (lo + hi) / 2 exactly when 2y - s > e, where s = fl(lo + hi) and
 // e = lo - (s - hi) is its rounding error (Fast2Sum; 2y - s is exact where it matters).
 //
-// This header holds the definitions every implementation shares; the host reference of the
-// encoder and decoder is out of line (quantization.cpp), the CPU loop's vector form is in
-// csrc/cpu/segment_kernel_impl.h.
+// This header holds the constants every implementation shares and the out-of-line host
+// reference (quantization.cpp); the functions themselves are written once, as host/device
+// code, in quantization_math.h (which the reference and the CUDA kernels call); the CPU
+// loop's vector form is in csrc/cpu/segment_kernel_impl.h.
 #pragma once
 
 #include <cstdint>

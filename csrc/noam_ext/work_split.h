@@ -114,9 +114,11 @@ struct StridedCursor {
   }
 };
 
-// Where the next row starts after a row ending at virtual index `end`.
-C10_HOST_DEVICE inline int64_t next_row_offset(int64_t end) {
-  return (end + kRowAlignElements - 1) / kRowAlignElements * kRowAlignElements;
+// Where the next row starts after a row ending at virtual index `end`: at a multiple of
+// `alignment` elements, kRowAlignElements or (8-bit moments: op_checks.h, row_alignment) a
+// multiple of it.
+C10_HOST_DEVICE inline int64_t next_row_offset(int64_t end, int64_t alignment = kRowAlignElements) {
+  return (end + alignment - 1) / alignment * alignment;
 }
 
 // Index of the last row starting at or before `pos` (0 if none): where a walk

@@ -300,7 +300,7 @@ inline void plan_param(StepPlan& plan, BucketIndex& bucket_of, const ParamView& 
     b.rng_streams.push_back(static_cast<int64_t>(stream));
     b.element_offsets.push_back(offset);
   }
-  row.offset = next_row_offset(b.single_call_total);
+  row.offset = next_row_offset(b.single_call_total, row_alignment(b.storage));
   b.single_call_total = row.offset + row.numel;
   b.single_call_rows.push_back(row);
 }

@@ -745,7 +745,7 @@ def test_every_storage_on_the_gpu_matches_the_cpu_op_bit_for_bit(storage, amsgra
         torch.ops.noam_ext.fused_adamw_(*storage_cases.positional(cpu), **cpu["options"])
         torch.ops.noam_ext.fused_adamw_(*storage_cases.positional(gpu), **gpu["options"])
     torch.cuda.synchronize()
-    for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "masters"):
+    for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "masters", "moment_absmax"):
         for i, (c, g) in enumerate(zip(cpu[key], gpu[key])):
             if storage[0] == "float64" and key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
                 torch.testing.assert_close(g.cpu(), c, rtol=1e-13, atol=1e-13)
@@ -761,7 +761,7 @@ def _gpu_and_cpu_agree(cpu, gpu, steps=2):
         torch.ops.noam_ext.fused_adamw_(*storage_cases.positional(cpu), **cpu["options"])
         torch.ops.noam_ext.fused_adamw_(*storage_cases.positional(gpu), **gpu["options"])
     torch.cuda.synchronize()
-    for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "masters"):
+    for key in ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "masters", "moment_absmax"):
         for i, (c, g) in enumerate(zip(cpu[key], gpu[key])):
             if cpu["params"][0].dtype == torch.float64 and key != "state_steps":
                 torch.testing.assert_close(g.cpu(), c, rtol=1e-13, atol=1e-13)   # double: libm's pow may differ
@@ -837,8 +837,11 @@ def test_strided_parameters_on_the_gpu_train_like_torch():
 
 
 @pytest.mark.parametrize("options", [dict(master_weights="remainder", moment_dtype=torch.bfloat16),
-                                     dict(stochastic_rounding=True, seed=3, moment_dtype=torch.bfloat16)],
-                         ids=["remainder-bf16-moments", "stochastic-rounding"])
+                                     dict(stochastic_rounding=True, seed=3, moment_dtype=torch.bfloat16),
+                                     dict(stochastic_rounding=True, seed=3, moment_dtype="8bit"),
+                                     dict(master_weights="remainder", moment_dtype="8bit", amsgrad=True)],
+                         ids=["remainder-bf16-moments", "stochastic-rounding", "stochastic-rounding-8bit",
+                              "remainder-8bit-amsgrad"])
 def test_low_byte_steps_replay_in_a_cuda_graph_with_the_eager_bits(options):
     def make():
         torch.manual_seed(0)
@@ -874,3 +877,5 @@ def test_low_byte_steps_replay_in_a_cuda_graph_with_the_eager_bits(options):
     torch.cuda.synchronize()
     for p, q in zip(eager, captured):
         assert torch.equal(p.detach(), q.detach())
+        for key, value in opt_eager.state[p].items():
+            assert torch.equal(value, opt_graph.state[q][key]), key

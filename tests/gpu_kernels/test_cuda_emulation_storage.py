@@ -74,7 +74,10 @@ def one_element_in(t):
     return out
 
 
-MIXED = [s for s in STORAGES if not (s[0] == s[1] == s[2] and s[3] == "none")]
+# (Not 8-bit moments: a lane's 16 elements start on a block's sixteenth, so their rows take
+# vectors only when every pointer is 16-byte aligned at element 0, and the element path
+# otherwise, as test_pointers_off_the_16_byte_grid runs.)
+MIXED = [s for s in STORAGES if not (s[0] == s[1] == s[2] and s[3] == "none") and s[2] != "8bit"]
 
 
 @pytest.mark.parametrize("storage", MIXED, ids=storage_id)
@@ -106,7 +109,9 @@ def gappy(t):
 @pytest.mark.parametrize("grid", list(GRIDS), ids=list(GRIDS))
 @pytest.mark.parametrize("storage", [("float32",) * 3 + ("none",), ("bfloat16",) * 3 + ("none",),
                                      ("bfloat16", "bfloat16", "float32", "remainder"),
-                                     ("float32", "bfloat16", "bfloat16", "none")], ids=storage_id)
+                                     ("float32", "bfloat16", "bfloat16", "none"),
+                                     ("float32", "float32", "8bit", "none"),
+                                     ("bfloat16", "bfloat16", "8bit", "remainder")], ids=storage_id)
 def test_strided_rows_on_the_host_run_match_the_cpu_op(storage, grid):
     cpu = make_call(storage, NUMELS, amsgrad=True, seed=7, stochastic=can_round(storage))
     # Every other parameter a view with gaps; one gradient transposed-like; one state gappy.

@@ -78,6 +78,26 @@ def test_split_vector_stores_are_found_in_the_sass():
     assert len(problems) == 1 and problems[0].startswith("sm_90 update float:")
 
 
+def test_eight_bit_kernels_may_store_codes_in_eight_bytes_but_nothing_narrower():
+    # kSupportedStorage[12] is float32 parameters with 8-bit moments: a lane's codes of a
+    # moment are one 8-byte store; a 32-bit global store there is still a split vector.
+    sass = f"""
+	arch = sm_90
+		Function : {PREFIX}13update_kernelILi12ELb0EEEvNS_9cuda_plan10KernelArgsE
+        /*0100*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*0110*/                   STG.E.64 desc[UR4][R6.64], R8 ;
+        /*0120*/                   STG.E.64 desc[UR4][R6.64], R10 ;
+        /*0130*/                   STG.E.64 desc[UR4][R6.64], R12 ;
+		Function : {PREFIX}13update_kernelILi12ELb1EEEvNS_9cuda_plan10KernelArgsE
+        /*0100*/                   STG.E.128 desc[UR4][R2.64], R4 ;
+        /*0110*/                   STG.E.64 desc[UR4][R6.64], R8 ;
+        /*0120*/                   STG.E.64 desc[UR4][R6.64], R10 ;
+        /*0130*/                   STG.E desc[UR4][R6.64], R12 ;
+"""
+    problems = checks.store_failures(checks.global_stores(sass))
+    assert len(problems) == 1 and problems[0].startswith("sm_90 update float/float/8bit amsgrad:")
+
+
 def test_spills_fail_the_check_except_in_cudas_slow_paths():
     ours = ("ptxas warning : Registers are spilled to local memory in function "
             f"'{PREFIX}13update_kernelILi5ELb1EEEvNS_9cuda_plan10KernelArgsE', 96 bytes spill stores, 84 bytes spill loads")

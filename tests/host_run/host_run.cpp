@@ -39,12 +39,8 @@ StepLaunches step_launches(const StorageTypes& storage, bool amsgrad, int64_t nu
   StepLaunches out;
   dispatch_storage(storage, [&](auto index) {
     constexpr int kStorage = decltype(index)::value;
-    if constexpr (kSupportedStorage[kStorage].quantized()) {
-      TORCH_CHECK(false, "host_run fused_adamw_: 8-bit moments are not in the CUDA kernels yet");
-    } else {
-      out = amsgrad ? step_launches_for<kStorage, true>(num_rows, total, multiprocessors, strided_rows)
+    out = amsgrad ? step_launches_for<kStorage, true>(num_rows, total, multiprocessors, strided_rows)
                   : step_launches_for<kStorage, false>(num_rows, total, multiprocessors, strided_rows);
-    }
   });
   return out;
 }

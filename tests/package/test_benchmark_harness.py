@@ -30,9 +30,13 @@ LOW_BYTES = {
     "noam_ext bf16 + remainder, bf16 moments": 2 + 2 + 2 + 8 + 4,    # 18
     "noam_ext bf16, round to nearest": 2 + 2 + 2 + 8,                # 14
     "noam_ext bf16, stochastic rounding": 2 + 2 + 2 + 8,             # 14
+    "noam_ext float32, 8-bit moments": 4 + 4 + 4 + 4,                # 16 (+ 16/256 of scales)
+    "noam_ext bf16, stochastic rounding, 8-bit moments": 2 + 2 + 2 + 4,   # 10 (+ 16/256 of scales)
     "torch fused float32": 28,
     "torch fused bfloat16": 14,
 }
+# No ceiling target for 8-bit moments: their CPU step is bound by its arithmetic (eight_bit_step.py).
+NO_TARGETS = ("noam_ext float32, 8-bit moments", "noam_ext bf16, stochastic rounding, 8-bit moments")
 SPEEDUP_TARGETS = {"noam_ext bf16 + remainder, bf16 moments": 1.4, "noam_ext bf16, round to nearest": 1.7,
                    "noam_ext bf16, stochastic rounding": 1.7}
 HEADERS = ("|---", "| model |", "| layout |", "| configuration |")   # table header lines
@@ -128,13 +132,15 @@ def test_quick_benchmark_writes_table_json_and_chart(tmp_path):
         for name, v in r["variants"].items():
             assert v["skipped"] is None, (name, v["skipped"])
             assert v["timing"]["median_s"] > 0 and v["timing"]["runs"] == len(v["times_s"]) == r["iterations"]
-            assert math.isclose(v["gbps"], v["bytes_per_element"] * r["params"] / v["timing"]["median_s"] / 1e9)
+            moved = v["bytes_per_element"] + v["scale_bytes_per_element"]   # 8-bit moments: their scales too
+            assert v["scale_bytes_per_element"] == (16 / 256 if v["moment"] == "torch.uint8" else 0)
+            assert math.isclose(v["gbps"], moved * r["params"] / v["timing"]["median_s"] / 1e9)
             assert math.isclose(v["ceiling_gbps"], r["ceilings"][str(v["bytes_per_element"])]["gbps"])
             assert math.isclose(v["fraction_of_ceiling"], v["gbps"] / v["ceiling_gbps"])
             assert v["over_torch_fused_float32"] > 0 and v["over_torch_fused_bfloat16"] > 0
             assert v["paired_over_torch_fused_float32"] > 0 and v["paired_over_torch_fused_bfloat16"] > 0
             # Ours: the ceiling target, and a speed-up target for the 14- and 18-byte ones; torch: none.
-            assert len(v["targets"]) == (0 if v["torch_peer"] else 1 + (name in SPEEDUP_TARGETS))
+            assert len(v["targets"]) == (0 if v["torch_peer"] or name in NO_TARGETS else 1 + (name in SPEEDUP_TARGETS))
             assert all(t["met"] is None and t["value"] > 0 for t in v["targets"])
             if name in SPEEDUP_TARGETS:
                 assert v["targets"][1]["threshold"] == SPEEDUP_TARGETS[name]
@@ -237,6 +243,7 @@ def test_low_bytes_targets_are_judged_as_the_issue_says(monkeypatch):
     assert judged.targets_apply() is None
     met = {name: [t["met"] for t in judged.targets(name)] for name in LOW_BYTES}
     assert met == {**{name: [True] for name in LOW_BYTES if name not in SPEEDUP_TARGETS},
+                   **{name: [] for name in NO_TARGETS},
                    "noam_ext bf16 + remainder, bf16 moments": [True, True],   # 28 / (18 / 0.95) = 1.48x
                    "noam_ext bf16, round to nearest": [True, True],           # 28 / (14 / 0.95) = 1.9x
                    "noam_ext bf16, stochastic rounding": [False, False],
@@ -249,7 +256,8 @@ def test_low_bytes_targets_are_judged_as_the_issue_says(monkeypatch):
         r = result(params, device)
         assert r.targets_apply() == why
         assert all(t["met"] is None for name in LOW_BYTES for t in r.targets(name))
-        assert sum(f"n/a ({why})" in row for row in low_bytes_rows(r)) == len(LOW_BYTES) - 2   # not the peers
+        # not the peers, nor 8-bit moments (no target)
+        assert sum(f"n/a ({why})" in row for row in low_bytes_rows(r)) == len(LOW_BYTES) - 2 - len(NO_TARGETS)
     # A variant the device refused is a row that says why, not a crash.
     refused = result(10**8, "cuda")
     del refused.timings["noam_ext bf16, stochastic rounding"]
@@ -341,3 +349,9 @@ def test_eight_bit_benchmark_times_every_candidate_or_says_why_not(tmp_path):
         assert rows["torch fused float32"]["vs_fused_f32"] == 1.0
     assert "| FusedAdamW float32, 8-bit moments |" in (tmp_path / "eight_bit_step.md").read_text()
     assert [f["name"] for f in payload["compute_floor"]][1] == "FusedAdamW float32, 8-bit moments"
+    # what a training iteration costs with each: ours and torch's always run, with the step's share
+    iteration = {r["name"]: r for r in payload["iteration"]["rows"]}
+    for name in ("FusedAdamW float32, 8-bit moments", "FusedAdamW bf16 + SR, 8-bit moments", "torch fused float32"):
+        assert iteration[name]["median_ms"] > 0 and 0 <= iteration[name]["step_share"] < 1
+    assert iteration["forward + backward only, float32"]["median_ms"] > 0
+    assert "### One training iteration: TransformerEncoder" in (tmp_path / "eight_bit_step.md").read_text()
