@@ -119,6 +119,20 @@ class Timed:
         self.name, self.run = name, run
 
 
+def skip_reason(error: Exception) -> str:
+    """Why an optional peer did not run, in one line."""
+    line = (str(error).strip().splitlines() or [repr(error)])[0]
+    return f"{type(error).__name__}: {line}"
+
+
+def time_round_robin(candidates: list, args) -> tuple[dict, dict]:
+    """Each candidate's run() timed interleaved (the peers' warnings silenced): times and medians."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        times = time_interleaved(candidates, lambda t: t.run(), args.warmup, args.iterations)
+    return times, {k: statistics.median(v) for k, v in times.items()}
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor holds; a tensor subclass (torchao's 8-bit state) by its inner tensors."""
     if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
@@ -185,8 +199,7 @@ def run_layout(name: str, shapes, args) -> dict:
         try:
             optimizers[c.name] = build(c, values, grads)
         except Exception as error:  # noqa: BLE001  (an optional peer missing or failing)
-            line = (str(error).strip().splitlines() or [repr(error)])[0]
-            skipped[c.name] = f"{type(error).__name__}: {line}"
+            skipped[c.name] = skip_reason(error)
             print(f"    {c.name}: skipped ({skipped[c.name]})", file=sys.stderr, flush=True)
     for c in CANDIDATES:   # one step each, alone, for its memory
         if c.name in optimizers:
@@ -195,10 +208,7 @@ def run_layout(name: str, shapes, args) -> dict:
     buffers = ceiling_buffers(n * 16 // 8, "cpu")
     ceiling, _ = ceiling_pass(buffers, n * 16 // 8)
     timed.insert(1, Timed(CEILING, ceiling))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        times = time_interleaved(timed, lambda t: t.run(), args.warmup, args.iterations)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    times, medians = time_round_robin(timed, args)
     rows = []
     for c in CANDIDATES:
         if c.name not in optimizers:
@@ -267,18 +277,14 @@ def run_iteration(args) -> dict:
             copies.append(TrainingCopy(c.name, copy.deepcopy(base), c.param, c.make, x, y))
             copies[-1].run()   # state allocated (and anything compiled)
         except Exception as error:  # noqa: BLE001  (an optional peer missing or failing)
-            line = (str(error).strip().splitlines() or [repr(error)])[0]
-            skipped[c.name] = f"{type(error).__name__}: {line}"
+            skipped[c.name] = skip_reason(error)
             if copies and copies[-1].name == c.name:
                 copies.pop()
             print(f"    {c.name}: skipped ({skipped[c.name]})", file=sys.stderr, flush=True)
     for dtype in (F32, BF16):
         copies.append(TrainingCopy(f"{NO_STEP}, {str(dtype).removeprefix('torch.')}", copy.deepcopy(base), dtype,
                                    None, x, y))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        times = time_interleaved(copies, lambda t: t.run(), args.warmup, args.iterations)
-    medians = {k: statistics.median(v) for k, v in times.items()}
+    times, medians = time_round_robin(copies, args)
     rows = []
     for c in CANDIDATES:
         if c.name not in medians:

@@ -429,6 +429,25 @@ inline F lookup8(const float (&table)[8], const I& index) {
 #endif
 }
 
+// The same for a table already in a register (its first 8 lanes).
+inline F lookup8(const F& table, const I& index) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_permutexvar_ps(index, table);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_permutevar8x32_ps(table, index);
+#else
+  __at_align__ int32_t lanes[F::size()];
+  __at_align__ float values[F::size()];
+  __at_align__ float out[F::size()];
+  index.store(lanes);
+  table.store(values);
+  for (int64_t k = 0; k < F::size(); ++k) {
+    out[k] = values[lanes[k]];
+  }
+  return F::loadu(out);
+#endif
+}
+
 inline F to_float(const I& x) { return at::vec::convert_to_fp_of_same_size<float>(x); }
 inline I truncate_to_int(const F& x) { return at::vec::convert_to_int_of_same_size<float>(x); }
 // 2^L and 0.45 * 2^-L as floats, from L's lanes (0 <= L <= 8), by their exponent bits.
@@ -483,27 +502,34 @@ inline void encode_block(bool is_signed, const DecadeFirsts& firsts, const float
                          float reciprocal, uint8_t* codes) {
   const int32_t shift = is_signed ? 0 : 1;
   const F r(reciprocal);
+  // In registers for the whole block: read through `firsts` inside the loop, every value would
+  // be loaded again after each store of codes (a uint8_t store may alias any object).
+  F first[7];
+  for (int32_t e = 0; e < 7; ++e) {
+    first[e] = F(firsts.value[e]);
+  }
+  const F first_table = F::loadu(firsts.value, 8);   // the table of lookup8 below, likewise
   for (int64_t v = 0; v * F::size() < n; ++v) {
     const F x = F::loadu(values + v * F::size());
     const F y = x * r;
     const F a = y.abs();
     I d(0);
     for (int32_t e = 1; e < 7; ++e) {
-      d = d - as_bits(a >= F(firsts.value[e]));   // a true compare is -1
+      d = d - as_bits(a >= first[e]);   // a true compare is -1
     }
     const I L = d + I(shift);
     const F n_values = power_of_two(L);
     F u = (a * lookup8(kDecadeInverses, d) - F(kMeanOffset)) * (F(kStepsPerUnit) * n_values) - F(0.5f);
     u = at::vec::minimum(F::blendv(F(0.0f), u, u > F(0.0f)), n_values - F(1.0f));   // (NaN -> 0)
     const F j0 = to_float(truncate_to_int(u));
-    const F below = a < F(firsts.value[0]);   // between 0 and the smallest value
+    const F below = a < first[0];   // between 0 and the smallest value
     F lo = decade_value(d, L, j0);
     // the upper neighbour: the next value of the decade, or past its last the next decade's first
     const F next_in_decade = j0 + F(1.0f) < n_values;
-    F hi = F::blendv(lookup8(firsts.value, d + I(1)), decade_value(d, L, j0 + F(1.0f)), next_in_decade);
+    F hi = F::blendv(lookup8(first_table, d + I(1)), decade_value(d, L, j0 + F(1.0f)), next_in_decade);
     I rank_lo = truncate_to_int(n_values) - I(1 + shift) + truncate_to_int(j0);
     lo = F::blendv(lo, F(0.0f), below);
-    hi = F::blendv(hi, F(firsts.value[0]), below);
+    hi = F::blendv(hi, first[0], below);
     rank_lo = I::blendv(rank_lo, I(-1), as_bits(below));
     const F s = lo + hi;
     const F e = lo - (s - hi);

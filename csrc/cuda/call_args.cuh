@@ -145,5 +145,18 @@ C10_HOST_DEVICE inline GradFactors<opmath_t> grad_factors(const KernelArgs& a) {
   return f;
 }
 
+// Calls f(begin, end) for each chunk [begin, end) of the virtual index space that the
+// calling block takes: chunks of a.chunk_elements, grid-stride. Walked by their first element
+// (fewer live registers than a chunk index and a count: the update kernels are compiled at
+// their register budget). Exec: run_block's (multi_tensor_walk.cuh).
+template <typename Exec, typename F>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void for_each_chunk_of_block(const KernelArgs& a, const Exec& exec, F&& f) {
+  const int64_t chunk_elements = a.chunk_elements;
+  const int64_t stride = chunk_elements * exec.num_blocks();
+  for (int64_t begin = chunk_elements * exec.block(); begin < a.total; begin += stride) {
+    f(begin, begin + chunk_elements < a.total ? begin + chunk_elements : a.total);
+  }
+}
+
 }  // inline namespace NOAM_EXT_KERNELS_COPY
 }  // namespace noam_ext::cuda_plan

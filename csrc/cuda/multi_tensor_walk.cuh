@@ -182,12 +182,7 @@ C10_HOST_DEVICE void run_element_block(const KernelArgs& a, const Exec& exec) {
   const GradFactors<opmath_t> factors = grad_factors<opmath_t>(a);
   const auto* all_coefficients = static_cast<const RowCoefficients<opmath_t>*>(a.coefficients);
   const int n = exec.num_threads();
-  // Chunks grid-stride, walked by their first element (fewer live registers than a chunk
-  // index and a count: the update kernels are compiled at their register budget).
-  const int64_t chunk_elements = a.chunk_elements;
-  const int64_t stride = chunk_elements * exec.num_blocks();
-  for (int64_t begin = chunk_elements * exec.block(); begin < a.total; begin += stride) {
-    const int64_t end = begin + chunk_elements < a.total ? begin + chunk_elements : a.total;
+  for_each_chunk_of_block(a, exec, [&](int64_t begin, int64_t end) {
     int64_t small_parts = 0;
     for_each_row_in_range(a.rows, a.num_rows, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
       const PartAssignment part = assign_part<kStorage>(lo, hi, small_parts, n);
@@ -220,7 +215,7 @@ C10_HOST_DEVICE void run_element_block(const KernelArgs& a, const Exec& exec) {
         });
       }
     });
-  }
+  });
 }
 
 // The block's update: 8-bit moments a 256-element block per warp (quantized_walk.cuh),

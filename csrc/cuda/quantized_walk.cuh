@@ -329,10 +329,7 @@ C10_HOST_DEVICE void run_quantized_block(const KernelArgs& a, const Exec& exec) 
   const auto* all_coefficients = static_cast<const RowCoefficients<float>*>(a.coefficients);
   const int n = exec.num_threads();
   const int warps = n / kWarpSize > 1 ? n / kWarpSize : 1;   // (an emulated block narrower than a warp: one)
-  const int64_t chunk_elements = a.chunk_elements;
-  const int64_t stride = chunk_elements * exec.num_blocks();
-  for (int64_t begin = chunk_elements * exec.block(); begin < a.total; begin += stride) {
-    const int64_t end = begin + chunk_elements < a.total ? begin + chunk_elements : a.total;
+  for_each_chunk_of_block(a, exec, [&](int64_t begin, int64_t end) {
     int64_t blocks_before = 0;
     for_each_row_in_range(a.rows, a.num_rows, begin, end, [&](int64_t i, int64_t lo, int64_t hi) {
       const int64_t blocks = (hi - lo + kQuantBlock - 1) / kQuantBlock;
@@ -359,7 +356,7 @@ C10_HOST_DEVICE void run_quantized_block(const KernelArgs& a, const Exec& exec) 
         }
       });
     });
-  }
+  });
 }
 
 }  // inline namespace NOAM_EXT_KERNELS_COPY
