@@ -119,12 +119,10 @@ void update_strided(SegmentKernel kernel, const TensorRow& r, const StridedLayou
 
 // Calls f(lo, hi, keys) for the parts of a row's range [lo, hi) whose elements' indices
 // within their whole parameter share the high 32 bits (the keys of stochastic rounding
-// change there); one call with disabled keys without stochastic rounding. With 8-bit moments
-// (`block` = kQuantBlock) a part ends at a block's end: the block that holds a 2**32 boundary
-// of a shard that does not start on a block keeps the keys of the part it starts in.
+// change there); one call with disabled keys without stochastic rounding. (With 8-bit moments
+// the element offset is a multiple of a block, op_checks.h: parts end between blocks.)
 template <typename F>
-void for_each_rounding_part(const TensorRow& r, int64_t lo, int64_t hi, bool stochastic_rounding, int64_t block,
-                            F&& f) {
+void for_each_rounding_part(const TensorRow& r, int64_t lo, int64_t hi, bool stochastic_rounding, F&& f) {
   if (!stochastic_rounding) {
     f(lo, hi, RoundingKeys{});
     return;
@@ -134,7 +132,7 @@ void for_each_rounding_part(const TensorRow& r, int64_t lo, int64_t hi, bool sto
     const uint64_t first = static_cast<uint64_t>(r.element_offset + lo);
     const auto high = static_cast<uint32_t>(first >> 32);
     const int64_t boundary = static_cast<int64_t>(((first >> 32) + 1) << 32) - r.element_offset;
-    const int64_t part_end = std::min<int64_t>(hi, (boundary + block - 1) / block * block);
+    const int64_t part_end = std::min<int64_t>(hi, boundary);
     RoundingKeys keys;
     keys.enabled = true;
     keys.param_and_exp_avg = rounding_key(r.rng_stream, step, kParamAndExpAvg, high);
@@ -203,9 +201,7 @@ void run_rows(const RowsCall& call) {
       const bool maximize = hyper[r.group * kNumHyperColumns + kMaximize] != 0.0;
       const FlatPointers pointers{r.param,  r.grad,   r.exp_avg, r.exp_avg_sq, r.max_exp_avg_sq,
                                   r.master, {r.absmax[0], r.absmax[1], r.absmax[2]}};
-      const int64_t part_multiple = quantized ? kQuantBlock : 1;
-      for_each_rounding_part(r, lo, hi, call.stochastic_rounding, part_multiple, [&](int64_t a, int64_t b,
-                                                                                    const RoundingKeys& keys) {
+      for_each_rounding_part(r, lo, hi, call.stochastic_rounding, [&](int64_t a, int64_t b, const RoundingKeys& keys) {
         if (r.layout >= 0) {
           update_strided(kernel, r, call.layouts[r.layout], sizes, a, b, coeffs[i], maximize, grad_divisor,
                          grad_multiplier, keys);

@@ -26,16 +26,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE c10::BFloat16 exact_bfloat16(float x) {
 }
 
 // One element: widen, update with the shared math, round or split once. `element` is
-// its index within its row (stochastic rounding's index, with the row's offset);
-// `key_element`, when not negative, the element whose index's high 32 bits choose the
-// rounding keys (8-bit moments: a block's first element, as the CPU op: quantized_walk.cuh).
+// its index within its row (stochastic rounding's index, with the row's offset).
 template <int kStorage, bool amsgrad>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
     typename StorageTraits<kStorage>::param_t& p, typename StorageTraits<kStorage>::grad_t g,
     typename StorageTraits<kStorage>::moment_t& m, typename StorageTraits<kStorage>::moment_t& v,
     typename StorageTraits<kStorage>::moment_t* vmax, typename StorageTraits<kStorage>::master_t* master,
     const RowCoefficients<typename StorageTraits<kStorage>::opmath_t>& c,
-    const GradFactors<typename StorageTraits<kStorage>::opmath_t>& f, int64_t element, int64_t key_element = -1) {
+    const GradFactors<typename StorageTraits<kStorage>::opmath_t>& f, int64_t element) {
   using S = StorageTraits<kStorage>;
   using opmath_t = typename S::opmath_t;
   using param_t = typename S::param_t;
@@ -61,8 +59,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_element(
     stochastic = c.stochastic_rounding != 0;
     if (stochastic) {
       const auto index = static_cast<uint64_t>(c.element_offset + element);
-      const auto high = static_cast<uint32_t>(
-          static_cast<uint64_t>(c.element_offset + (key_element >= 0 ? key_element : element)) >> 32);
+      const auto high = static_cast<uint32_t>(index >> 32);
       uint32_t key_a = c.key_param_and_exp_avg, key_b = c.key_exp_avg_sq_and_max;
       if (high != c.key_index_high) {   // a row past a multiple of 2**32 elements
         key_a = rounding_key(c.rng_stream, c.rounding_step, kParamAndExpAvg, high);

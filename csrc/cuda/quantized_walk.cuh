@@ -144,10 +144,6 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_lane(const QuantizedRowPointers<kS
   using S = StorageTraits<kStorage>;
   constexpr int E = kQuantLaneElements;
   constexpr int K = QuantizedLane<amsgrad>::kMoments;
-  // Stochastic rounding's keys follow the high 32 bits of the block's first element's index
-  // within its parameter (a block that a multiple of 2**32 crosses keeps its first element's
-  // keys, as on the CPU: for_each_rounding_part in csrc/cpu/adamw_cpu.cpp).
-  const int64_t block_first = first / kQuantBlock * kQuantBlock;
   float scale[K];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
@@ -178,8 +174,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_lane(const QuantizedRowPointers<kS
         s.moment[k][e] = quantization_math::map_value(signed_map(k), codes[k][e]) * scale[k];
       }
       update_element<kStorage, amsgrad>(p[e], g[e], s.moment[0][e], s.moment[1][e],
-                                        amsgrad ? &s.moment[K - 1][e] : nullptr, &master[e], c, f, first + e,
-                                        block_first);
+                                        amsgrad ? &s.moment[K - 1][e] : nullptr, &master[e], c, f, first + e);
 #pragma unroll
       for (int k = 0; k < K; ++k) {
         s.peak[k] = nan_max(s.peak[k], fabsf(s.moment[k][e]));
@@ -209,8 +204,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void update_lane(const QuantizedRowPointers<kS
     }
     typename S::master_t* master = S::kMaster != MasterKind::kNone ? r.master + at[kMasterTensor] : nullptr;
     update_element<kStorage, amsgrad>(p, r.grad[at[kGradTensor]], s.moment[0][e], s.moment[1][e],
-                                      amsgrad ? &s.moment[K - 1][e] : nullptr, master, c, f, first + e,
-                                      block_first);
+                                      amsgrad ? &s.moment[K - 1][e] : nullptr, master, c, f, first + e);
     r.param[at[kParamTensor]] = p;
 #pragma unroll
     for (int k = 0; k < K; ++k) {

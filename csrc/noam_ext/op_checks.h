@@ -401,6 +401,11 @@ inline std::vector<TensorRow> build_tensor_rows(const OpTensors& t, const at::De
     rows[i].rng_stream = t.rng_streams.empty() ? static_cast<uint64_t>(i) : static_cast<uint64_t>(t.rng_streams[i]);
     rows[i].element_offset = t.element_offsets.empty() ? 0 : t.element_offsets[i];
     TORCH_CHECK(rows[i].element_offset >= 0, "fused_adamw_: element_offsets[", i, "] is negative");
+    // A block's elements then share the high 32 bits of their indices, and so stochastic
+    // rounding's keys, which both devices take per block of 8-bit moments.
+    TORCH_CHECK(!types.quantized() || rows[i].element_offset % kQuantBlock == 0, "fused_adamw_: element_offsets[",
+                i, "] is ", rows[i].element_offset, ": with 8-bit moments it must be a multiple of the block, ",
+                kQuantBlock);
     rows[i].offset = next_row_offset(end, row_alignment(types));
     end = rows[i].offset + rows[i].numel;
   }

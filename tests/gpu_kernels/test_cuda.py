@@ -738,8 +738,10 @@ def _to_device(args):
 def test_every_storage_on_the_gpu_matches_the_cpu_op_bit_for_bit(storage, amsgrad, stochastic):
     # The same call on the CPU op and the GPU: masters, moments, parameters and stochastic
     # rounding's bits equal (float64 is not in play here: its storage is torch's own).
+    offsets = ([0, 2**32 - 256, 512, 0, 2**32 - 1024, 256, 0, 0, 256] if storage[2] == "8bit"   # whole blocks
+               else [0, 2**32 - 3, 5, 0, 2**32 - 100, 7, 0, 0, 1])
     cpu = storage_cases.make_call(storage, storage_cases.NUMELS, amsgrad, seed=3, stochastic=stochastic,
-                                  offsets=[0, 2**32 - 3, 5, 0, 2**32 - 100, 7, 0, 0, 1] if stochastic else None)
+                                  offsets=offsets if stochastic else None)
     gpu = _to_device(cpu)
     for _ in range(2):
         torch.ops.noam_ext.fused_adamw_(*storage_cases.positional(cpu), **cpu["options"])

@@ -674,6 +674,20 @@ def test_op_refuses_missing_or_misshapen_scales_before_writing(scales, message):
     assert torch.equal(p, before)
 
 
+def test_op_refuses_a_shard_offset_inside_a_block_before_writing():
+    # A block's elements share stochastic rounding's keys only when the shard starts on a block.
+    p, g = torch.randn(300).to(torch.bfloat16), torch.randn(300).to(torch.bfloat16)
+    before = p.clone()
+    hyper = torch.zeros(1, _C.table_layout()["num_hyper_columns"], dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"element_offsets\[0\] is 100: with 8-bit moments it must be a multiple"):
+        torch.ops.noam_ext.fused_adamw_([p], [g], [torch.zeros(300, dtype=torch.uint8)],
+                                        [torch.zeros(300, dtype=torch.uint8)], [],
+                                        [torch.zeros((), dtype=torch.float32)], torch.zeros(1, dtype=torch.int64),
+                                        hyper, [0], moment_absmax=[torch.zeros(2), torch.zeros(2)],
+                                        stochastic_rounding=True, rng_streams=[1], element_offsets=[100])
+    assert torch.equal(p, before)
+
+
 def test_bitsandbytes_non_blockwise_and_malformed_entries():
     generator = torch.Generator().manual_seed(1)
     p = torch.nn.Parameter(torch.randn(600, generator=generator))
