@@ -14,8 +14,9 @@ import math
 
 from ._extension import _C
 from ._storage import (MASTER_DTYPES, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_BLOCK, QUANTIZED_KEYS, QUANTIZED_SIGNED,
-                       dequantize_moment,
-                       loaded_dtype, local, master_of, moment_dtype_for, options_of, quantize_moment, remainder_of)
+                       dequantize_moment, eight_bit_for, float_moment_dtype,
+                       loaded_dtype, local, master_of, options_of, quantize_moment, remainder_of, scales_shape,
+                       shard_quantized)
 
 
 def set_aside_own_dtypes(param_groups: list[dict], group_options: list[dict], state_dict: dict[str, Any]):
@@ -80,24 +81,31 @@ def _moment_form(entry: dict, key: str) -> str | None:
 def settle_moments(param_groups: list[dict], state: dict) -> None:
     """After a load, each parameter's moments are in the form its group asks for, and only
     that form: 8-bit codes and scales in a moment_dtype="8bit" group (a float checkpoint's
-    quantized by the op's encoder, one rounding), float tensors in any other (8-bit ones
-    decoded, exactly, then cast to the group's moment dtype)."""
+    quantized by the op's encoder, one rounding; scales of another shape but as many, such as
+    a bitsandbytes checkpoint's or an older one's flat run, reshaped to scales_shape), float
+    tensors in any other (8-bit ones decoded, exactly, then cast to the group's moment dtype)
+    and for a DTensor shard that keeps float32 moments in an 8-bit group (eight_bit_for)."""
     for group in param_groups:
         options = options_of(group)
         for p in group["params"]:
             entry = state.get(p)
             if not entry:
                 continue
+            eight_bit = eight_bit_for(p, options)
             for key in MOMENT_KEYS:
                 codes, scales = QUANTIZED_KEYS[key]
                 has_float, has_codes = key in entry, codes in entry and scales in entry
-                if options.eight_bit:
+                if eight_bit:
                     if not has_codes and has_float:
                         entry.update(quantize_moment(p, key, entry[key]))
+                    elif has_codes and local(p) is not p and local(entry[codes]) is entry[codes]:
+                        entry[codes], entry[scales] = shard_quantized(p, entry[codes], entry[scales])
                     entry.pop(key, None)
+                    if scales in entry and local(entry[scales]) is entry[scales]:
+                        entry[scales] = entry[scales].reshape(scales_shape(p))
                 else:
                     if not has_float and has_codes:
-                        entry[key] = dequantize_moment(p, key, entry).to(moment_dtype_for(p.dtype, options))
+                        entry[key] = dequantize_moment(p, key, entry).to(float_moment_dtype(p, options))
                     entry.pop(codes, None)
                     entry.pop(scales, None)
 
@@ -238,7 +246,11 @@ def _check_quantized(state: dict, moment: str, p: torch.Tensor, name: str) -> No
         found = f"{codes.dtype} of shape {tuple(codes.shape)}" if isinstance(codes, torch.Tensor) else type(codes).__name__
         raise ValueError(f"loaded state dict: '{codes_key}' of {name} is {found}; it must be uint8 codes of the "
                          "parameter's shape")
-    if not isinstance(scales, torch.Tensor) or not scales.is_floating_point() or tuple(scales.shape) != (blocks,):
+    # Any shape with one scale per block: scales_shape's, or a flat run (older checkpoints,
+    # bitsandbytes'); the load reshapes them (settle_moments). A DTensor's are sharded as its
+    # parameter only in scales_shape's shape.
+    if (not isinstance(scales, torch.Tensor) or not scales.is_floating_point() or scales.numel() != blocks
+            or (local(scales) is not scales and tuple(scales.shape) != scales_shape(p))):
         found = f"{scales.dtype} of shape {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
         raise ValueError(f"loaded state dict: '{scales_key}' of {name} is {found}; it must be {blocks} float32 "
-                         f"scales (one per {QUANTIZED_BLOCK} elements)")
+                         f"scales (one per {QUANTIZED_BLOCK} elements, of shape {scales_shape(p)} or flat)")

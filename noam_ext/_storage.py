@@ -10,7 +10,10 @@ Group options (defaults of the constructor, or keys of a param group):
                    torch.float32, torch.bfloat16, or "8bit": block-wise 8-bit codes with a
                    float32 scale per 256 elements (csrc/noam_ext/quantization.h), kept in
                    state["exp_avg_codes"], state["exp_avg_absmax"] and likewise for
-                   exp_avg_sq and max_exp_avg_sq (docs/eight_bit_state.md)
+                   exp_avg_sq and max_exp_avg_sq (docs/eight_bit_state.md); the scales are
+                   shaped like the parameter in blocks (scales_shape), so that a DTensor's
+                   shard as it does; a DTensor whose shards would cut a block keeps float
+                   moments (eight_bit_for)
   stochastic_rounding: round what the step stores in bfloat16 stochastically
   seed:            stochastic rounding's seed (drawn from torch's generator when None)
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -121,6 +125,17 @@ def moment_dtype_for(param_dtype: torch.dtype, options: StorageOptions) -> torch
     return torch.float32 if options.master_weights is not None else param_dtype
 
 
+def float_moment_dtype(p: torch.Tensor, options: StorageOptions) -> torch.dtype:
+    """The dtype of p's moments where they are float tensors: its group's moment dtype, and in
+    an 8-bit group (a DTensor shard whose blocks cannot follow its sharding) the dtype the op
+    pairs with p's storage: float32 for float32 parameters and beside a master, and bfloat16
+    for a bfloat16 parameter alone (torch's own default, and the op's: a float32 moment of a
+    bfloat16 parameter needs a master)."""
+    if options.eight_bit:
+        return torch.float32 if p.dtype == torch.float32 or options.master_weights is not None else p.dtype
+    return moment_dtype_for(p.dtype, options)
+
+
 def check_param(p: torch.Tensor, options: StorageOptions, name: str) -> None:
     """Whether a parameter can be stored as its group's options say; a ValueError naming
     the parameter and the reason otherwise."""
@@ -139,9 +154,6 @@ def check_param(p: torch.Tensor, options: StorageOptions, name: str) -> None:
     if options.eight_bit:
         if p.device.type not in ("cpu", "cuda"):
             raise ValueError(f"FusedAdamW: {name} is on {p.device}: moment_dtype='8bit' runs on CPUs and CUDA GPUs")
-        if local(p) is not p:
-            raise ValueError(f"FusedAdamW: {name} is a DTensor: moment_dtype='8bit' does not support sharded "
-                             "parameters yet")
     # The rest is the op's own check (op_checks.h, storage_problem), asked before any step,
     # with gradients of the parameter's dtype.
     problem = _C.storage_problem(_name(p.dtype), _name(p.dtype), _name(moment_dtype_for(p.dtype, options)),
@@ -161,10 +173,13 @@ def state_for(p: torch.Tensor, amsgrad: bool, options: StorageOptions) -> dict:
     alone. (Moments carved out of one buffer measured no faster on the whole iteration:
     docs/adamw.md, "Memory".)"""
     state = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
-    moment = moment_dtype_for(p.dtype, options)
+    eight_bit = eight_bit_for(p, options)
+    moment = float_moment_dtype(p, options)
+    if options.eight_bit and not eight_bit:
+        _warn_float_moments(p, moment)
     for key in MOMENT_KEYS:
         if key != "max_exp_avg_sq" or amsgrad:
-            if options.eight_bit:
+            if eight_bit:
                 state.update(quantized_zeros(p, key))
             else:
                 state[key] = torch.zeros_like(p, dtype=moment, memory_format=torch.preserve_format)
@@ -208,31 +223,158 @@ def _from_walk_order(flat: torch.Tensor, like: torch.Tensor, order: list[int], d
     return out
 
 
+def _blocks_in_last_dim(p: torch.Tensor) -> bool:
+    """Whether p's blocks tile its last dimension: that dimension is a whole number of blocks
+    and the op walks p (a DTensor's local shard) in its shape's order, so that block j of a
+    row holds elements [256 j, 256 j + 256) of that row."""
+    return (p.dim() >= 1 and p.shape[-1] > 0 and p.shape[-1] % QUANTIZED_BLOCK == 0
+            and _walk_order(local(p)) == list(range(p.dim())))
+
+
+def scales_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The shape of one 8-bit moment's scales for parameter p (a DTensor's: its global shape):
+    p's shape with its last dimension counted in blocks where the blocks tile that dimension
+    (_blocks_in_last_dim), and one flat run of ceil(numel / 256) otherwise. Either way the
+    scales in memory order are the blocks in the op's order (what the op reads); the shape is
+    what lets a DTensor's scales be sharded as the parameter is, and the full checkpoint of a
+    sharded run be the unsharded run's."""
+    if _blocks_in_last_dim(p):
+        return (*p.shape[:-1], p.shape[-1] // QUANTIZED_BLOCK)
+    return (-(-p.numel() // QUANTIZED_BLOCK),)
+
+
+def blocks_follow_shards(p: torch.Tensor) -> bool:
+    """Whether every shard of p holds whole blocks of the unsharded parameter (a plain tensor
+    is one shard, and does): the blocks tile p's last dimension, and where the device mesh
+    shards that dimension it splits it into equal parts of whole blocks (torch's chunks of
+    the dimensions before it are the same for p and its scales, of the same sizes). Each
+    shard's scales are then the part of the unsharded scales that its blocks have, its step is
+    bit for bit the unsharded step's part (a block's absmax reads only the block), and its
+    scales are a DTensor placed as p is (scales_shape). Uneven shards of the last dimension,
+    strided shards of it (_StridedShard) and partial placements do not qualify."""
+    if local(p) is p:
+        return True
+    if not _blocks_in_last_dim(p):
+        return False
+    from torch.distributed.tensor import Shard
+    last, parts = p.dim() - 1, 1
+    for size, placement in zip(p.device_mesh.shape, p.placements):
+        if placement.is_shard():
+            if placement.dim % p.dim() == last:
+                if type(placement) is not Shard:
+                    return False
+                parts *= size
+        elif not placement.is_replicate():
+            return False
+    return (p.shape[-1] // QUANTIZED_BLOCK) % parts == 0
+
+
+def eight_bit_for(p: torch.Tensor, options: StorageOptions) -> bool:
+    """Whether p's moments are kept in 8 bits: in an 8-bit group, every parameter but a DTensor
+    whose blocks cannot follow its sharding (blocks_follow_shards), which keeps float moments
+    (float_moment_dtype; docs/eight_bit_state.md, "Blocks and shards")."""
+    return options.eight_bit and blocks_follow_shards(p)
+
+
+def _warn_float_moments(p: torch.Tensor, dtype: torch.dtype) -> None:
+    warnings.warn(f"FusedAdamW: moment_dtype='8bit' keeps {_name(dtype)} moments for a DTensor parameter of shape "
+                  f"{tuple(p.shape)} placed {tuple(p.placements)}: its shards do not hold whole "
+                  f"{QUANTIZED_BLOCK}-element blocks of its last dimension (docs/eight_bit_state.md, "
+                  "'Blocks and shards')", stacklevel=4)
+
+
+def _contiguous_strides(shape) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def _as_shards_of(p: torch.Tensor, local_value: torch.Tensor, shape) -> torch.Tensor:
+    """local_value as this rank's shard of a DTensor of `shape` placed as p is."""
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local_value, p.device_mesh, p.placements, run_check=False,
+                              shape=torch.Size(shape), stride=_contiguous_strides(shape))
+
+
+def _local_part(p: torch.Tensor, value: torch.Tensor, shape=None) -> torch.Tensor:
+    """This rank's part of `value` (p's moment or codes; or, given their shape, its scales) for
+    a DTensor p: the local shard of a DTensor placed as p is (redistributed there first if it
+    is placed otherwise), or the slice of a full tensor that p's shard covers (Shard and
+    Replicate placements)."""
+    if local(value) is not value:
+        if tuple(value.placements) != tuple(p.placements):
+            value = value.redistribute(p.device_mesh, p.placements)
+        return value.to_local()
+    from torch.distributed.tensor import Replicate, Shard
+    if any(type(placement) not in (Shard, Replicate) for placement in p.placements):
+        raise ValueError(f"FusedAdamW: a full (not sharded) moment for a DTensor parameter placed {tuple(p.placements)} "
+                         "cannot be split into its shards here; load a sharded checkpoint "
+                         "(torch.distributed.checkpoint) instead")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    sizes, offset = compute_local_shape_and_global_offset(p.shape if shape is None else torch.Size(shape),
+                                                          p.device_mesh, p.placements)
+    return value.to(local(p).device)[tuple(slice(o, o + s) for o, s in zip(offset, sizes))]
+
+
+def shard_quantized(p: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A full (unsharded) checkpoint's codes and scales of a DTensor p, as DTensors placed as p
+    is: this rank's parts (whole blocks: blocks_follow_shards)."""
+    shape = scales_shape(p)
+    return (_as_shards_of(p, _local_part(p, codes).contiguous(), p.shape),
+            _as_shards_of(p, _local_part(p, scales.reshape(shape), shape).contiguous(), shape))
+
+
+def _zero_scales(p: torch.Tensor) -> torch.Tensor:
+    shape = scales_shape(p)
+    if local(p) is p:
+        return torch.zeros(shape, dtype=torch.float32, device=p.device)
+    shard = local(p)   # whole blocks of the last dimension (blocks_follow_shards)
+    return _as_shards_of(p, torch.zeros(scales_shape(shard), dtype=torch.float32, device=shard.device), shape)
+
+
 def quantized_zeros(p: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
-    """A zero moment in 8 bits: every code the map's zero, every scale 0."""
+    """A zero moment in 8 bits: every code the map's zero, every scale 0 (a DTensor placed as
+    p is, each, for a DTensor p)."""
     codes_key, scales_key = QUANTIZED_KEYS[key]
-    codes = torch.full_like(p, _ZERO_CODE[key], dtype=torch.uint8, memory_format=_codes_format(p))
-    scales = torch.zeros(-(-p.numel() // QUANTIZED_BLOCK), dtype=torch.float32, device=p.device)
-    return {codes_key: codes, scales_key: scales}
+    codes = torch.full_like(p, _ZERO_CODE[key], dtype=torch.uint8, memory_format=_codes_format(local(p)))
+    return {codes_key: codes, scales_key: _zero_scales(p)}
 
 
 def quantize_moment(p: torch.Tensor, key: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
     """A moment (a tensor of p's shape) as the op stores it in 8 bits: its codes (laid out like
-    p) and scales, made by the op's own encoder (csrc/noam_ext/quantization.h; one rounding)."""
+    p) and scales, made by the op's own encoder (csrc/noam_ext/quantization.h; one rounding).
+    For a DTensor p, each rank quantizes its own shard (whole blocks: blocks_follow_shards)."""
     codes_key, scales_key = QUANTIZED_KEYS[key]
+    if local(p) is not p:
+        shard = local(p)
+        part = quantize_moment(shard, key, _local_part(p, value))
+        return {codes_key: _as_shards_of(p, part[codes_key], p.shape),
+                scales_key: _as_shards_of(p, part[scales_key], scales_shape(p))}
     order = _walk_order(p)
     flat = _flat_in_walk_order(value.detach().to(device="cpu", dtype=torch.float32), order).contiguous()
     codes, scales = _C.quantize_blocks(flat, QUANTIZED_SIGNED[key])
-    return {codes_key: _from_walk_order(codes, p, order, torch.uint8).to(p.device), scales_key: scales.to(p.device)}
+    return {codes_key: _from_walk_order(codes, p, order, torch.uint8).to(p.device),
+            scales_key: scales.reshape(scales_shape(p)).to(p.device)}
 
 
 def dequantize_moment(p: torch.Tensor, key: str, entry: dict) -> torch.Tensor:
     """The float32 moment (laid out like p) that 8-bit codes and scales decode to: exactly the
-    values the op's next step decodes."""
+    values the op's next step decodes. For a DTensor p, each rank decodes its own shard."""
     codes_key, scales_key = QUANTIZED_KEYS[key]
+    if local(p) is not p:
+        codes, scales = entry[codes_key], entry[scales_key]
+        if local(codes) is codes:   # a full checkpoint's codes: decode them whole, keep this rank's part
+            full = dequantize_moment(codes, key, entry)
+            return _as_shards_of(p, _local_part(p, full).contiguous(), p.shape)
+        shard = local(p)
+        part = dequantize_moment(shard, key, {codes_key: _local_part(p, codes), scales_key: local(scales)})
+        return _as_shards_of(p, part, p.shape)
     order = _walk_order(p)
     codes = _flat_in_walk_order(entry[codes_key].detach().cpu(), order).contiguous()
-    flat = _C.dequantize_blocks(codes, entry[scales_key].detach().cpu().float().contiguous(), QUANTIZED_SIGNED[key])
+    scales = entry[scales_key].detach().cpu().float().reshape(-1).contiguous()
+    flat = _C.dequantize_blocks(codes, scales, QUANTIZED_SIGNED[key])
     return _from_walk_order(flat, p.detach().cpu(), order, torch.float32).to(p.device)
 
 

@@ -56,7 +56,11 @@ class FusedAdamW(Optimizer):
         (``state["master_remainder"]``), which rebuilds the same master exactly. Both give
         the bits of this optimizer run on float32 copies of the parameters.
       moment_dtype: torch.bfloat16 (or torch.float32) for exp_avg/exp_avg_sq; the default
-        is the parameter's dtype, as torch (float32 with master weights).
+        is the parameter's dtype, as torch (float32 with master weights). "8bit" keeps each
+        moment as uint8 codes of the dynamic map with a float32 scale per 256 elements
+        (``state["exp_avg_codes"]``, ``state["exp_avg_absmax"]``, ...; docs/eight_bit_state.md).
+        A DTensor parameter whose shards would cut a 256-element block keeps float moments
+        instead, with a warning.
       stochastic_rounding: round what the step stores in bfloat16 (parameters without a
         master, bfloat16 moments) stochastically, with bits from a counter-based generator
         keyed on ``seed``, the parameter and its step, and the element's index.
@@ -435,7 +439,9 @@ def _traceable_calls(opt: "FusedAdamW") -> tuple[torch.Tensor, dict[tuple, dict[
             if master_key is not None and master_key not in state:
                 state[master_key] = master_from_param(p, options.master_weights)
             moments = MOMENT_KEYS[:3 if amsgrad else 2]
-            if options.eight_bit:   # the codes where the moments go; their scales in moment_absmax
+            # 8-bit moments unless the state keeps float ones (as the eager step: collect.h, read_state)
+            eight_bit = options.eight_bit and not (QUANTIZED_KEYS["exp_avg"][0] not in state and "exp_avg" in state)
+            if eight_bit:   # the codes where the moments go; their scales in moment_absmax
                 tensors = [p, p.grad] + [state[QUANTIZED_KEYS[key][0]] for key in moments]
             else:
                 tensors = [p, p.grad] + [state[key] for key in moments]
@@ -456,7 +462,7 @@ def _traceable_calls(opt: "FusedAdamW") -> tuple[torch.Tensor, dict[tuple, dict[
                 call["max_exp_avg_sqs"].append(tensors[4])
             if master is not None:
                 call["masters"].append(master)
-            if options.eight_bit:
+            if eight_bit:
                 call["moment_absmax"] += [state[QUANTIZED_KEYS[key][1]] for key in moments]
             call["steps"].append(state["step"])
             call["groups"].append(index)

@@ -267,13 +267,15 @@ inline TensorRow check_and_make_row(const RowTensors& t, const at::Device& devic
     check_like_param(*t.master, master_dtype(types.master), "master", true);
   }
   if (types.quantized()) {
-    // One float32 scale per block of kQuantBlock elements, contiguous, for each 8-bit moment.
+    // One float32 scale per block of kQuantBlock elements, contiguous, for each 8-bit moment, of
+    // any shape (FusedAdamW shapes them like the parameter, its last dimension counted in blocks,
+    // where that dimension is whole blocks: noam_ext/_storage.py, scales_shape).
     const char* const names[3] = {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"};
     const int count = t.max_exp_avg_sq != nullptr ? 3 : 2;
     for (int k = 0; k < count; ++k) {
       const at::Tensor* a = t.absmax[k];
       TORCH_CHECK(a != nullptr && a->defined() && a->scalar_type() == at::kFloat && a->device() == device &&
-                      a->dim() == 1 && a->numel() == quantized_blocks(numel) && a->is_contiguous(),
+                      a->numel() == quantized_blocks(numel) && a->is_contiguous(),
                   "fused_adamw_: the 8-bit ", names[k], " of ", name_of(i), " needs its scales (", names[k],
                   "_absmax) as a contiguous float32 tensor of ", quantized_blocks(numel), " elements (one per ",
                   kQuantBlock, "-element block) on ", device,

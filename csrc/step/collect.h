@@ -138,6 +138,7 @@ struct StateView {
   PyObject* master = nullptr;
   bool ready = false;
   bool has_master = true;
+  bool quantized = false;   // 8-bit moments: its group's, unless its state keeps float moments (below)
 };
 
 inline StateView read_state(const ParamView& p, PyObject* state, const GroupView& group) {
@@ -154,7 +155,11 @@ inline StateView read_state(const ParamView& p, PyObject* state, const GroupView
   };
   require(s.entries.step, "step");
   const int moments = group.amsgrad ? 3 : 2;
-  if (group.quantized) {
+  // In an 8-bit group, a parameter whose state holds float moments and no codes keeps them:
+  // FusedAdamW makes such state for a DTensor shard whose blocks cannot follow its sharding
+  // (noam_ext/_storage.py, eight_bit_for; docs/eight_bit_state.md, "Blocks and shards").
+  s.quantized = group.quantized && !(s.entries.quantized[0][0] == nullptr && s.entries.exp_avg != nullptr);
+  if (s.quantized) {
     for (int k = 0; k < moments; ++k) {
       require(s.entries.quantized[k][0], kQuantizedStateKeys[k][0]);
       require(s.entries.quantized[k][1], kQuantizedStateKeys[k][1]);
@@ -276,7 +281,7 @@ inline void plan_param(StepPlan& plan, BucketIndex& bucket_of, const ParamView& 
   if (master != nullptr) {
     b.masters.push_back(*master);   // a real tensor: a complex parameter has no master (FusedAdamW refuses it)
   }
-  const int scales = group.quantized ? (amsgrad ? 3 : 2) : 0;   // real tensors: FusedAdamW refuses complex ones
+  const int scales = s.quantized ? (amsgrad ? 3 : 2) : 0;   // real tensors: FusedAdamW refuses complex ones
   for (int k = 0; k < scales; ++k) {
     b.moment_absmax.push_back(local_tensor(s.entries.quantized[k][1], kQuantizedStateKeys[k][1]));
   }

@@ -51,11 +51,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import subprocess
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +137,24 @@ def make_model() -> torch.nn.Module:
         torch.nn.Linear(IN_FEATURES, HIDDEN), torch.nn.LayerNorm(HIDDEN), torch.nn.Tanh(),
         torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.Tanh(),
         torch.nn.Linear(HIDDEN, OUT_FEATURES))
+
+
+# make_wide_model(): every parameter's last dimension is whole 256-element blocks, and FSDP2's
+# dim-0 shards on two ranks (256 + 256 rows; 3 + 2 rows of the last Linear; 256 + 256 of the
+# bias) hold whole blocks, so the 8-bit sharded step is the unsharded one bit for bit.
+WIDE_IN, WIDE_HIDDEN = 256, 512
+
+
+def make_wide_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(WIDE_IN, WIDE_HIDDEN), torch.nn.Tanh(),
+                               torch.nn.Linear(WIDE_HIDDEN, OUT_FEATURES, bias=False))
+
+
+def make_wide_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(4321 + rank)
+    x = torch.randn(BATCH, WIDE_IN, generator=g)
+    return x, torch.tanh(x[:, :OUT_FEATURES]) + 0.05 * torch.randn(BATCH, OUT_FEATURES, generator=g)
 
 
 def make_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,18 +327,29 @@ LOW_BYTES_OPTIONS = {
                                                                  seed=1234)),
 }
 LOW_BYTES_WRAPPERS = ["ddp", "fsdp2"]
-# 8-bit moments do not take DTensor parameters yet (FusedAdamW refuses them, naming the
-# parameter): they run in one process, under DDP, and (float32 parameters) under ZeRO
-# (ZeroRedundancyOptimizer over DDP: each rank steps whole parameters of its own, then broadcasts
-# them; stochastic rounding is left out there: each rank's optimizer numbers its parameters
-# anew, and the rounding streams follow a parameter's place in its optimizer).
-UNSHARDED_ONLY = {"8bit", "8bit-bf16-stochastic-rounding"}
+# 8-bit moments under FSDP2: make_model()'s parameters are 16 and 48 wide, so no shard holds
+# whole 256-element blocks of its last dimension and each keeps float32 moments (documented,
+# with a warning: noam_ext._storage.eight_bit_for); that run is not the single-process 8-bit
+# run. The 8-bit layouts that shard exactly run on make_wide_model() (EIGHT_BIT_SHARDED below).
+# Under ZeRO (ZeroRedundancyOptimizer over DDP: each rank steps whole parameters of its own,
+# then broadcasts them) 8-bit runs with float32 parameters; stochastic rounding is left out
+# there: each rank's optimizer numbers its parameters anew, and the rounding streams follow a
+# parameter's place in its optimizer.
+FLOAT_MOMENTS_WHEN_SHARDED = {"8bit", "8bit-bf16-stochastic-rounding"}
+# 8-bit moments on make_wide_model(), whose every parameter shards into whole blocks under
+# FSDP2 on two ranks: name -> (parameter dtype, FusedAdamW options).
+EIGHT_BIT_SHARDED = {
+    "8bit-wide": (torch.float32, dict(moment_dtype="8bit")),
+    "8bit-wide-bf16-stochastic-rounding": (torch.bfloat16, dict(moment_dtype="8bit", stochastic_rounding=True,
+                                                                seed=1234)),
+}
 # The single-process runs first: they are the reference of the sharded ones.
-LOW_BYTES_RUNS = ([(wrapper, option) for wrapper in ["single"] + LOW_BYTES_WRAPPERS for option in LOW_BYTES_OPTIONS
-                   if not (wrapper == "fsdp2" and option in UNSHARDED_ONLY)]
+LOW_BYTES_RUNS = ([(wrapper, option) for wrapper in ["single"] + LOW_BYTES_WRAPPERS for option in LOW_BYTES_OPTIONS]
+                  + [(wrapper, option) for option in EIGHT_BIT_SHARDED for wrapper in ("single", "fsdp2")]
                   + [("zero", "8bit")]
-                  + [("tensor_parallel", "stochastic-rounding"), ("shard_rounding", "stochastic-rounding")])
-LOW_BYTES_TIMEOUT_S = 520           # 25 runs
+                  + [("tensor_parallel", "stochastic-rounding"), ("shard_rounding", "stochastic-rounding"),
+                     ("eight_bit_placements", "8bit"), ("eight_bit_checkpoints", "8bit")])
+LOW_BYTES_TIMEOUT_S = 560           # 31 runs
 
 
 def runs_of(scenario: str) -> list[tuple[str, str]]:
@@ -359,8 +390,17 @@ def train_low_bytes(wrapper: str, option: str, rank: int) -> dict:
 
     if wrapper == "shard_rounding":
         return _shard_rounding_placements()
-    param_dtype, grad_dtype, options = LOW_BYTES_OPTIONS[option]
-    model = make_model().to(param_dtype)
+    if wrapper == "eight_bit_placements":
+        return _eight_bit_placements()
+    if wrapper == "eight_bit_checkpoints":
+        return _eight_bit_checkpoints(rank)
+    if option in EIGHT_BIT_SHARDED:
+        param_dtype, options = EIGHT_BIT_SHARDED[option]
+        grad_dtype, new_model, batch = None, make_wide_model, make_wide_batch
+    else:
+        param_dtype, grad_dtype, options = LOW_BYTES_OPTIONS[option]
+        new_model, batch = make_model, make_batch
+    model = new_model().to(param_dtype)
     wrapped = model
     if wrapper == "ddp":
         wrapped = DDP(model)
@@ -379,13 +419,17 @@ def train_low_bytes(wrapper: str, option: str, rank: int) -> dict:
     elif wrapper != "single":
         raise ValueError(wrapper)
     names = {id(p): name for name, p in model.named_parameters()}
+    caught = []   # warnings of the optimizer's construction (not under ZeRO) and steps
     if wrapper == "zero":
         from torch.distributed.optim import ZeroRedundancyOptimizer
         opt = ZeroRedundancyOptimizer(list(wrapped.parameters()), optimizer_class=noam_ext.FusedAdamW,
                                       parameters_as_bucket_view=False, **CONSTANT_LR, **options)
     else:
-        opt = noam_ext.FusedAdamW(list(wrapped.parameters()), **CONSTANT_LR, **options)
-    x, y = make_batch(0)
+        with warnings.catch_warnings(record=True) as caught_here:
+            warnings.simplefilter("always")
+            opt = noam_ext.FusedAdamW(list(wrapped.parameters()), **CONSTANT_LR, **options)
+        caught += caught_here
+    x, y = batch(0)
     x = x.to(param_dtype)
     losses = []
     for _ in range(STEPS):
@@ -398,11 +442,14 @@ def train_low_bytes(wrapper: str, option: str, rank: int) -> dict:
         if grad_dtype is not None:
             for p in model.parameters():
                 _read_gradient_as(p, grad_dtype)
-        opt.step()
+        with warnings.catch_warnings(record=True) as caught_here:
+            warnings.simplefilter("always")
+            opt.step()
+        caught += caught_here
         losses.append(loss.item())   # the same batch on every rank: each rank's loss is the loss
 
     params = {name: _full(p) for name, p in model.named_parameters()}
-    plain = make_model().to(param_dtype)
+    plain = new_model().to(param_dtype)
     plain.load_state_dict(params)
     with torch.no_grad():
         final_loss = torch.nn.functional.mse_loss(plain(x).float(), y).item()
@@ -416,12 +463,14 @@ def train_low_bytes(wrapper: str, option: str, rank: int) -> dict:
             "param": _kind(p),
             "moments": {k: (_kind(s[k]), s[k].dtype) for k in ("exp_avg", "exp_avg_sq") if k in s},
             "codes": {k: (_kind(s[k]), s[k].dtype) for k in ("exp_avg_codes", "exp_avg_sq_codes") if k in s},
+            "scales": {k: (_kind(s[k]), s[k].dtype) for k in ("exp_avg_absmax", "exp_avg_sq_absmax") if k in s},
             "master": None if master is None else (_kind(master), master.dtype),
             # The local values of replicated parameters (tensor parallelism): what each rank holds.
             "local": p.to_local().detach().clone() if hasattr(p, "to_local") else None,
         }
     return {"params": params, "losses": losses, "final_loss": final_loss, "state": state,
-            "seed": opt.param_groups[0].get("seed")}
+            "seed": opt.param_groups[0].get("seed"),
+            "warnings": [str(w.message) for w in caught]}
 
 
 def _shard_rounding_placements() -> dict:
@@ -466,6 +515,194 @@ def _shard_rounding_placements() -> dict:
             "offset": offset, "salt": salt,
         }
     return {"placements": out}
+
+
+def _eight_bit_placements() -> dict:
+    """Two 8-bit steps (amsgrad: all three moments) of float32 parameters placed over both
+    ranks, with the same full gradient, against the same steps of the unsharded parameter in
+    this process: per case this rank's local result and the unsharded result's part at the
+    same place, whether the state is 8-bit, whether the gathered codes and scales are the
+    unsharded ones, the scales' kind, and the warnings."""
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import noam_ext
+    from noam_ext._storage import dequantize_moment
+    try:
+        from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    except ImportError:
+        from torch.distributed._tensor import Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    options = dict(CONSTANT_LR, moment_dtype="8bit", amsgrad=True)
+    cases = {"4x512 Shard(0)": ((4, 512), Shard(0)), "4x512 Shard(1)": ((4, 512), Shard(1)),
+             "4x512 Replicate": ((4, 512), Replicate()), "512 Shard(0)": ((512,), Shard(0)),
+             "4x768 Shard(1)": ((4, 768), Shard(1)), "300 Shard(0)": ((300,), Shard(0)),
+             "6x48 Shard(0)": ((6, 48), Shard(0))}
+
+    def two_steps(full, grad, place, options=options):
+        p = torch.nn.Parameter(place(full.clone()))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = noam_ext.FusedAdamW([p], **options)
+            for _ in range(2):
+                p.grad = place(grad.clone())
+                opt.step()
+        return p, opt, [str(w.message) for w in caught]
+
+    out = {}
+    for name, (shape, placement) in cases.items():
+        generator = torch.Generator().manual_seed(11)
+        full, grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        unsharded, unsharded_opt, _ = two_steps(full, grad, lambda t: t)
+        reference = unsharded_opt.state[unsharded]
+        float_moments, _, _ = two_steps(full, grad, lambda t: t, {**options, "moment_dtype": None})
+
+        def place(t, placement=placement):
+            return distribute_tensor(t, mesh, [placement])
+        p, opt, caught = two_steps(full, grad, place)
+        state = opt.state[p]
+        eight_bit = "exp_avg_codes" in state
+        # The unsharded optimizer's state_dict() (full codes and scales) loaded into a sharded
+        # one by load_state_dict: each rank keeps its shards, as codes and scales or decoded.
+        loaded = noam_ext.FusedAdamW([torch.nn.Parameter(place(full.clone()))], **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded.load_state_dict(copy.deepcopy(unsharded_opt.state_dict()))
+        loaded_state = next(iter(loaded.state.values()))
+        if eight_bit:
+            loaded_differs = [key for key in reference if key != "step"
+                              and not torch.equal(loaded_state[key].full_tensor(), reference[key])]
+            # And the sharded state_dict() in torch.optim.AdamW's format: DTensor moments placed
+            # as the parameter, each rank decoding its own shards.
+            decoded = noam_ext.dequantized_state_dict(opt.state_dict())["state"][0]
+            loaded_differs += [f"dequantized {key}" for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                               if _kind(decoded[key]) != _kind(p) or not torch.equal(
+                                   decoded[key].full_tensor(), dequantize_moment(unsharded, key, reference))]
+        else:
+            loaded_differs = [key for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                              if not torch.equal(loaded_state[key].full_tensor(),
+                                                 dequantize_moment(unsharded, key, reference))]
+        gathered = {key: (state[key].full_tensor() if eight_bit else None) for key in reference if key != "step"}
+        out[name] = {
+            "local": p.to_local().detach().clone(),
+            "unsharded_here": place(unsharded.detach()).to_local().clone(),
+            "float_moments_here": place(float_moments.detach()).to_local().clone(),
+            "eight_bit": eight_bit,
+            "float_moments": {k: (_kind(state[k]), state[k].dtype) for k in ("exp_avg", "exp_avg_sq") if k in state},
+            "param": _kind(p),
+            "gathered_state_differs": [key for key, value in gathered.items()
+                                       if value is None or value.shape != reference[key].shape
+                                       or not torch.equal(value, reference[key])],
+            "scales": _kind(state["exp_avg_absmax"]) if eight_bit else None,
+            "warnings": caught,
+            "loaded_differs": loaded_differs,
+        }
+    return {"placements": out}
+
+
+def _eight_bit_checkpoints(rank: int) -> dict:
+    """8-bit checkpoints between FSDP2 and one process (make_wide_model(), amsgrad): the same
+    training in one process and under FSDP2; the sharded run's full state dict
+    (torch.distributed.checkpoint's get_optimizer_state_dict) against the single run's
+    state_dict(); then each direction of resuming, continued for 2 steps beside the single run:
+    the gathered state loaded into a plain optimizer, the single run's state_dict() loaded into a
+    sharded optimizer by load_state_dict, and by set_optimizer_state_dict. Returns the names
+    of what differs."""
+    import copy
+    import shutil
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import noam_ext
+    options = dict(CONSTANT_LR, moment_dtype="8bit", amsgrad=True)
+    x, y = make_wide_batch(0)
+    full_options = StateDictOptions(full_state_dict=True)
+
+    def plain(params=None):
+        model = make_wide_model()
+        if params is not None:
+            model.load_state_dict(params)
+        return model, noam_ext.FusedAdamW(model.parameters(), **options)
+
+    def sharded(params=None):
+        model, _ = plain(params)
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        fully_shard = _fully_shard()
+        for module in model:
+            if isinstance(module, torch.nn.Linear):
+                fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, noam_ext.FusedAdamW(model.parameters(), **options)
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+
+    def params_of(model):
+        return {name: _full(p) for name, p in model.named_parameters()}
+
+    def differ(a, b):
+        return [name for name in a if not torch.equal(a[name], b[name])]
+
+    names = [name for name, _ in make_wide_model().named_parameters()]
+    single, single_opt = plain()
+    train(single, single_opt, STEPS)
+    shard, shard_opt = sharded()
+    train(shard, shard_opt, STEPS)
+    out = {"trained": differ(params_of(single), params_of(shard))}
+    out["scales"] = {name: _kind(shard_opt.state[p]["exp_avg_absmax"]) for name, p in shard.named_parameters()}
+    single_sd = copy.deepcopy(single_opt.state_dict())
+    full = get_optimizer_state_dict(shard, shard_opt, options=full_options)
+    mismatch = []
+    for i, name in enumerate(names):
+        mine, theirs = single_sd["state"][i], full["state"][name]
+        if sorted(mine) != sorted(theirs):
+            mismatch.append(f"{name}: keys {sorted(mine)} vs {sorted(theirs)}")
+            continue
+        for key, value in mine.items():
+            other = theirs[key]
+            if not (isinstance(other, torch.Tensor) and other.shape == value.shape and other.dtype == value.dtype
+                    and torch.equal(other, value)):
+                mismatch.append(f"{name}: {key}")
+    out["full_state_dict"] = mismatch
+    indexed = {"state": {i: full["state"][name] for i, name in enumerate(names)},
+               "param_groups": single_sd["param_groups"]}
+    resumed, resumed_opt = plain(params_of(shard))
+    resumed_opt.load_state_dict(copy.deepcopy(indexed))
+    reloaded, reloaded_opt = sharded(params_of(single))
+    reloaded_opt.load_state_dict(copy.deepcopy(single_sd))
+    via_dcp, via_dcp_opt = sharded(params_of(single))
+    set_optimizer_state_dict(via_dcp, via_dcp_opt, copy.deepcopy(full), options=full_options)
+    # A sharded checkpoint on disk (torch.distributed.checkpoint.save of the DTensor state),
+    # loaded back into a sharded optimizer, and resharded into a one-process optimizer on each rank.
+    folder = [tempfile.mkdtemp(prefix="noam_ext_dcp_") if rank == 0 else None]
+    dist.broadcast_object_list(folder, src=0)
+    dcp.save({"optim": get_optimizer_state_dict(shard, shard_opt)}, checkpoint_id=folder[0])
+    from_disk = {}
+    for what, make in (("sharded", sharded), ("one process", plain)):
+        model, opt = make(params_of(single))
+        template = {"optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(template, checkpoint_id=folder[0])
+        set_optimizer_state_dict(model, opt, template["optim"])
+        from_disk[f"saved sharded->{what} (torch.distributed.checkpoint)"] = (model, opt)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(folder[0], ignore_errors=True)
+    runs = {"single": (single, single_opt), "sharded": (shard, shard_opt), "sharded->single": (resumed, resumed_opt),
+            "single->sharded (load_state_dict)": (reloaded, reloaded_opt),
+            "single->sharded (set_optimizer_state_dict)": (via_dcp, via_dcp_opt), **from_disk}
+    for model, opt in runs.values():
+        train(model, opt, 2)
+    reference = params_of(single)
+    out["resumed"] = {what: differ(reference, params_of(model)) for what, (model, _) in runs.items()}
+    return out
 
 
 def worker_main(scenario: str, rank: int, out_dir: Path) -> None:
@@ -731,11 +968,13 @@ def _skip_without(wrapper: str) -> None:
 
 
 @pytest.mark.parametrize("wrapper, option",
-                         [(w, o) for w, o in LOW_BYTES_RUNS if w in LOW_BYTES_WRAPPERS + ["zero"]])
+                         [(w, o) for w, o in LOW_BYTES_RUNS if w in LOW_BYTES_WRAPPERS + ["zero"]
+                          and not (w == "fsdp2" and o in FLOAT_MOMENTS_WHEN_SHARDED)])
 def test_low_bytes_sharded_run_is_the_single_process_run(run_of, wrapper, option):
     """Under DDP and FSDP2 (and ZeRO for 8-bit moments), each option leaves the same full parameters on both ranks, bit for
     bit those of the single-process run of the unsharded model: masters and moments sharded
-    with their parameters, and stochastic rounding under FSDP2 drawing for each element of a
+    with their parameters (8-bit codes and scales too, where the shards hold whole blocks:
+    make_wide_model()), and stochastic rounding under FSDP2 drawing for each element of a
     shard the bits of its index in the whole parameter (every rank trains on the same batch,
     so the averaged gradients are the single-process ones exactly)."""
     _skip_without(wrapper)
@@ -757,9 +996,14 @@ def test_low_bytes_state_has_the_options_dtypes_and_is_placed_like_the_parameter
     of the parameter's tensor type, shape and placements (a DTensor Shard(0) under FSDP2, as
     the parameter: what torch.distributed.checkpoint saves and reshards)."""
     _skip_without(wrapper)
-    param_dtype, _, options = LOW_BYTES_OPTIONS[option]
+    param_dtype, options = (EIGHT_BIT_SHARDED[option] if option in EIGHT_BIT_SHARDED
+                            else LOW_BYTES_OPTIONS[option][::2])
     master = options.get("master_weights")
     moment_dtype = options.get("moment_dtype") or (torch.float32 if master else param_dtype)
+    if wrapper == "fsdp2" and option in FLOAT_MOMENTS_WHEN_SHARDED:
+        # No shard holds whole blocks (make_model()): float moments, float32 beside float32
+        # parameters or a master, bfloat16 for a bfloat16 parameter alone.
+        moment_dtype = torch.float32 if param_dtype == torch.float32 or master else param_dtype
     master_dtype = {"float32": torch.float32, "remainder": torch.int16}.get(master)
     for rank, result in enumerate(run_of(LOW_BYTES).get(wrapper, option)):
         assert len(result["state"]) == len(result["params"])
@@ -768,9 +1012,15 @@ def test_low_bytes_state_has_the_options_dtypes_and_is_placed_like_the_parameter
             assert s["step"] == STEPS, where
             if moment_dtype == "8bit":   # uint8 codes laid out like the parameter (and their scales)
                 assert not s["moments"] and set(s["codes"]) == {"exp_avg_codes", "exp_avg_sq_codes"}, (where, s["keys"])
-                assert {"exp_avg_absmax", "exp_avg_sq_absmax"} <= set(s["keys"]), (where, s["keys"])
+                assert set(s["scales"]) == {"exp_avg_absmax", "exp_avg_sq_absmax"}, (where, s["keys"])
                 for key, (kind, dtype) in s["codes"].items():
                     assert (kind, dtype) == (s["param"], torch.uint8), (where, key, kind, dtype)
+                # The scales: the parameter's shape, its last dimension counted in 256-element
+                # blocks where that is whole blocks (flat otherwise), placed as the parameter.
+                tensor_type, shape, placements = s["param"]
+                blocked = shape[:-1] + (shape[-1] // 256,) if shape[-1] % 256 == 0 else (-(-math.prod(shape) // 256),)
+                for key, (kind, dtype) in s["scales"].items():
+                    assert (kind, dtype) == ((tensor_type, blocked, placements), torch.float32), (where, key, kind)
             else:
                 assert set(s["moments"]) == {"exp_avg", "exp_avg_sq"}, (where, s["keys"])
             for key, (kind, dtype) in s["moments"].items():
@@ -781,6 +1031,77 @@ def test_low_bytes_state_has_the_options_dtypes_and_is_placed_like_the_parameter
                 assert s["master"] == (s["param"], master_dtype), (where, s["master"])
             if wrapper == "fsdp2":
                 assert s["param"][0] == "DTensor" and s["param"][2] == ("Shard(0)",), (where, s["param"])
+
+
+@pytest.mark.parametrize("option", sorted(FLOAT_MOMENTS_WHEN_SHARDED))
+def test_eight_bit_shards_without_whole_blocks_keep_float_moments_and_say_so(run_of, option):
+    """Under FSDP2, make_model()'s shards hold no whole 256-element blocks of their last
+    dimension (16 and 48 wide): each parameter keeps float moments placed as it is (float32
+    for float32 parameters, bfloat16 for bfloat16 ones without a master: the state test above),
+    FusedAdamW warns once per parameter naming its shape and that dtype, and the run keeps the
+    ranks equal and trains."""
+    _skip_without("fsdp2")
+    results = run_of(LOW_BYTES).get("fsdp2", option)
+    what = f"FusedAdamW({option}), fsdp2"
+    _assert_ranks_bitwise_equal(results, what)
+    _assert_loss_decreased(results, what)
+    for rank, result in enumerate(results):
+        moments = "float32" if LOW_BYTES_OPTIONS[option][0] == torch.float32 else "bfloat16"
+        warned = [w for w in result["warnings"] if f"keeps {moments} moments for a DTensor parameter" in w]
+        shapes = [str(s["param"][1]) for s in result["state"].values()]
+        unnamed = [shape for shape in shapes if not any(f"shape {shape} " in w for w in warned)]
+        assert not unnamed and len(warned) == len(shapes), (rank, unnamed, result["warnings"])
+
+
+def test_eight_bit_shards_step_as_the_unsharded_parameter_where_they_hold_whole_blocks(run_of):
+    """8-bit moments of float32 parameters placed over two ranks (_eight_bit_placements): a
+    shard holding whole blocks of the last dimension (4 x 512 placed Shard(0), Shard(1) or
+    Replicate; 512 placed Shard(0)) keeps 8-bit codes and scales sharded as the parameter, steps
+    bit for bit as its part of the unsharded parameter, and its gathered codes and scales are
+    the unsharded ones; one that splits a block (4 x 768 Shard(1): 384 of 3 blocks' 768 per
+    rank; 300 Shard(0); 6 x 48 Shard(0)) keeps float32 moments placed as the parameter, says so,
+    and steps bit for bit as the unsharded parameter with float32 moments (moment_dtype=None),
+    not as the unsharded 8-bit one. The unsharded optimizer's state_dict() loads into the sharded
+    one (load_state_dict), as each rank's shards of its codes and scales, or decoded; the sharded
+    state_dict() converts to torch's format (noam_ext.dequantized_state_dict) shard by shard."""
+    _skip_without("shard_rounding")
+    results = run_of(LOW_BYTES).get("eight_bit_placements", "8bit")
+    whole = {"4x512 Shard(0)": (4, 2), "4x512 Shard(1)": (4, 2), "4x512 Replicate": (4, 2), "512 Shard(0)": (2,)}
+    for rank, result in enumerate(results):
+        for name, case in result["placements"].items():
+            where = (rank, name)
+            # A full 8-bit checkpoint loads into the sharded optimizer: the same codes and
+            # scales, or the moments they decode to (exactly).
+            assert case["loaded_differs"] == [], (where, case["loaded_differs"])
+            if name in whole:
+                assert case["eight_bit"] and not case["float_moments"] and not case["warnings"], where
+                assert torch.equal(case["local"], case["unsharded_here"]), where
+                assert case["gathered_state_differs"] == [], (where, case["gathered_state_differs"])
+                assert case["scales"] == ("DTensor", whole[name], case["param"][2]), (where, case["scales"])
+            else:
+                assert not case["eight_bit"], where
+                assert case["float_moments"] == {k: (case["param"], torch.float32) for k in ("exp_avg", "exp_avg_sq")}, where
+                assert len(case["warnings"]) == 1 and "keeps float32 moments" in case["warnings"][0], where
+                assert torch.equal(case["local"], case["float_moments_here"]), where
+                assert not torch.equal(case["local"], case["unsharded_here"]), where
+
+
+def test_eight_bit_checkpoints_move_between_fsdp2_and_one_process_bit_for_bit(run_of):
+    """make_wide_model() with 8-bit moments (amsgrad) trained in one process and under FSDP2
+    (_eight_bit_checkpoints): the same parameters; the sharded run's full state dict
+    (torch.distributed.checkpoint.state_dict.get_optimizer_state_dict) equals the single run's
+    state_dict() key for key, codes and scales of the same shapes; and resuming either one in
+    the other (load_state_dict both ways, set_optimizer_state_dict into FSDP2), or from a sharded
+    checkpoint saved by torch.distributed.checkpoint (into FSDP2, and resharded into one process),
+    continues bit for bit as the single run does."""
+    _skip_without("fsdp2")
+    for rank, result in enumerate(run_of(LOW_BYTES).get("eight_bit_checkpoints", "8bit")):
+        assert result["trained"] == [], (rank, result["trained"])
+        assert result["full_state_dict"] == [], (rank, result["full_state_dict"])
+        assert result["scales"] == {"0.weight": ("DTensor", (512, 1), ("Shard(0)",)),
+                                    "0.bias": ("DTensor", (2,), ("Shard(0)",)),
+                                    "2.weight": ("DTensor", (5, 2), ("Shard(0)",))}, (rank, result["scales"])
+        assert all(differ == [] for differ in result["resumed"].values()), (rank, result["resumed"])
 
 
 def test_low_bytes_tensor_parallel_stochastic_rounding_keeps_replicated_parameters_equal(run_of):

@@ -510,6 +510,46 @@ def test_state_bytes_per_parameter(param_dtype):
     assert state_bytes / numel <= 2.1, state_bytes / numel
 
 
+def shaped_params():
+    """Parameters whose scales are shaped (their last dimension whole blocks, walked last) or
+    flat (a tail, a transposed layout walked in memory order, a 0-dim parameter)."""
+    generator = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in [(6, 512), (3, 2, 256), (512, 6),
+                                                                                 (1000,), ()]]
+    return params + [torch.nn.Parameter(torch.randn(512, 6, generator=generator).t())]
+
+
+SCALES_SHAPES = [(6, 2), (3, 2, 1), (12,), (4,), (1,), (12,)]
+
+
+def test_scales_are_shaped_like_the_parameter_in_blocks_and_flat_ones_load():
+    """Each moment's scales have the parameter's shape with its last dimension counted in
+    blocks where that dimension is whole blocks and is walked last (so that a DTensor's scales
+    shard as it does), and are flat otherwise; a checkpoint with flat scales (older ones,
+    bitsandbytes') loads, reshaped, and resumes bit for bit."""
+    factory = lambda ps: FusedAdamW(ps, moment_dtype="8bit", amsgrad=True, **KW)   # noqa: E731
+    straight, resumed = shaped_params(), shaped_params()
+    opt = train(factory, straight, 3)
+    for p, shape in zip(straight, SCALES_SHAPES):
+        for key in MOMENTS:
+            assert opt.state[p][QUANTIZED_KEYS[key][1]].shape == shape, (tuple(p.shape), key)
+    flat = copy.deepcopy(train(factory, resumed, 3).state_dict())
+    for entry in flat["state"].values():
+        for key in MOMENTS:
+            entry[QUANTIZED_KEYS[key][1]] = entry[QUANTIZED_KEYS[key][1]].reshape(-1)
+    again = factory(resumed)
+    again.load_state_dict(flat)
+    for p, shape in zip(resumed, SCALES_SHAPES):
+        assert again.state[p]["exp_avg_sq_absmax"].shape == shape
+    for step in range(3, 6):
+        for optimizer, params in ((opt, straight), (again, resumed)):
+            for p, g in zip(params, grads_for(params, step)):
+                p.grad = g
+            optimizer.step()
+    for a, b in zip(straight, resumed):
+        assert torch.equal(a.detach(), b.detach())
+
+
 def train(opt_factory, params, steps, start=0):
     opt = opt_factory(params)
     for step in range(start, start + steps):
