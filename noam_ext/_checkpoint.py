@@ -16,7 +16,7 @@ from ._extension import _C
 from ._storage import (MASTER_DTYPES, MASTER_KEYS, MOMENT_KEYS, QUANTIZED_BLOCK, QUANTIZED_KEYS, QUANTIZED_SIGNED,
                        dequantize_moment, eight_bit_for, float_moment_dtype,
                        loaded_dtype, local, master_of, options_of, quantize_moment, remainder_of, scales_shape,
-                       shard_quantized)
+                       shard_of, splits_full_tensors)
 
 
 def set_aside_own_dtypes(param_groups: list[dict], group_options: list[dict], state_dict: dict[str, Any]):
@@ -92,20 +92,28 @@ def settle_moments(param_groups: list[dict], state: dict) -> None:
             if not entry:
                 continue
             eight_bit = eight_bit_for(p, options)
+            sharded = local(p) is not p
             for key in MOMENT_KEYS:
                 codes, scales = QUANTIZED_KEYS[key]
                 has_float, has_codes = key in entry, codes in entry and scales in entry
                 if eight_bit:
                     if not has_codes and has_float:
                         entry.update(quantize_moment(p, key, entry[key]))
-                    elif has_codes and local(p) is not p and local(entry[codes]) is entry[codes]:
-                        entry[codes], entry[scales] = shard_quantized(p, entry[codes], entry[scales])
                     entry.pop(key, None)
                     if scales in entry and local(entry[scales]) is entry[scales]:
                         entry[scales] = entry[scales].reshape(scales_shape(p))
+                    if sharded:   # a full checkpoint's codes or scales: this rank's shards of them
+                        for name, shape in ((codes, None), (scales, scales_shape(p))):
+                            if name in entry and local(entry[name]) is entry[name]:
+                                entry[name] = shard_of(p, entry[name], shape)
                 else:
                     if not has_float and has_codes:
-                        entry[key] = dequantize_moment(p, key, entry).to(float_moment_dtype(p, options))
+                        entry[key] = dequantize_moment(p, key, entry)
+                    if key in entry:
+                        if sharded and local(entry[key]) is entry[key]:   # a full checkpoint's moment
+                            entry[key] = shard_of(p, entry[key])
+                        if options.eight_bit or not has_float:   # decoded, or a shard keeping float moments
+                            entry[key] = entry[key].to(float_moment_dtype(p, options))
                     entry.pop(codes, None)
                     entry.pop(scales, None)
 
@@ -215,6 +223,7 @@ def check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None
             if "step" not in state:
                 raise ValueError(f"loaded state dict: the state of {name} has no 'step'")
             moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if saved.get("amsgrad") else [])
+            _check_sharding(state, p, name)
             for entry in moments:
                 form = _moment_form(state, entry)
                 if form is None:
@@ -236,6 +245,25 @@ def check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None
                              else f"a {type(value).__name__}")
                     raise ValueError(f"loaded state dict: '{entry}' of {name} is {found}; it must be a {dtype} "
                                      "tensor of the parameter's shape")
+
+
+_SHARDED_KEYS = tuple(MOMENT_KEYS) + tuple(k for pair in QUANTIZED_KEYS.values() for k in pair)
+
+
+def _check_sharding(state: dict, p: torch.Tensor, name: str) -> None:
+    """Moments, codes and scales that the load can place as the parameter is: a DTensor
+    parameter takes DTensors, or full tensors that it cuts into its shards where its placements
+    allow that without a collective (settle_moments); a plain parameter takes no DTensor."""
+    for key in _SHARDED_KEYS:
+        value = state.get(key)
+        if not isinstance(value, torch.Tensor):
+            continue
+        if local(p) is p and local(value) is not value:
+            raise ValueError(f"loaded state dict: '{key}' of {name} is a DTensor, but the parameter is not")
+        if local(p) is not p and local(value) is value and not splits_full_tensors(p):
+            raise ValueError(f"loaded state dict: '{key}' of {name} is a full tensor, which cannot be cut into the "
+                             f"shards of a DTensor placed {tuple(p.placements)} here; load a sharded checkpoint "
+                             "(torch.distributed.checkpoint) instead")
 
 
 def _check_quantized(state: dict, moment: str, p: torch.Tensor, name: str) -> None:

@@ -177,6 +177,10 @@ def state_for(p: torch.Tensor, amsgrad: bool, options: StorageOptions) -> dict:
     moment = float_moment_dtype(p, options)
     if options.eight_bit and not eight_bit:
         _warn_float_moments(p, moment)
+    if eight_bit and local(p) is not p and _walk_order(local(p)) != list(range(p.dim())):
+        raise ValueError(f"FusedAdamW: a DTensor parameter of shape {tuple(p.shape)} has a local shard laid out "
+                         f"unlike the whole parameter (strides {tuple(local(p).stride())}): its 8-bit blocks would "
+                         "not be the whole parameter's")
     for key in MOMENT_KEYS:
         if key != "max_exp_avg_sq" or amsgrad:
             if eight_bit:
@@ -225,10 +229,11 @@ def _from_walk_order(flat: torch.Tensor, like: torch.Tensor, order: list[int], d
 
 def _blocks_in_last_dim(p: torch.Tensor) -> bool:
     """Whether p's blocks tile its last dimension: that dimension is a whole number of blocks
-    and the op walks p (a DTensor's local shard) in its shape's order, so that block j of a
-    row holds elements [256 j, 256 j + 256) of that row."""
+    and the op walks p in its shape's order, so that block j of a row holds elements
+    [256 j, 256 j + 256) of that row. For a DTensor, from its global shape and strides, the same
+    on every rank (state_for checks that the local shard is laid out alike)."""
     return (p.dim() >= 1 and p.shape[-1] > 0 and p.shape[-1] % QUANTIZED_BLOCK == 0
-            and _walk_order(local(p)) == list(range(p.dim())))
+            and _walk_order(p) == list(range(p.dim())))
 
 
 def scales_shape(p: torch.Tensor) -> tuple[int, ...]:
@@ -256,7 +261,10 @@ def blocks_follow_shards(p: torch.Tensor) -> bool:
         return True
     if not _blocks_in_last_dim(p):
         return False
-    from torch.distributed.tensor import Shard
+    try:
+        from torch.distributed.tensor import Shard
+    except ImportError:   # torch 2.4
+        from torch.distributed._tensor import Shard
     last, parts = p.dim() - 1, 1
     for size, placement in zip(p.device_mesh.shape, p.placements):
         if placement.is_shard():
@@ -298,6 +306,27 @@ def _as_shards_of(p: torch.Tensor, local_value: torch.Tensor, shape) -> torch.Te
                               shape=torch.Size(shape), stride=_contiguous_strides(shape))
 
 
+def splits_full_tensors(p: torch.Tensor) -> bool:
+    """Whether a full (unsharded) state tensor can be cut into p's shards here, without a
+    collective: p is a plain tensor, or a DTensor placed only Shard and Replicate (not a strided
+    shard)."""
+    if local(p) is p:
+        return True
+    try:
+        from torch.distributed.tensor import Replicate, Shard
+    except ImportError:   # torch 2.4
+        from torch.distributed._tensor import Replicate, Shard
+    return all(type(placement) in (Shard, Replicate) for placement in p.placements)
+
+
+def shard_of(p: torch.Tensor, value: torch.Tensor, shape=None) -> torch.Tensor:
+    """A state tensor of a DTensor p (its moment or codes; or, given their shape, its scales) as
+    a DTensor placed as p is (check_loadable made sure that a full one can be cut:
+    splits_full_tensors)."""
+    shape = p.shape if shape is None else torch.Size(shape)
+    return _as_shards_of(p, _local_part(p, value, shape).contiguous(), shape)
+
+
 def _local_part(p: torch.Tensor, value: torch.Tensor, shape=None) -> torch.Tensor:
     """This rank's part of `value` (p's moment or codes; or, given their shape, its scales) for
     a DTensor p: the local shard of a DTensor placed as p is (redistributed there first if it
@@ -307,23 +336,19 @@ def _local_part(p: torch.Tensor, value: torch.Tensor, shape=None) -> torch.Tenso
         if tuple(value.placements) != tuple(p.placements):
             value = value.redistribute(p.device_mesh, p.placements)
         return value.to_local()
-    from torch.distributed.tensor import Replicate, Shard
-    if any(type(placement) not in (Shard, Replicate) for placement in p.placements):
-        raise ValueError(f"FusedAdamW: a full (not sharded) moment for a DTensor parameter placed {tuple(p.placements)} "
-                         "cannot be split into its shards here; load a sharded checkpoint "
+    if not splits_full_tensors(p):
+        raise ValueError(f"FusedAdamW: a full (not sharded) state tensor for a DTensor parameter placed "
+                         f"{tuple(p.placements)} cannot be cut into its shards here; load a sharded checkpoint "
                          "(torch.distributed.checkpoint) instead")
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:   # torch 2.4
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
     sizes, offset = compute_local_shape_and_global_offset(p.shape if shape is None else torch.Size(shape),
                                                           p.device_mesh, p.placements)
     return value.to(local(p).device)[tuple(slice(o, o + s) for o, s in zip(offset, sizes))]
 
 
-def shard_quantized(p: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A full (unsharded) checkpoint's codes and scales of a DTensor p, as DTensors placed as p
-    is: this rank's parts (whole blocks: blocks_follow_shards)."""
-    shape = scales_shape(p)
-    return (_as_shards_of(p, _local_part(p, codes).contiguous(), p.shape),
-            _as_shards_of(p, _local_part(p, scales.reshape(shape), shape).contiguous(), shape))
 
 
 def _zero_scales(p: torch.Tensor) -> torch.Tensor:
@@ -365,11 +390,14 @@ def dequantize_moment(p: torch.Tensor, key: str, entry: dict) -> torch.Tensor:
     codes_key, scales_key = QUANTIZED_KEYS[key]
     if local(p) is not p:
         codes, scales = entry[codes_key], entry[scales_key]
-        if local(codes) is codes:   # a full checkpoint's codes: decode them whole, keep this rank's part
-            full = dequantize_moment(codes, key, entry)
-            return _as_shards_of(p, _local_part(p, full).contiguous(), p.shape)
-        shard = local(p)
-        part = dequantize_moment(shard, key, {codes_key: _local_part(p, codes), scales_key: local(scales)})
+        if local(codes) is codes or not blocks_follow_shards(p):
+            # Full codes (a full checkpoint's, or gathered: p's shards would cut blocks): decode
+            # them whole and keep this rank's part.
+            codes = codes if local(codes) is codes else codes.full_tensor()
+            scales = scales if local(scales) is scales else scales.full_tensor()
+            return shard_of(p, dequantize_moment(codes, key, {codes_key: codes, scales_key: scales}))
+        part = dequantize_moment(local(p), key, {codes_key: _local_part(p, codes),
+                                                 scales_key: _local_part(p, scales, scales_shape(p))})
         return _as_shards_of(p, part, p.shape)
     order = _walk_order(p)
     codes = _flat_in_walk_order(entry[codes_key].detach().cpu(), order).contiguous()

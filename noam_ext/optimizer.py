@@ -439,8 +439,9 @@ def _traceable_calls(opt: "FusedAdamW") -> tuple[torch.Tensor, dict[tuple, dict[
             if master_key is not None and master_key not in state:
                 state[master_key] = master_from_param(p, options.master_weights)
             moments = MOMENT_KEYS[:3 if amsgrad else 2]
-            # 8-bit moments unless the state keeps float ones (as the eager step: collect.h, read_state)
-            eight_bit = options.eight_bit and not (QUANTIZED_KEYS["exp_avg"][0] not in state and "exp_avg" in state)
+            # 8-bit moments unless a DTensor's state keeps float ones (as the eager step: collect.h, read_state)
+            eight_bit = options.eight_bit and not (local(p) is not p and QUANTIZED_KEYS["exp_avg"][0] not in state
+                                                   and "exp_avg" in state)
             if eight_bit:   # the codes where the moments go; their scales in moment_absmax
                 tensors = [p, p.grad] + [state[QUANTIZED_KEYS[key][0]] for key in moments]
             else:

@@ -104,6 +104,7 @@ struct ParamView {
   const at::Tensor* grad = nullptr;          // undefined: the parameter has no gradient
   at::ScalarType math_dtype = at::kFloat;    // a complex parameter's real dtype
   bool complex = false;
+  bool sharded = false;                      // a DTensor: the step updates its local shard
   std::string name() const { return param_name(group, index, *param); }
 };
 
@@ -113,6 +114,7 @@ inline ParamView read_param(const GroupView& group, int64_t g, Py_ssize_t j) {
   p.index = j;
   p.object = PySequence_Fast_GET_ITEM(group.params.ptr(), j);
   p.param = &local_tensor(p.object, "a parameter");
+  p.sharded = p.param != &THPVariable_Unpack(p.object);
   p.grad = &local_grad(p.object, *p.param);
   // A complex parameter is updated as its real view, pairs of reals, as
   // torch.optim.AdamW updates it (view_as_real): it joins its real dtype's call.
@@ -155,10 +157,12 @@ inline StateView read_state(const ParamView& p, PyObject* state, const GroupView
   };
   require(s.entries.step, "step");
   const int moments = group.amsgrad ? 3 : 2;
-  // In an 8-bit group, a parameter whose state holds float moments and no codes keeps them:
-  // FusedAdamW makes such state for a DTensor shard whose blocks cannot follow its sharding
-  // (noam_ext/_storage.py, eight_bit_for; docs/eight_bit_state.md, "Blocks and shards").
-  s.quantized = group.quantized && !(s.entries.quantized[0][0] == nullptr && s.entries.exp_avg != nullptr);
+  // In an 8-bit group, a DTensor parameter whose state holds float moments and no codes keeps
+  // them: FusedAdamW makes such state for a shard whose blocks cannot follow its sharding
+  // (noam_ext/_storage.py, eight_bit_for; docs/eight_bit_state.md, "Blocks and shards"). Any
+  // other parameter must have codes (a missing one is the KeyError below).
+  s.quantized = group.quantized &&
+                !(p.sharded && s.entries.quantized[0][0] == nullptr && s.entries.exp_avg != nullptr);
   if (s.quantized) {
     for (int k = 0; k < moments; ++k) {
       require(s.entries.quantized[k][0], kQuantizedStateKeys[k][0]);

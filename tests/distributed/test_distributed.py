@@ -50,6 +50,7 @@ a crash or hang of a whole worker is reported with the end of its output.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import math
 import os
@@ -432,7 +433,10 @@ def train_low_bytes(wrapper: str, option: str, rank: int) -> dict:
     x, y = batch(0)
     x = x.to(param_dtype)
     losses = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        if step == STEPS // 2 and wrapper in ("single", "ddp", "fsdp2"):
+            # A round trip through state_dict(), as a resumed run makes (the same in every run).
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
         opt.zero_grad()
         if grad_dtype is not None:
             for p in model.parameters():
@@ -518,13 +522,12 @@ def _shard_rounding_placements() -> dict:
 
 
 def _eight_bit_placements() -> dict:
-    """Two 8-bit steps (amsgrad: all three moments) of float32 parameters placed over both
-    ranks, with the same full gradient, against the same steps of the unsharded parameter in
-    this process: per case this rank's local result and the unsharded result's part at the
-    same place, whether the state is 8-bit, whether the gathered codes and scales are the
-    unsharded ones, the scales' kind, and the warnings."""
-    import copy
-
+    """Two 8-bit steps (amsgrad: all three moments; the state_dict() reloaded between them) of
+    parameters placed over both ranks, with the same full gradient, against the same steps of
+    the unsharded parameter in this process. Per case: this rank's local result and the
+    unsharded result's part at the same place (with 8-bit and with float moments), whether the
+    state is 8-bit, whether its gathered codes and scales are the unsharded ones, the scales'
+    kind, the warnings, and what differs after loading full checkpoints into a sharded optimizer."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import noam_ext
@@ -534,55 +537,78 @@ def _eight_bit_placements() -> dict:
     except ImportError:
         from torch.distributed._tensor import Replicate, Shard, distribute_tensor
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    mesh_2d = init_device_mesh("cpu", (1, WORLD_SIZE))   # as HSDP: replicas x shards
     options = dict(CONSTANT_LR, moment_dtype="8bit", amsgrad=True)
-    cases = {"4x512 Shard(0)": ((4, 512), Shard(0)), "4x512 Shard(1)": ((4, 512), Shard(1)),
-             "4x512 Replicate": ((4, 512), Replicate()), "512 Shard(0)": ((512,), Shard(0)),
-             "4x768 Shard(1)": ((4, 768), Shard(1)), "300 Shard(0)": ((300,), Shard(0)),
-             "6x48 Shard(0)": ((6, 48), Shard(0))}
+    f32, bf16 = torch.float32, torch.bfloat16
+    # name -> (shape, dtype, mesh, placements)
+    cases = {"4x512 Shard(0)": ((4, 512), f32, mesh, [Shard(0)]),
+             "4x512 Shard(1)": ((4, 512), f32, mesh, [Shard(1)]),
+             "4x512 Replicate": ((4, 512), f32, mesh, [Replicate()]),
+             "512 Shard(0)": ((512,), f32, mesh, [Shard(0)]),
+             "1x512 Shard(0), rank 1 empty": ((1, 512), f32, mesh, [Shard(0)]),
+             "4x512 (Replicate, Shard(1)) on a 1x2 mesh": ((4, 512), f32, mesh_2d, [Replicate(), Shard(1)]),
+             "4x768 Shard(1)": ((4, 768), f32, mesh, [Shard(1)]),
+             "300 Shard(0)": ((300,), f32, mesh, [Shard(0)]),
+             "6x48 Shard(0)": ((6, 48), f32, mesh, [Shard(0)]),
+             "6x48 bfloat16 Shard(0)": ((6, 48), bf16, mesh, [Shard(0)])}
 
     def two_steps(full, grad, place, options=options):
         p = torch.nn.Parameter(place(full.clone()))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             opt = noam_ext.FusedAdamW([p], **options)
-            for _ in range(2):
+            for step in range(2):
+                if step == 1:   # a round trip through state_dict(), as a resumed run makes
+                    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
                 p.grad = place(grad.clone())
                 opt.step()
         return p, opt, [str(w.message) for w in caught]
 
+    def loaded_into(place, full, state_dict):
+        """The state of an optimizer (of a parameter placed by `place`) that loaded state_dict."""
+        opt = noam_ext.FusedAdamW([torch.nn.Parameter(place(full.clone()))], **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.load_state_dict(copy.deepcopy(state_dict))
+        return next(iter(opt.state.values()))
+
+    moments = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     out = {}
-    for name, (shape, placement) in cases.items():
+    for name, (shape, dtype, case_mesh, placements) in cases.items():
         generator = torch.Generator().manual_seed(11)
-        full, grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        full = torch.randn(shape, generator=generator).to(dtype)
+        grad = torch.randn(shape, generator=generator).to(dtype)
         unsharded, unsharded_opt, _ = two_steps(full, grad, lambda t: t)
         reference = unsharded_opt.state[unsharded]
+        decoded_reference = {key: dequantize_moment(unsharded, key, reference) for key in moments}
         float_moments, _, _ = two_steps(full, grad, lambda t: t, {**options, "moment_dtype": None})
 
-        def place(t, placement=placement):
-            return distribute_tensor(t, mesh, [placement])
+        def place(t, case_mesh=case_mesh, placements=placements):
+            return distribute_tensor(t, case_mesh, placements)
         p, opt, caught = two_steps(full, grad, place)
         state = opt.state[p]
         eight_bit = "exp_avg_codes" in state
-        # The unsharded optimizer's state_dict() (full codes and scales) loaded into a sharded
-        # one by load_state_dict: each rank keeps its shards, as codes and scales or decoded.
-        loaded = noam_ext.FusedAdamW([torch.nn.Parameter(place(full.clone()))], **options)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loaded.load_state_dict(copy.deepcopy(unsharded_opt.state_dict()))
-        loaded_state = next(iter(loaded.state.values()))
+        # Full checkpoints loaded into a sharded optimizer (load_state_dict): the unsharded
+        # optimizer's state_dict() (codes and scales), and the same in torch.optim.AdamW's
+        # format (float moments): each rank keeps its shards, as codes and scales or as floats.
+        differs = []
+        for form, state_dict in (("8-bit", unsharded_opt.state_dict()),
+                                 ("float", noam_ext.dequantized_state_dict(unsharded_opt.state_dict()))):
+            loaded = loaded_into(place, full, state_dict)
+            if eight_bit:   # the codes and scales the unsharded optimizer holds after the same load
+                expected = loaded_into(lambda t: t, full, state_dict)
+                differs += [f"{form}: {key}" for key in reference if key != "step"
+                            and not torch.equal(loaded[key].full_tensor(), expected[key])]
+            else:
+                differs += [f"{form}: {key}" for key in moments if _kind(loaded[key]) != _kind(p)
+                            or not torch.equal(loaded[key].full_tensor(),
+                                               decoded_reference[key].to(state[key].dtype))]
         if eight_bit:
-            loaded_differs = [key for key in reference if key != "step"
-                              and not torch.equal(loaded_state[key].full_tensor(), reference[key])]
-            # And the sharded state_dict() in torch.optim.AdamW's format: DTensor moments placed
-            # as the parameter, each rank decoding its own shards.
+            # The sharded state_dict() in torch.optim.AdamW's format: DTensor moments placed as
+            # the parameter, each rank decoding its own shards.
             decoded = noam_ext.dequantized_state_dict(opt.state_dict())["state"][0]
-            loaded_differs += [f"dequantized {key}" for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-                               if _kind(decoded[key]) != _kind(p) or not torch.equal(
-                                   decoded[key].full_tensor(), dequantize_moment(unsharded, key, reference))]
-        else:
-            loaded_differs = [key for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-                              if not torch.equal(loaded_state[key].full_tensor(),
-                                                 dequantize_moment(unsharded, key, reference))]
+            differs += [f"dequantized {key}" for key in moments if _kind(decoded[key]) != _kind(p)
+                        or not torch.equal(decoded[key].full_tensor(), decoded_reference[key])]
         gathered = {key: (state[key].full_tensor() if eight_bit else None) for key in reference if key != "step"}
         out[name] = {
             "local": p.to_local().detach().clone(),
@@ -596,7 +622,7 @@ def _eight_bit_placements() -> dict:
                                        or not torch.equal(value, reference[key])],
             "scales": _kind(state["exp_avg_absmax"]) if eight_bit else None,
             "warnings": caught,
-            "loaded_differs": loaded_differs,
+            "loaded_differs": differs,
         }
     return {"placements": out}
 
@@ -609,7 +635,6 @@ def _eight_bit_checkpoints(rank: int) -> dict:
     the gathered state loaded into a plain optimizer, the single run's state_dict() loaded into a
     sharded optimizer by load_state_dict, and by set_optimizer_state_dict. Returns the names
     of what differs."""
-    import copy
     import shutil
     import tempfile
 
@@ -1054,24 +1079,28 @@ def test_eight_bit_shards_without_whole_blocks_keep_float_moments_and_say_so(run
 
 
 def test_eight_bit_shards_step_as_the_unsharded_parameter_where_they_hold_whole_blocks(run_of):
-    """8-bit moments of float32 parameters placed over two ranks (_eight_bit_placements): a
-    shard holding whole blocks of the last dimension (4 x 512 placed Shard(0), Shard(1) or
-    Replicate; 512 placed Shard(0)) keeps 8-bit codes and scales sharded as the parameter, steps
-    bit for bit as its part of the unsharded parameter, and its gathered codes and scales are
-    the unsharded ones; one that splits a block (4 x 768 Shard(1): 384 of 3 blocks' 768 per
-    rank; 300 Shard(0); 6 x 48 Shard(0)) keeps float32 moments placed as the parameter, says so,
-    and steps bit for bit as the unsharded parameter with float32 moments (moment_dtype=None),
-    not as the unsharded 8-bit one. The unsharded optimizer's state_dict() loads into the sharded
-    one (load_state_dict), as each rank's shards of its codes and scales, or decoded; the sharded
-    state_dict() converts to torch's format (noam_ext.dequantized_state_dict) shard by shard."""
+    """8-bit moments of parameters placed over two ranks (_eight_bit_placements). A shard
+    holding whole blocks of the last dimension (4 x 512 placed Shard(0), Shard(1), Replicate,
+    or (Replicate, Shard(1)) on a 1 x 2 mesh; 512 placed Shard(0); 1 x 512 Shard(0), whose rank
+    1 holds nothing) keeps 8-bit codes and scales sharded as the parameter, steps bit for bit as
+    its part of the unsharded parameter, and its gathered codes and scales are the unsharded
+    ones. One that would cut a block (4 x 768 Shard(1): 384 of 3 blocks' 768 per rank; 300
+    Shard(0); 6 x 48 Shard(0), float32 and bfloat16) keeps float moments placed as the
+    parameter (float32, and bfloat16 for the bfloat16 parameter), says so, and steps bit for bit
+    as the unsharded parameter with those moments (moment_dtype=None), not as the unsharded 8-bit
+    one. Each reloads its own state_dict() between the steps. Full checkpoints (the unsharded
+    optimizer's state_dict(), and the same decoded to float moments) load into the sharded
+    optimizer as each rank's shards of what the unsharded optimizer holds after the same load
+    (the decoded moments exactly, where it keeps float moments); the sharded state_dict()
+    converts to torch's format (noam_ext.dequantized_state_dict) shard by shard."""
     _skip_without("shard_rounding")
     results = run_of(LOW_BYTES).get("eight_bit_placements", "8bit")
-    whole = {"4x512 Shard(0)": (4, 2), "4x512 Shard(1)": (4, 2), "4x512 Replicate": (4, 2), "512 Shard(0)": (2,)}
+    whole = {"4x512 Shard(0)": (4, 2), "4x512 Shard(1)": (4, 2), "4x512 Replicate": (4, 2), "512 Shard(0)": (2,),
+             "1x512 Shard(0), rank 1 empty": (1, 2), "4x512 (Replicate, Shard(1)) on a 1x2 mesh": (4, 2)}
     for rank, result in enumerate(results):
+        assert len(result["placements"]) == 10, sorted(result["placements"])
         for name, case in result["placements"].items():
             where = (rank, name)
-            # A full 8-bit checkpoint loads into the sharded optimizer: the same codes and
-            # scales, or the moments they decode to (exactly).
             assert case["loaded_differs"] == [], (where, case["loaded_differs"])
             if name in whole:
                 assert case["eight_bit"] and not case["float_moments"] and not case["warnings"], where
@@ -1079,11 +1108,14 @@ def test_eight_bit_shards_step_as_the_unsharded_parameter_where_they_hold_whole_
                 assert case["gathered_state_differs"] == [], (where, case["gathered_state_differs"])
                 assert case["scales"] == ("DTensor", whole[name], case["param"][2]), (where, case["scales"])
             else:
+                dtype = torch.bfloat16 if "bfloat16" in name else torch.float32
                 assert not case["eight_bit"], where
-                assert case["float_moments"] == {k: (case["param"], torch.float32) for k in ("exp_avg", "exp_avg_sq")}, where
-                assert len(case["warnings"]) == 1 and "keeps float32 moments" in case["warnings"][0], where
+                assert case["float_moments"] == {k: (case["param"], dtype) for k in ("exp_avg", "exp_avg_sq")}, where
+                assert len(case["warnings"]) == 1, (where, case["warnings"])
+                assert f"keeps {str(dtype).removeprefix('torch.')} moments" in case["warnings"][0], where
                 assert torch.equal(case["local"], case["float_moments_here"]), where
                 assert not torch.equal(case["local"], case["unsharded_here"]), where
+    assert results[1]["placements"]["1x512 Shard(0), rank 1 empty"]["local"].numel() == 0
 
 
 def test_eight_bit_checkpoints_move_between_fsdp2_and_one_process_bit_for_bit(run_of):

@@ -697,6 +697,20 @@ def test_misshapen_checkpoint_changes_nothing():
         assert torch.equal(opt.state[params[0]][key], value)
 
 
+def test_a_plain_parameter_of_an_8bit_group_needs_codes_not_float_moments():
+    """Only a DTensor shard that would cut a block steps with float moments in an 8-bit group
+    (docs/eight_bit_state.md); a plain parameter whose state lost its codes is an error that
+    names the missing key, before anything changes (as torch's KeyError on a missing moment)."""
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = FusedAdamW([p], moment_dtype="8bit", **KW)
+    opt.state[p] = {"step": torch.zeros(()), "exp_avg": torch.zeros(300), "exp_avg_sq": torch.zeros(300)}
+    p.grad = torch.randn(300)
+    before = p.detach().clone()
+    with pytest.raises(KeyError, match="has no 'exp_avg_codes'"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == 0.0
+
+
 @pytest.mark.parametrize("scales, message", [
     (None, "moment_absmax must have one scale tensor per 8-bit moment"),
     ([torch.zeros(2), torch.zeros(1)], "needs its scales .exp_avg_sq_absmax. as a contiguous float32 tensor of 2"),
