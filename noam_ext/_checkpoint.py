@@ -84,7 +84,14 @@ def settle_moments(param_groups: list[dict], state: dict) -> None:
     quantized by the op's encoder, one rounding; scales of another shape but as many, such as
     a bitsandbytes checkpoint's or an older one's flat run, reshaped to scales_shape), float
     tensors in any other (8-bit ones decoded, exactly, then cast to the group's moment dtype)
-    and for a DTensor shard that keeps float32 moments in an 8-bit group (eight_bit_for)."""
+    and for a DTensor shard that keeps float32 moments in an 8-bit group (eight_bit_for).
+
+    An entry holding a moment in both forms was merged from a checkpoint into this optimizer's
+    own state (the optimizer never keeps both): torch.distributed.checkpoint's
+    set_optimizer_state_dict(full_state_dict=True) fills the optimizer's state with the
+    checkpoint's values and adds the checkpoint's other keys. The form this optimizer does not
+    keep is then the checkpoint's, and it is the one converted (a parameter that is 8-bit here
+    but kept float moments where it was saved, sharded otherwise, and the reverse)."""
     for group in param_groups:
         options = options_of(group)
         for p in group["params"]:
@@ -97,7 +104,7 @@ def settle_moments(param_groups: list[dict], state: dict) -> None:
                 codes, scales = QUANTIZED_KEYS[key]
                 has_float, has_codes = key in entry, codes in entry and scales in entry
                 if eight_bit:
-                    if not has_codes and has_float:
+                    if has_float:
                         entry.update(quantize_moment(p, key, entry[key]))
                     entry.pop(key, None)
                     if scales in entry and local(entry[scales]) is entry[scales]:
@@ -107,12 +114,12 @@ def settle_moments(param_groups: list[dict], state: dict) -> None:
                             if name in entry and local(entry[name]) is entry[name]:
                                 entry[name] = shard_of(p, entry[name], shape)
                 else:
-                    if not has_float and has_codes:
+                    if has_codes:
                         entry[key] = dequantize_moment(p, key, entry)
                     if key in entry:
                         if sharded and local(entry[key]) is entry[key]:   # a full checkpoint's moment
                             entry[key] = shard_of(p, entry[key])
-                        if options.eight_bit or not has_float:   # decoded, or a shard keeping float moments
+                        if options.eight_bit or has_codes:   # decoded, or a shard keeping float moments
                             entry[key] = entry[key].to(float_moment_dtype(p, options))
                     entry.pop(codes, None)
                     entry.pop(scales, None)
@@ -230,6 +237,7 @@ def check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None
                     raise ValueError(f"loaded state dict: the state of {name} has no '{entry}'")
                 if form == "8bit":
                     _check_quantized(state, entry, p, name)
+                if entry not in state:   # both forms (a merge: settle_moments) are both checked
                     continue
                 value = state[entry]
                 if not isinstance(value, torch.Tensor) or value.shape != p.shape:

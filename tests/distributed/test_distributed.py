@@ -648,27 +648,31 @@ def _eight_bit_checkpoints(rank: int) -> dict:
     x, y = make_wide_batch(0)
     full_options = StateDictOptions(full_state_dict=True)
 
-    def plain(params=None):
-        model = make_wide_model()
+    def plain(params=None, new_model=make_wide_model):
+        model = new_model()
         if params is not None:
             model.load_state_dict(params)
         return model, noam_ext.FusedAdamW(model.parameters(), **options)
 
-    def sharded(params=None):
-        model, _ = plain(params)
+    def sharded(params=None, new_model=make_wide_model):
+        model, _ = plain(params, new_model)
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
         fully_shard = _fully_shard()
         for module in model:
             if isinstance(module, torch.nn.Linear):
                 fully_shard(module, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        return model, noam_ext.FusedAdamW(model.parameters(), **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # make_model()'s shards keep float moments: said elsewhere
+            return model, noam_ext.FusedAdamW(model.parameters(), **options)
 
-    def train(model, opt, steps):
+    def train(model, opt, steps, data=(x, y)):
         for _ in range(steps):
             opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.nn.functional.mse_loss(model(data[0]), data[1]).backward()
+                opt.step()
 
     def params_of(model):
         return {name: _full(p) for name, p in model.named_parameters()}
@@ -727,6 +731,41 @@ def _eight_bit_checkpoints(rank: int) -> dict:
         train(model, opt, 2)
     reference = params_of(single)
     out["resumed"] = {what: differ(reference, params_of(model)) for what, (model, _) in runs.items()}
+
+    # Where the forms differ: make_model()'s FSDP2 shards keep float32 moments (16 and 48 wide),
+    # one process keeps 8-bit ones. set_optimizer_state_dict(full_state_dict=True) merges the
+    # checkpoint into the optimizer's own state (a moment then in both forms: settle_moments)
+    # and must convert it as load_state_dict of the same checkpoint does.
+    narrow_batch = make_batch(0)
+
+    def state_differs(a_opt, a_model, b_opt, b_model):
+        found = []
+        for (name, pa), pb in zip(a_model.named_parameters(), b_model.parameters()):
+            sa, sb = a_opt.state[pa], b_opt.state[pb]
+            if sorted(sa) != sorted(sb):
+                found.append(f"{name}: keys {sorted(sa)} vs {sorted(sb)}")
+            found += [f"{name}: {key}" for key in sa if key in sb and not torch.equal(_full(sa[key]), _full(sb[key]))]
+        return found
+
+    narrow, narrow_opt = sharded(new_model=make_model)
+    train(narrow, narrow_opt, 2, narrow_batch)
+    narrow_full = get_optimizer_state_dict(narrow, narrow_opt, options=full_options)
+    merged, merged_opt = plain(params_of(narrow), make_model)
+    set_optimizer_state_dict(merged, merged_opt, copy.deepcopy(narrow_full), options=full_options)
+    loaded, loaded_opt = plain(params_of(narrow), make_model)
+    loaded_opt.load_state_dict({"state": {i: copy.deepcopy(narrow_full["state"][name])
+                                          for i, (name, _) in enumerate(loaded.named_parameters())},
+                                "param_groups": copy.deepcopy(loaded_opt.state_dict()["param_groups"])})
+    out["float shards -> one process 8-bit"] = state_differs(merged_opt, merged, loaded_opt, loaded)
+    one, one_opt = plain(new_model=make_model)
+    train(one, one_opt, 2, narrow_batch)
+    one_full = get_optimizer_state_dict(one, one_opt, options=full_options)
+    merged, merged_opt = sharded(params_of(one), make_model)
+    set_optimizer_state_dict(merged, merged_opt, copy.deepcopy(one_full), options=full_options)
+    decoded = noam_ext.dequantized_state_dict(one_opt.state_dict())["state"]
+    out["one process 8-bit -> float shards"] = [
+        f"{name}: {key}" for i, (name, p) in enumerate(merged.named_parameters()) for key in decoded[i]
+        if key != "step" and not torch.equal(_full(merged_opt.state[p][key]), decoded[i][key])]
     return out
 
 
@@ -1125,7 +1164,10 @@ def test_eight_bit_checkpoints_move_between_fsdp2_and_one_process_bit_for_bit(ru
     state_dict() key for key, codes and scales of the same shapes; and resuming either one in
     the other (load_state_dict both ways, set_optimizer_state_dict into FSDP2), or from a sharded
     checkpoint saved by torch.distributed.checkpoint (into FSDP2, and resharded into one process),
-    continues bit for bit as the single run does."""
+    continues bit for bit as the single run does. Where a parameter keeps float moments under
+    FSDP2 and 8-bit ones in one process (make_model()), set_optimizer_state_dict with a full
+    state dict converts both ways: as load_state_dict of it does (float moments quantized), and
+    to exactly the decoded moments."""
     _skip_without("fsdp2")
     for rank, result in enumerate(run_of(LOW_BYTES).get("eight_bit_checkpoints", "8bit")):
         assert result["trained"] == [], (rank, result["trained"])
@@ -1134,6 +1176,8 @@ def test_eight_bit_checkpoints_move_between_fsdp2_and_one_process_bit_for_bit(ru
                                     "0.bias": ("DTensor", (2,), ("Shard(0)",)),
                                     "2.weight": ("DTensor", (5, 2), ("Shard(0)",))}, (rank, result["scales"])
         assert all(differ == [] for differ in result["resumed"].values()), (rank, result["resumed"])
+        assert result["float shards -> one process 8-bit"] == [], (rank, result["float shards -> one process 8-bit"])
+        assert result["one process 8-bit -> float shards"] == [], (rank, result["one process 8-bit -> float shards"])
 
 
 def test_low_bytes_tensor_parallel_stochastic_rounding_keeps_replicated_parameters_equal(run_of):

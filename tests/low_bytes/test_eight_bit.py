@@ -697,6 +697,32 @@ def test_misshapen_checkpoint_changes_nothing():
         assert torch.equal(opt.state[params[0]][key], value)
 
 
+def test_a_loaded_moment_in_both_forms_takes_the_form_this_optimizer_does_not_keep():
+    """torch.distributed.checkpoint's set_optimizer_state_dict(full_state_dict=True) fills the
+    optimizer's own state with a checkpoint and adds the checkpoint's other keys: a moment saved
+    in the other form arrives beside this optimizer's stale one. The other form is the
+    checkpoint's and wins, both ways (float moments into an 8-bit optimizer, codes into a float
+    one), as a plain load of the checkpoint gives."""
+    factory = lambda ps: FusedAdamW(ps, moment_dtype="8bit", **KW)   # noqa: E731
+    floats = lambda ps: FusedAdamW(ps, **KW)   # noqa: E731
+    params = make_params(sizes=[(300,)])
+    eight_sd = copy.deepcopy(train(factory, params, 2).state_dict())
+    float_sd = copy.deepcopy(train(floats, make_params(sizes=[(300,)]), 2).state_dict())
+    stale_codes = {"exp_avg_codes": torch.zeros(300, dtype=torch.uint8), "exp_avg_absmax": torch.zeros(2),
+                   "exp_avg_sq_codes": torch.zeros(300, dtype=torch.uint8), "exp_avg_sq_absmax": torch.zeros(2)}
+    stale_floats = {"exp_avg": torch.zeros(300), "exp_avg_sq": torch.zeros(300)}
+    for optimizer, saved, stale in ((factory, float_sd, stale_codes), (floats, eight_sd, stale_floats)):
+        merged = copy.deepcopy(saved)
+        merged["state"][0].update(stale)
+        plain, both = optimizer(make_params(sizes=[(300,)])), optimizer(make_params(sizes=[(300,)]))
+        plain.load_state_dict(copy.deepcopy(saved))
+        both.load_state_dict(merged)
+        expected, got = next(iter(plain.state.values())), next(iter(both.state.values()))
+        assert sorted(got) == sorted(expected)
+        for key, value in expected.items():
+            assert torch.equal(got[key], value), key
+
+
 def test_a_plain_parameter_of_an_8bit_group_needs_codes_not_float_moments():
     """Only a DTensor shard that would cut a block steps with float moments in an 8-bit group
     (docs/eight_bit_state.md); a plain parameter whose state lost its codes is an error that

@@ -38,6 +38,7 @@ RUN_WITH_HELP = {
     "examples/train_demo.py": "argparse; what scripts/demo.sh runs",
     "examples/schedule_demo.py": "argparse",
     "examples/low_bytes_demo.py": "argparse",
+    "examples/fsdp2_eight_bit.py": "argparse; spawns its gloo processes only after parsing",
     "benchmarks/bench_step.py": "argparse",
     "benchmarks/compute_floor.py": "argparse",
     "benchmarks/eight_bit_step.py": "argparse; the 8-bit rows of benchmarks/RESULTS.md",
