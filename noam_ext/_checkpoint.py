@@ -229,12 +229,16 @@ def check_loadable(param_groups: list[dict], state_dict: dict[str, Any]) -> None
             name = f"parameter {j} of param group {g} (shape {tuple(p.shape)})"
             if "step" not in state:
                 raise ValueError(f"loaded state dict: the state of {name} has no 'step'")
-            moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if saved.get("amsgrad") else [])
+            # Required: exp_avg and exp_avg_sq, and max_exp_avg_sq with amsgrad; checked: every
+            # moment present (settle_moments converts whatever is there).
+            required = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if saved.get("amsgrad") else [])
             _check_sharding(state, p, name)
-            for entry in moments:
+            for entry in MOMENT_KEYS:
                 form = _moment_form(state, entry)
                 if form is None:
-                    raise ValueError(f"loaded state dict: the state of {name} has no '{entry}'")
+                    if entry in required:
+                        raise ValueError(f"loaded state dict: the state of {name} has no '{entry}'")
+                    continue
                 if form == "8bit":
                     _check_quantized(state, entry, p, name)
                 if entry not in state:   # both forms (a merge: settle_moments) are both checked
@@ -268,6 +272,9 @@ def _check_sharding(state: dict, p: torch.Tensor, name: str) -> None:
             continue
         if local(p) is p and local(value) is not value:
             raise ValueError(f"loaded state dict: '{key}' of {name} is a DTensor, but the parameter is not")
+        if local(p) is not p and local(value) is not value and value.device_mesh != p.device_mesh:
+            raise ValueError(f"loaded state dict: '{key}' of {name} is a DTensor on another device mesh than the "
+                             "parameter's")
         if local(p) is not p and local(value) is value and not splits_full_tensors(p):
             raise ValueError(f"loaded state dict: '{key}' of {name} is a full tensor, which cannot be cut into the "
                              f"shards of a DTensor placed {tuple(p.placements)} here; load a sharded checkpoint "
@@ -288,5 +295,10 @@ def _check_quantized(state: dict, moment: str, p: torch.Tensor, name: str) -> No
     if (not isinstance(scales, torch.Tensor) or not scales.is_floating_point() or scales.numel() != blocks
             or (local(scales) is not scales and tuple(scales.shape) != scales_shape(p))):
         found = f"{scales.dtype} of shape {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales).__name__
+        if isinstance(scales, torch.Tensor) and local(scales) is not scales:
+            raise ValueError(f"loaded state dict: '{scales_key}' of {name} is a DTensor of shape "
+                             f"{tuple(scales.shape)}; a DTensor parameter's scales are sharded as it is only in "
+                             f"the shape {scales_shape(p)} (flat scales of an older checkpoint load as a full "
+                             "state dict through optimizer.load_state_dict)")
         raise ValueError(f"loaded state dict: '{scales_key}' of {name} is {found}; it must be {blocks} float32 "
                          f"scales (one per {QUANTIZED_BLOCK} elements, of shape {scales_shape(p)} or flat)")

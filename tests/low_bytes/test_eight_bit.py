@@ -737,6 +737,20 @@ def test_a_plain_parameter_of_an_8bit_group_needs_codes_not_float_moments():
     assert torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == 0.0
 
 
+def test_a_misshapen_moment_is_refused_where_the_group_does_not_use_it():
+    # The load converts every moment present (settle_moments), so every one is checked first.
+    params = make_params(sizes=[(300,)])
+    opt = train(lambda ps: FusedAdamW(ps, moment_dtype="8bit", **KW), params, 2)
+    saved = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["max_exp_avg_sq"] = torch.zeros(7)
+    with pytest.raises(ValueError, match="'max_exp_avg_sq' of parameter 0 of param group 0"):
+        opt.load_state_dict(saved)
+    assert sorted(opt.state[params[0]]) == sorted(before["state"][0])
+    for key, value in before["state"][0].items():
+        assert torch.equal(opt.state[params[0]][key], value)
+
+
 @pytest.mark.parametrize("scales, message", [
     (None, "moment_absmax must have one scale tensor per 8-bit moment"),
     ([torch.zeros(2), torch.zeros(1)], "needs its scales .exp_avg_sq_absmax. as a contiguous float32 tensor of 2"),
