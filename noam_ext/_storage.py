@@ -27,7 +27,7 @@ import functools
 import math
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -127,13 +127,10 @@ def moment_dtype_for(param_dtype: torch.dtype, options: StorageOptions) -> torch
 
 def float_moment_dtype(p: torch.Tensor, options: StorageOptions) -> torch.dtype:
     """The dtype of p's moments where they are float tensors: its group's moment dtype, and in
-    an 8-bit group (a DTensor shard whose blocks cannot follow its sharding) the dtype the op
-    pairs with p's storage: float32 for float32 parameters and beside a master, and bfloat16
-    for a bfloat16 parameter alone (torch's own default, and the op's: a float32 moment of a
-    bfloat16 parameter needs a master)."""
-    if options.eight_bit:
-        return torch.float32 if p.dtype == torch.float32 or options.master_weights is not None else p.dtype
-    return moment_dtype_for(p.dtype, options)
+    an 8-bit group (a DTensor shard whose blocks cannot follow its sharding) the default one,
+    as without moment_dtype (the parameter's dtype, float32 beside a master: the op has no
+    float32 moments of a bfloat16 parameter without one)."""
+    return moment_dtype_for(p.dtype, replace(options, moment_dtype=None) if options.eight_bit else options)
 
 
 def check_param(p: torch.Tensor, options: StorageOptions, name: str) -> None:
@@ -261,10 +258,7 @@ def blocks_follow_shards(p: torch.Tensor) -> bool:
         return True
     if not _blocks_in_last_dim(p):
         return False
-    try:
-        from torch.distributed.tensor import Shard
-    except ImportError:   # torch 2.4
-        from torch.distributed._tensor import Shard
+    _, Shard, _, _ = _dtensor_api()
     last, parts = p.dim() - 1, 1
     for size, placement in zip(p.device_mesh.shape, p.placements):
         if placement.is_shard():
@@ -291,6 +285,18 @@ def _warn_float_moments(p: torch.Tensor, dtype: torch.dtype) -> None:
                   "'Blocks and shards')", stacklevel=4)
 
 
+def _dtensor_api():
+    """(DTensor, Shard, Replicate, compute_local_shape_and_global_offset): torch.distributed.tensor,
+    or torch 2.4's torch.distributed._tensor."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:   # torch 2.4
+        from torch.distributed._tensor import DTensor, Replicate, Shard
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    return DTensor, Shard, Replicate, compute_local_shape_and_global_offset
+
+
 def _contiguous_strides(shape) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -301,7 +307,7 @@ def _contiguous_strides(shape) -> tuple[int, ...]:
 
 def _as_shards_of(p: torch.Tensor, local_value: torch.Tensor, shape) -> torch.Tensor:
     """local_value as this rank's shard of a DTensor of `shape` placed as p is."""
-    from torch.distributed.tensor import DTensor
+    DTensor, _, _, _ = _dtensor_api()
     return DTensor.from_local(local_value, p.device_mesh, p.placements, run_check=False,
                               shape=torch.Size(shape), stride=_contiguous_strides(shape))
 
@@ -312,10 +318,7 @@ def splits_full_tensors(p: torch.Tensor) -> bool:
     shard)."""
     if local(p) is p:
         return True
-    try:
-        from torch.distributed.tensor import Replicate, Shard
-    except ImportError:   # torch 2.4
-        from torch.distributed._tensor import Replicate, Shard
+    _, Shard, Replicate, _ = _dtensor_api()
     return all(type(placement) in (Shard, Replicate) for placement in p.placements)
 
 
@@ -340,15 +343,10 @@ def _local_part(p: torch.Tensor, value: torch.Tensor, shape=None) -> torch.Tenso
         raise ValueError(f"FusedAdamW: a full (not sharded) state tensor for a DTensor parameter placed "
                          f"{tuple(p.placements)} cannot be cut into its shards here; load a sharded checkpoint "
                          "(torch.distributed.checkpoint) instead")
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:   # torch 2.4
-        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+    _, _, _, compute_local_shape_and_global_offset = _dtensor_api()
     sizes, offset = compute_local_shape_and_global_offset(p.shape if shape is None else torch.Size(shape),
                                                           p.device_mesh, p.placements)
     return value.to(local(p).device)[tuple(slice(o, o + s) for o, s in zip(offset, sizes))]
-
-
 
 
 def _zero_scales(p: torch.Tensor) -> torch.Tensor:
@@ -492,10 +490,9 @@ def shard_rounding(p: torch.Tensor) -> tuple[int, int]:
 
 
 def _shard_rounding(p: torch.Tensor) -> tuple[int, int]:
-    from torch.distributed.tensor import DTensor
+    DTensor, _, _, compute_local_shape_and_global_offset = _dtensor_api()
     if not isinstance(p, DTensor):
         return 0, 0
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     local_shape, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     if p.dim() == 0 or (all(o == 0 for o in global_offset[1:]) and tuple(local_shape[1:]) == tuple(p.shape[1:])):
         return (int(global_offset[0]) * math.prod(p.shape[1:]) if p.dim() else 0), 0

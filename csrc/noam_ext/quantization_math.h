@@ -64,6 +64,16 @@ C10_HOST_DEVICE inline float power_of_two(int32_t e) {
 
 C10_HOST_DEVICE inline int32_t level_shift(bool is_signed) { return is_signed ? 0 : 1; }   // L = d + shift
 
+// floor(log2(m)) of 1 <= m < 2^24, from the exponent of m as a float (exact there), as the
+// CPU's vector decode takes it (segment_kernel_impl.h, log2_floor): no data-dependent loop,
+// which the GPU's lanes would each run for a different count.
+C10_HOST_DEVICE inline int32_t log2_floor(int32_t m) {
+  const float f = static_cast<float>(m);
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof(bits));
+  return static_cast<int32_t>(bits >> 23) - 127;
+}
+
 // Value j of decade d at level L (2^L values in the decade), per unit of scale.
 C10_HOST_DEVICE inline float decade_value(int32_t d, int32_t L, int32_t j) {
   return fmaf(static_cast<float>(2 * j + 1), kMeanHalfStep * power_of_two(-L), kMeanOffset) * decade_scale(d);
@@ -81,10 +91,7 @@ C10_HOST_DEVICE inline float rank_value(bool is_signed, int32_t rank) {
   }
   const int32_t shift = level_shift(is_signed);
   const int32_t m = rank + 1 + shift;      // 2^L + j
-  int32_t L = 0;
-  while ((m >> (L + 1)) != 0) {
-    ++L;
-  }
+  const int32_t L = log2_floor(m);
   return decade_value(L - shift, L, m - (1 << L));
 }
 

@@ -76,7 +76,7 @@ def one_element_in(t):
     return out
 
 
-# (Not 8-bit moments: a lane's 16 elements start on a block's sixteenth, so their rows take
+# (Not 8-bit moments: a lane's 8 elements start on a block's 32nd, so their rows take
 # vectors only when every pointer is 16-byte aligned at element 0, and the element path
 # otherwise, as test_pointers_off_the_16_byte_grid runs.)
 MIXED = [s for s in STORAGES if not (s[0] == s[1] == s[2] and s[3] == "none") and s[2] != "8bit"]

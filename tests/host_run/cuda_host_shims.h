@@ -45,13 +45,14 @@ struct VectorCounts {
 
 inline thread_local VectorCounts vector_counts;
 
-inline void check_vector_alignment(const void* p, const char* what) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 16 == 0, "host run of the CUDA kernels: a 16-byte ", what, " at ",
-              p, ", which is not 16-byte aligned (the GPU would fault)");
+// A vector access of `bytes` bytes, which the GPU would fault on unless aligned to them.
+inline void check_alignment(const void* p, int bytes, const char* what) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % bytes == 0, "host run of the CUDA kernels: a ", bytes, "-byte ", what,
+              " at ", p, ", which is not ", bytes, "-byte aligned (the GPU would fault)");
 }
 
 inline uint4 ld_global_v4(const void* p) {
-  check_vector_alignment(p, "load");
+  check_alignment(p, 16, "load");
   uint4 value;
   std::memcpy(&value, p, sizeof(value));
   ++vector_counts.loads;
@@ -59,26 +60,21 @@ inline uint4 ld_global_v4(const void* p) {
 }
 
 inline void st_global_v4(void* p, const uint4& value) {
-  check_vector_alignment(p, "store");
+  check_alignment(p, 16, "store");
   std::memcpy(p, &value, sizeof(value));
   ++vector_counts.stores;
 }
 
 // The 8-byte accesses of 8-bit codes (not counted: the counts are of 16-byte vectors).
-inline void check_code_alignment(const void* p, const char* what) {
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % 8 == 0, "host run of the CUDA kernels: an 8-byte ", what, " at ",
-              p, ", which is not 8-byte aligned (the GPU would fault)");
-}
-
 inline uint2 ld_global_v2(const void* p) {
-  check_code_alignment(p, "load");
+  check_alignment(p, 8, "load");
   uint2 value;
   std::memcpy(&value, p, sizeof(value));
   return value;
 }
 
 inline void st_global_v2(void* p, const uint2& value) {
-  check_code_alignment(p, "store");
+  check_alignment(p, 8, "store");
   std::memcpy(p, &value, sizeof(value));
 }
 
